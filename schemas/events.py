@@ -1,0 +1,73 @@
+"""The Kafka contract between the gateway and the workers.
+
+Topic ``maniac.completions.v1`` carries one :class:`CompletionEvent` per completion, encoded as
+JSON (orjson), keyed by ``project/completion_id`` so that all records of one completion land in
+one partition, in order. The gateway is the only producer; workers are the only consumers.
+
+Versioning: ``v`` is bumped on any incompatible change, and a new topic suffix is used with it.
+A worker sends an event whose ``v`` it does not know to the dead-letter topic.
+
+Dead letters go to ``maniac.completions.dlq.v1``: the original bytes as value, the original key,
+and headers ``reason``, ``source_topic``, ``source_partition``, ``source_offset``.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+import orjson
+from pydantic import BaseModel, ConfigDict, Field
+
+EVENT_VERSION = 1
+
+COMPLETIONS_TOPIC = "maniac.completions.v1"
+DEAD_LETTER_TOPIC = "maniac.completions.dlq.v1"
+
+
+class CompletionEvent(BaseModel):
+    """One completion to record, as published by the gateway.
+
+    ``item`` is the register item exactly as the client sent it (already validated against
+    :class:`schemas.api.Item` by the gateway), so that nothing the client said is lost.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    v: Literal[1] = 1
+    kind: Literal["register", "create"]
+    project: str = Field(min_length=1)
+    container: str | None
+    completion_id: str = Field(min_length=1)
+    received_at_ms: int = Field(ge=0, description="Gateway receive time, unix milliseconds.")
+    item: dict[str, Any]
+
+
+def message_key(project: str, completion_id: str) -> bytes:
+    """Partitioning key: every record of one completion goes to the same partition."""
+    return f"{project}/{completion_id}".encode()
+
+
+def encode_event(
+    *,
+    kind: Literal["register", "create"],
+    project: str,
+    container: str | None,
+    completion_id: str,
+    received_at_ms: int,
+    item: dict[str, Any],
+) -> bytes:
+    """The wire form of a :class:`CompletionEvent`, built without a second validation.
+
+    The gateway has validated ``item`` already; the worker validates the envelope on receipt.
+    """
+    return orjson.dumps(
+        {
+            "v": EVENT_VERSION,
+            "kind": kind,
+            "project": project,
+            "container": container,
+            "completion_id": completion_id,
+            "received_at_ms": received_at_ms,
+            "item": item,
+        }
+    )

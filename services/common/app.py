@@ -1,0 +1,57 @@
+"""What every service's FastAPI app has: the error envelope, health, and the spec."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Awaitable, Callable, Mapping
+from contextlib import AbstractAsyncContextManager
+from functools import cache
+from typing import Any
+
+from fastapi import APIRouter, FastAPI, Request
+from fastapi.responses import ORJSONResponse
+
+from schemas import OPENAPI_PATH
+from services.common.errors import install_error_handlers
+
+ReadinessCheck = Callable[[], Awaitable[bool]]
+Lifespan = Callable[[FastAPI], AbstractAsyncContextManager[Mapping[str, Any]]]
+
+
+@cache
+def api_spec() -> dict[str, Any]:
+    """The API contract, served as this app's OpenAPI document."""
+    text = OPENAPI_PATH.read_text(encoding="utf-8")
+    spec: dict[str, Any] = json.loads(text)
+    return spec
+
+
+health = APIRouter(tags=["Health"])
+
+
+@health.get("/healthz")
+async def healthz() -> dict[str, str]:
+    """Liveness: the process answers."""
+    return {"status": "ok"}
+
+
+@health.get("/readyz")
+async def readyz(request: Request) -> ORJSONResponse:
+    """Readiness: the broker and ClickHouse this service needs are reachable."""
+    checks: dict[str, ReadinessCheck] = request.state.readiness
+    results = {name: await check() for name, check in checks.items()}
+    ready = all(results.values())
+    return ORJSONResponse(
+        {"status": "ready" if ready else "unavailable", "checks": results},
+        status_code=200 if ready else 503,
+    )
+
+
+def create_base_app(title: str, lifespan: Lifespan, routers: list[APIRouter]) -> FastAPI:
+    app = FastAPI(title=title, lifespan=lifespan, default_response_class=ORJSONResponse)
+    install_error_handlers(app)
+    app.include_router(health)
+    for router in routers:
+        app.include_router(router)
+    app.openapi = api_spec  # type: ignore[method-assign]
+    return app

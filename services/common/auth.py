@@ -1,0 +1,178 @@
+"""API keys: salted hashes in ClickHouse, looked up by a short non-secret index.
+
+A key is shown once when created. The store keeps ``key_id`` (the first 16 hex digits of the
+key's SHA-256, an index only), a random salt and ``sha256(salt || key)``; a request's key is
+compared with :func:`hmac.compare_digest`. Every service refreshes its in-memory copy every
+``keys_refresh_s`` seconds, so a revoked key stops working within that time.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import hmac
+import secrets
+import time
+from dataclasses import dataclass
+from typing import Annotated
+
+import structlog
+from fastapi import Depends, Request
+
+from services.common.clickhouse import ClickHouse
+from services.common.errors import Unauthorized
+
+log = structlog.get_logger(__name__)
+
+KEY_PREFIX = "mk-"
+
+
+def generate_key() -> str:
+    return KEY_PREFIX + secrets.token_urlsafe(32)
+
+
+def key_id(key: str) -> str:
+    return hashlib.sha256(key.encode()).hexdigest()[:16]
+
+
+def hash_key(key: str, salt: bytes) -> str:
+    return hashlib.sha256(salt + key.encode()).hexdigest()
+
+
+def parse_seed(spec: str) -> list[tuple[str, str]]:
+    """``"projA:key1,projB:key2"`` -> ``[("projA", "key1"), ("projB", "key2")]``."""
+    pairs: list[tuple[str, str]] = []
+    for chunk in spec.split(","):
+        chunk = chunk.strip()
+        if not chunk:
+            continue
+        project, sep, key = chunk.partition(":")
+        if not sep or not project.strip() or not key.strip():
+            raise ValueError('MANIAC_API_KEYS must look like "projA:key1,projB:key2"')
+        pairs.append((project.strip(), key.strip()))
+    return pairs
+
+
+@dataclass(frozen=True)
+class StoredKey:
+    key_id: str
+    project: str
+    salt: bytes
+    key_hash: str
+
+
+class KeyStore:
+    def __init__(self, clickhouse: ClickHouse, refresh_s: float = 5.0) -> None:
+        self._ch = clickhouse
+        self._refresh_s = refresh_s
+        self._by_id: dict[str, list[StoredKey]] = {}
+        self._loaded_at = 0.0
+        self._lock = asyncio.Lock()
+
+    async def load(self) -> None:
+        rows = await self._ch.rows(
+            "SELECT key_id, project, salt, key_hash FROM {database}.api_keys FINAL "
+            "WHERE revoked = 0"
+        )
+        by_id: dict[str, list[StoredKey]] = {}
+        for kid, project, salt, key_hash in rows:
+            by_id.setdefault(kid, []).append(StoredKey(kid, project, bytes.fromhex(salt), key_hash))
+        self._by_id = by_id
+        self._loaded_at = time.monotonic()
+
+    async def _fresh(self) -> None:
+        if time.monotonic() - self._loaded_at < self._refresh_s:
+            return
+        async with self._lock:
+            if time.monotonic() - self._loaded_at >= self._refresh_s:
+                await self.load()
+
+    async def authenticate(self, key: str) -> str | None:
+        """The project of ``key``, or None."""
+        await self._fresh()
+        for stored in self._by_id.get(key_id(key), ()):
+            if hmac.compare_digest(hash_key(key, stored.salt), stored.key_hash):
+                return stored.project
+        return None
+
+    async def add(self, project: str, key: str) -> str:
+        """Store ``key`` for ``project`` (idempotent for the same pair); return its key id."""
+        kid = key_id(key)
+        await self.load()
+        for stored in self._by_id.get(kid, ()):
+            if hmac.compare_digest(hash_key(key, stored.salt), stored.key_hash):
+                if stored.project != project:
+                    raise ValueError(f"this key already belongs to project {stored.project!r}")
+                return kid
+        salt = secrets.token_bytes(16)
+        await self._ch.command(
+            "INSERT INTO {database}.api_keys (key_id, project, salt, key_hash, created_at, "
+            "revoked, version) VALUES ({kid:String}, {project:String}, {salt:String}, "
+            "{hash:String}, now64(3), 0, {version:UInt64})",
+            {
+                "kid": kid,
+                "project": project,
+                "salt": salt.hex(),
+                "hash": hash_key(key, salt),
+                "version": time.time_ns(),
+            },
+        )
+        await self.load()
+        log.info("api_key_added", project=project, key_id=kid)
+        return kid
+
+    async def create(self, project: str) -> str:
+        """A new random key for ``project``; the caller shows it once."""
+        key = generate_key()
+        await self.add(project, key)
+        return key
+
+    async def revoke(self, kid: str) -> int:
+        """Revoke every key with this key id; return how many were revoked."""
+        rows = await self._ch.rows(
+            "SELECT project, salt, key_hash, created_at FROM {database}.api_keys FINAL "
+            "WHERE key_id = {kid:String} AND revoked = 0",
+            {"kid": kid},
+        )
+        for project, salt, key_hash, created_at in rows:
+            await self._ch.command(
+                "INSERT INTO {database}.api_keys (key_id, project, salt, key_hash, created_at, "
+                "revoked, version) VALUES ({kid:String}, {project:String}, {salt:String}, "
+                "{hash:String}, {created:DateTime64(3)}, 1, {version:UInt64})",
+                {
+                    "kid": kid,
+                    "project": project,
+                    "salt": salt,
+                    "hash": key_hash,
+                    "created": created_at,
+                    "version": time.time_ns(),
+                },
+            )
+        await self.load()
+        return len(rows)
+
+    async def count(self) -> int:
+        await self.load()
+        return sum(len(v) for v in self._by_id.values())
+
+    async def list(self) -> list[tuple[str, str]]:
+        """(key_id, project) of every active key."""
+        await self.load()
+        return sorted((s.key_id, s.project) for v in self._by_id.values() for s in v)
+
+
+async def require_project(request: Request) -> str:
+    """The project of the request's Bearer key; 401 in the envelope otherwise."""
+    header = request.headers.get("authorization", "")
+    scheme, _, token = header.partition(" ")
+    if scheme.lower() != "bearer" or not token.strip():
+        raise Unauthorized("Missing API key: send 'Authorization: Bearer <key>'.")
+    store: KeyStore = request.state.keys
+    project = await store.authenticate(token.strip())
+    if project is None:
+        raise Unauthorized("Invalid API key.")
+    structlog.contextvars.bind_contextvars(project=project)
+    return project
+
+
+ProjectDep = Annotated[str, Depends(require_project)]

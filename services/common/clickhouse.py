@@ -1,0 +1,136 @@
+"""ClickHouse access: one client factory for ``http(s)://`` servers and embedded ``chdb://``.
+
+clickhouse-connect's client is synchronous; :class:`ClickHouse` runs every call in a worker
+thread so the event loop stays responsive. The same SQL runs on both back ends.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+from urllib.parse import unquote, urlsplit
+
+import clickhouse_connect
+
+_IDENTIFIER = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,63}$")
+
+
+def check_identifier(name: str) -> str:
+    """Database and table names are interpolated, never user input; still, refuse anything odd."""
+    if not _IDENTIFIER.match(name):
+        raise ValueError(f"invalid ClickHouse identifier: {name!r}")
+    return name
+
+
+@dataclass(frozen=True)
+class ClickHouseTarget:
+    """Where ClickHouse is: a server (``http``/``https``) or an embedded chDB directory."""
+
+    interface: str
+    database: str
+    host: str = ""
+    port: int = 0
+    username: str = "default"
+    password: str = ""
+    path: Path | None = None
+
+    @classmethod
+    def parse(cls, url: str) -> ClickHouseTarget:
+        parts = urlsplit(url)
+        if parts.scheme == "chdb":
+            raw = unquote(parts.netloc + parts.path)
+            path, _, database = raw.partition("#")
+            return cls(
+                interface="chdb",
+                path=Path(path),
+                database=check_identifier(parts.fragment or database or "maniac"),
+            )
+        if parts.scheme not in ("http", "https"):
+            raise ValueError(f"unsupported ClickHouse URL scheme: {parts.scheme!r}")
+        database = parts.path.strip("/") or "maniac"
+        return cls(
+            interface=parts.scheme,
+            host=parts.hostname or "localhost",
+            port=parts.port or (8443 if parts.scheme == "https" else 8123),
+            username=unquote(parts.username or "default"),
+            password=unquote(parts.password or ""),
+            database=check_identifier(database),
+        )
+
+    @classmethod
+    def embedded(cls, data_dir: Path, database: str = "maniac") -> ClickHouseTarget:
+        return cls(
+            interface="chdb",
+            path=(data_dir / "clickhouse").resolve(),
+            database=check_identifier(database),
+        )
+
+
+class ClickHouse:
+    """Async facade over one clickhouse-connect client, bound to one database."""
+
+    def __init__(self, client: Any, database: str) -> None:
+        self._client = client
+        self.database = check_identifier(database)
+
+    @classmethod
+    def connect(cls, target: ClickHouseTarget) -> ClickHouse:
+        if target.interface == "chdb":
+            assert target.path is not None
+            target.path.mkdir(parents=True, exist_ok=True)
+            client = clickhouse_connect.get_client(interface="chdb", path=str(target.path))
+        else:
+            client = clickhouse_connect.get_client(
+                interface=target.interface,
+                host=target.host,
+                port=target.port,
+                username=target.username,
+                password=target.password,
+                database="default",
+                autogenerate_session_id=False,
+            )
+        return cls(client, target.database)
+
+    def with_database(self, database: str) -> ClickHouse:
+        """The same connection, another database (tests give each test its own)."""
+        return ClickHouse(self._client, database)
+
+    def render(self, sql: str) -> str:
+        """Replace ``{database}`` by this client's database name."""
+        return sql.replace("{database}", self.database)
+
+    async def command(self, sql: str, parameters: Mapping[str, Any] | None = None) -> Any:
+        return await asyncio.to_thread(
+            self._client.command, self.render(sql), parameters=dict(parameters or {})
+        )
+
+    async def rows(
+        self, sql: str, parameters: Mapping[str, Any] | None = None
+    ) -> Sequence[Sequence[Any]]:
+        result = await asyncio.to_thread(
+            self._client.query, self.render(sql), parameters=dict(parameters or {})
+        )
+        return result.result_rows  # type: ignore[no-any-return]
+
+    async def insert_json_each_row(self, table: str, body: bytes) -> None:
+        """Bulk-insert newline-delimited JSON rows in one request."""
+        await asyncio.to_thread(
+            self._client.raw_insert,
+            f"{self.database}.{check_identifier(table)}",
+            insert_block=body,
+            fmt="JSONEachRow",
+        )
+
+    async def ping(self) -> bool:
+        try:
+            await asyncio.to_thread(self._client.command, "SELECT 1")
+        except Exception:
+            return False
+        return True
+
+    def close(self) -> None:
+        self._client.close()

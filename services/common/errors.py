@@ -1,0 +1,116 @@
+"""Errors every service raises, and the one handler that renders them.
+
+The tree::
+
+    ManiacError                    500 internal_error
+    ├── BadRequest                 400 bad_request
+    ├── Unauthorized               401 unauthorized
+    ├── NotFound                   404 not_found
+    ├── PayloadTooLarge            413 payload_too_large
+    ├── RateLimited                429 rate_limited
+    └── ServiceUnavailable         503 service_unavailable
+
+Every one renders as the spec's envelope ``{"error": {"code", "message", "details"}}``.
+Request validation errors stay FastAPI's ``{"detail": [...]}`` with status 422.
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+import structlog
+from fastapi import FastAPI, Request
+from fastapi.responses import ORJSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+log = structlog.get_logger(__name__)
+
+
+class ManiacError(Exception):
+    status_code: ClassVar[int] = 500
+    code: ClassVar[str] = "internal_error"
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        details: dict[str, Any] | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.message = message
+        self.details = details
+        self.headers = headers
+
+    def envelope(self) -> dict[str, Any]:
+        return {"error": {"code": self.code, "message": self.message, "details": self.details}}
+
+
+class BadRequest(ManiacError):
+    status_code = 400
+    code = "bad_request"
+
+
+class Unauthorized(ManiacError):
+    status_code = 401
+    code = "unauthorized"
+
+
+class NotFound(ManiacError):
+    status_code = 404
+    code = "not_found"
+
+
+class PayloadTooLarge(ManiacError):
+    status_code = 413
+    code = "payload_too_large"
+
+
+class RateLimited(ManiacError):
+    status_code = 429
+    code = "rate_limited"
+
+
+class ServiceUnavailable(ManiacError):
+    status_code = 503
+    code = "service_unavailable"
+
+
+_HTTP_CODES = {
+    400: "bad_request",
+    401: "unauthorized",
+    403: "forbidden",
+    404: "not_found",
+    405: "method_not_allowed",
+    413: "payload_too_large",
+}
+
+
+def error_response(exc: ManiacError) -> ORJSONResponse:
+    return ORJSONResponse(exc.envelope(), status_code=exc.status_code, headers=exc.headers)
+
+
+async def _maniac_error(_: Request, exc: Exception) -> ORJSONResponse:
+    assert isinstance(exc, ManiacError)
+    if exc.status_code >= 500:
+        log.warning("request_failed", code=exc.code, message=exc.message)
+    return error_response(exc)
+
+
+async def _http_error(_: Request, exc: Exception) -> ORJSONResponse:
+    assert isinstance(exc, StarletteHTTPException)
+    code = _HTTP_CODES.get(exc.status_code, "http_error")
+    body = {"error": {"code": code, "message": str(exc.detail), "details": None}}
+    return ORJSONResponse(body, status_code=exc.status_code, headers=exc.headers)
+
+
+async def _unhandled(_: Request, exc: Exception) -> ORJSONResponse:
+    log.exception("unhandled_error", error=repr(exc))
+    return error_response(ManiacError("Internal server error."))
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    """Render every error in the spec's envelope (422 validation errors excepted)."""
+    app.add_exception_handler(ManiacError, _maniac_error)
+    app.add_exception_handler(StarletteHTTPException, _http_error)
+    app.add_exception_handler(Exception, _unhandled)

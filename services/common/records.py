@@ -1,0 +1,115 @@
+"""Pure functions on completion records shared by the gateway and the workers."""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import uuid
+from datetime import UTC, datetime
+from typing import Any
+
+from services.common.codec import dumps_canonical
+
+
+class RecordError(ValueError):
+    """A record that cannot be stored as given; the message says why."""
+
+    def __init__(self, loc: tuple[str | int, ...], message: str) -> None:
+        super().__init__(message)
+        self.loc = loc
+        self.message = message
+
+
+def new_completion_id() -> str:
+    return f"chatcmpl-{uuid.uuid4().hex}"
+
+
+def content_completion_id(project: str, container: str, item: dict[str, Any]) -> str:
+    """A stable id for an item whose output carries none.
+
+    The same item registered again into the same container of the same project gets the same
+    id, so a retried request never stores it twice.
+    """
+    digest = hashlib.sha256(f"{project}\x00{container}\x00".encode())
+    digest.update(dumps_canonical(item))
+    return f"chatcmpl-{digest.hexdigest()[:32]}"
+
+
+def parse_created(value: Any) -> float | None:
+    """Unix seconds from what a client may send as ``created``; None when absent.
+
+    Accepts numbers (seconds, or milliseconds when larger than 1e11), numeric strings and
+    ISO-8601 strings (naive ones are UTC).
+    """
+    if value is None:
+        return None
+    if isinstance(value, bool):
+        raise RecordError(("output", "created"), "created must be unix seconds or ISO-8601")
+    seconds: float
+    if isinstance(value, int | float):
+        seconds = float(value)
+    elif isinstance(value, str):
+        try:
+            seconds = float(value)
+        except ValueError:
+            try:
+                parsed = datetime.fromisoformat(value.replace("Z", "+00:00"))
+            except ValueError as exc:
+                raise RecordError(
+                    ("output", "created"), f"created is not a timestamp: {value[:64]!r}"
+                ) from exc
+            if parsed.tzinfo is None:
+                parsed = parsed.replace(tzinfo=UTC)
+            seconds = parsed.timestamp()
+    else:
+        raise RecordError(("output", "created"), "created must be unix seconds or ISO-8601")
+    if not math.isfinite(seconds):
+        raise RecordError(("output", "created"), "created must be finite")
+    if seconds > 1e11:
+        seconds /= 1000.0
+    if not 0 <= seconds < 4102444800:  # 1970 .. 2100
+        raise RecordError(("output", "created"), "created is out of range (1970-2100)")
+    return seconds
+
+
+TOKEN_FIELDS = ("prompt_tokens", "completion_tokens", "total_tokens")
+
+
+def token_count(value: Any, loc: tuple[str | int, ...]) -> int:
+    """A token count as a non-negative integer."""
+    if value is None:
+        return 0
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+        raise RecordError(loc, "token counts must be finite numbers")
+    if value < 0:
+        raise RecordError(loc, "token counts must not be negative")
+    return round(value)
+
+
+def usage_counts(usage: dict[str, Any] | None) -> dict[str, int]:
+    """prompt/completion/total/cached/reasoning token counts from an OpenAI usage object."""
+    if not usage:
+        return dict.fromkeys((*TOKEN_FIELDS, "cached_tokens", "reasoning_tokens"), 0)
+    counts = {f: token_count(usage.get(f), ("output", "usage", f)) for f in TOKEN_FIELDS}
+    prompt_details = usage.get("prompt_tokens_details") or {}
+    completion_details = usage.get("completion_tokens_details") or {}
+    counts["cached_tokens"] = token_count(
+        prompt_details.get("cached_tokens"),
+        ("output", "usage", "prompt_tokens_details", "cached_tokens"),
+    )
+    counts["reasoning_tokens"] = token_count(
+        completion_details.get("reasoning_tokens"),
+        ("output", "usage", "completion_tokens_details", "reasoning_tokens"),
+    )
+    return counts
+
+
+def normalize_slug(slug: str) -> str:
+    """``provider:model`` and ``provider/model`` name the same model; store and filter on ``/``.
+
+    Only the first separator is the provider's: ``ollama/llama3:8b`` stays as it is.
+    """
+    if "/" not in slug and ":" in slug:
+        provider, _, model = slug.partition(":")
+        return f"{provider}/{model}"
+    return slug

@@ -1,0 +1,70 @@
+"""Settings, read from ``MANIAC_*`` environment variables (and a ``.env`` file).
+
+One class per service. They share :class:`CommonSettings` (where the broker and ClickHouse are);
+``maniac serve`` runs every service in one process and so uses :class:`ServeSettings`, which is
+all of them together. Settings are built once at start-up and passed down, never imported.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, SecretStr
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from schemas.events import COMPLETIONS_TOPIC, DEAD_LETTER_TOPIC
+
+
+class CommonSettings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="MANIAC_", env_file=".env", extra="ignore")
+
+    kafka_bootstrap: str | None = Field(
+        default=None,
+        description="host:port[,host:port]; unset means the embedded broker of `maniac serve`.",
+    )
+    clickhouse_url: str | None = Field(
+        default=None,
+        description="http(s)://user:pass@host:8123/db or chdb:///abs/path; "
+        "unset means chDB under the data dir.",
+    )
+    data_dir: Path = Path(".maniac")
+    topic: str = COMPLETIONS_TOPIC
+    dead_letter_topic: str = DEAD_LETTER_TOPIC
+    topic_partitions: int = Field(default=4, ge=1)
+    api_keys: SecretStr | None = Field(
+        default=None, description='Keys to seed at start-up: "projA:key1,projB:key2".'
+    )
+    keys_refresh_s: float = Field(default=5.0, gt=0)
+    log_format: Literal["console", "json"] = "console"
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+
+
+class GatewaySettings(CommonSettings):
+    max_items_per_request: int = Field(default=10_000, ge=1)
+    max_body_bytes: int = Field(default=64 * 1024 * 1024, ge=1024)
+    publish_timeout_s: float = Field(default=30.0, gt=0)
+    producer_linger_ms: int = Field(default=5, ge=0)
+    producer_compression: Literal["none", "gzip", "lz4", "zstd", "snappy"] = "zstd"
+
+
+class WorkerSettings(CommonSettings):
+    consumer_group: str = "maniac-workers"
+    batch_max_rows: int = Field(default=5_000, ge=1)
+    batch_max_ms: int = Field(default=250, ge=1)
+    fetch_max_records: int = Field(default=5_000, ge=1)
+    session_timeout_ms: int = Field(default=6_000, ge=1_000)
+    heartbeat_interval_ms: int = Field(default=1_000, ge=100)
+    insert_retry_initial_s: float = Field(default=0.2, gt=0)
+    insert_retry_max_s: float = Field(default=10.0, gt=0)
+
+
+class QuerySettings(CommonSettings):
+    pass
+
+
+class ServeSettings(GatewaySettings, WorkerSettings, QuerySettings):
+    """Everything in one process: `maniac serve`."""
+
+    host: str = "127.0.0.1"
+    port: int = Field(default=8000, ge=0, le=65535)

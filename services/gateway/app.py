@@ -1,0 +1,53 @@
+"""The gateway as its own process: `maniac gateway`."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import AsyncIterator, Mapping
+from typing import Any
+
+from fastapi import FastAPI
+
+from services.common.app import create_base_app
+from services.common.clickhouse import ClickHouse
+from services.common.kafka import broker_reachable, create_producer
+from services.common.runtime import (
+    clickhouse_target,
+    prepare_clickhouse,
+    prepare_topics,
+    require_bootstrap,
+)
+from services.common.settings import GatewaySettings
+from services.gateway.endpoints import router
+from services.gateway.publisher import Publisher
+
+
+def create_app(settings: GatewaySettings) -> FastAPI:
+    bootstrap = require_bootstrap(settings)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[Mapping[str, Any]]:
+        clickhouse = ClickHouse.connect(clickhouse_target(settings))
+        keys = await prepare_clickhouse(clickhouse, settings)
+        await prepare_topics(bootstrap, settings)
+        producer = create_producer(
+            bootstrap,
+            linger_ms=settings.producer_linger_ms,
+            compression=settings.producer_compression,
+        )
+        await producer.start()
+        try:
+            yield {
+                "settings": settings,
+                "keys": keys,
+                "publisher": Publisher(producer, settings.topic, settings.publish_timeout_s),
+                "readiness": {
+                    "broker": lambda: broker_reachable(bootstrap),
+                    "clickhouse": clickhouse.ping,
+                },
+            }
+        finally:
+            await producer.stop()
+            clickhouse.close()
+
+    return create_base_app("Maniac gateway", lifespan, [router])

@@ -1,0 +1,94 @@
+"""Gateway routes: register (and, later, create)."""
+
+from __future__ import annotations
+
+import time
+from typing import Annotated
+
+from fastapi import APIRouter, Depends, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import ORJSONResponse
+from pydantic import ValidationError
+
+from schemas.api import RegisterRes
+from services.common.auth import ProjectDep
+from services.common.codec import JSONDecodeError, loads
+from services.common.errors import PayloadTooLarge
+from services.common.settings import GatewaySettings
+from services.gateway.publisher import Publisher
+from services.gateway.register import RegisterEnvelope, build_events
+
+router = APIRouter(tags=["Chat"])
+
+
+def _publisher(request: Request) -> Publisher:
+    publisher: Publisher = request.state.publisher
+    return publisher
+
+
+def _settings(request: Request) -> GatewaySettings:
+    settings: GatewaySettings = request.state.settings
+    return settings
+
+
+PublisherDep = Annotated[Publisher, Depends(_publisher)]
+SettingsDep = Annotated[GatewaySettings, Depends(_settings)]
+
+
+async def read_json_body(request: Request, max_bytes: int) -> object:
+    """The request's JSON, refusing bodies over ``max_bytes`` before reading them whole."""
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > max_bytes:
+        raise PayloadTooLarge(f"Request body exceeds {max_bytes} bytes.")
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > max_bytes:
+            raise PayloadTooLarge(f"Request body exceeds {max_bytes} bytes.")
+        chunks.append(chunk)
+    try:
+        return loads(b"".join(chunks))
+    except JSONDecodeError as exc:
+        raise RequestValidationError(
+            [{"type": "json_invalid", "loc": ("body",), "msg": f"JSON decode error: {exc}"}]
+        ) from exc
+
+
+@router.post("/v1/chat/completions/register", response_model=RegisterRes)
+async def register(
+    request: Request, project: ProjectDep, publisher: PublisherDep, settings: SettingsDep
+) -> ORJSONResponse:
+    """Register completed chat examples for evaluation and analytics."""
+    body = await read_json_body(request, settings.max_body_bytes)
+    try:
+        envelope = RegisterEnvelope.model_validate(body)
+    except ValidationError as exc:
+        raise RequestValidationError(
+            [{**e, "loc": ("body", *e["loc"])} for e in exc.errors(include_url=False)]
+        ) from exc
+    if len(envelope.items) > settings.max_items_per_request:
+        raise RequestValidationError(
+            [
+                {
+                    "type": "too_long",
+                    "loc": ("body", "items"),
+                    "msg": f"At most {settings.max_items_per_request} items per request.",
+                }
+            ]
+        )
+    validated = build_events(envelope, project=project, received_at_ms=time.time_ns() // 1_000_000)
+    await publisher.publish(validated.messages)
+    received = len(envelope.items)
+    return ORJSONResponse(
+        {
+            "ok": validated.rejected == 0,
+            "container": envelope.container,
+            "summary": {
+                "received": received,
+                "accepted": len(validated.messages),
+                "rejected": validated.rejected,
+            },
+            "errors": validated.errors,
+        }
+    )

@@ -1,0 +1,83 @@
+"""Register: validate each item on its own, turn the valid ones into events.
+
+Pure functions: the endpoint does the I/O.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
+
+from schemas.api import Item
+from schemas.events import encode_event, message_key
+from services.common.records import (
+    RecordError,
+    content_completion_id,
+    parse_created,
+    usage_counts,
+)
+
+MAX_ERRORS = 200
+
+_ITEM = TypeAdapter(Item)
+
+
+class RegisterEnvelope(BaseModel):
+    """The outer shape of a RegisterReq; items are validated one by one afterwards."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    items: list[Any]
+    container: str = Field(min_length=1)
+
+
+@dataclass
+class Validated:
+    messages: list[tuple[bytes, bytes]] = field(default_factory=list)
+    errors: list[dict[str, Any]] = field(default_factory=list)
+    rejected: int = 0
+
+    def reject(self, index: int, loc: tuple[str | int, ...], message: str, kind: str) -> None:
+        self.rejected += 1
+        if len(self.errors) < MAX_ERRORS:
+            self.errors.append(
+                {"index": index, "loc": ["items", index, *loc], "message": message, "type": kind}
+            )
+
+
+def check_item(raw: Any) -> None:
+    """Raise ValidationError or RecordError when ``raw`` cannot be stored."""
+    _ITEM.validate_python(raw)
+    output = raw.get("output") or {}
+    parse_created(output.get("created"))
+    usage_counts(output.get("usage"))
+
+
+def build_events(envelope: RegisterEnvelope, *, project: str, received_at_ms: int) -> Validated:
+    result = Validated()
+    for index, raw in enumerate(envelope.items):
+        try:
+            check_item(raw)
+        except ValidationError as exc:
+            errors = exc.errors(include_url=False)
+            first = errors[0]
+            message = first["msg"] if len(errors) == 1 else f"{first['msg']} (+{len(errors) - 1})"
+            result.reject(index, tuple(first["loc"]), message, first["type"])
+            continue
+        except RecordError as exc:
+            result.reject(index, exc.loc, exc.message, "value_error")
+            continue
+        output = raw.get("output") or {}
+        completion_id = output.get("id") or content_completion_id(project, envelope.container, raw)
+        value = encode_event(
+            kind="register",
+            project=project,
+            container=envelope.container,
+            completion_id=completion_id,
+            received_at_ms=received_at_ms,
+            item=raw,
+        )
+        result.messages.append((message_key(project, completion_id), value))
+    return result

@@ -1,0 +1,34 @@
+"""The query service as its own process: `maniac query`."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import AsyncIterator, Mapping
+from typing import Any
+
+from fastapi import FastAPI
+
+from services.common.app import create_base_app
+from services.common.clickhouse import ClickHouse
+from services.common.runtime import clickhouse_target, prepare_clickhouse
+from services.common.settings import QuerySettings
+from services.query.endpoints import router
+from services.query.repository import CompletionsRepository
+
+
+def create_app(settings: QuerySettings) -> FastAPI:
+    @contextlib.asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[Mapping[str, Any]]:
+        clickhouse = ClickHouse.connect(clickhouse_target(settings))
+        keys = await prepare_clickhouse(clickhouse, settings)
+        try:
+            yield {
+                "settings": settings,
+                "keys": keys,
+                "completions": CompletionsRepository(clickhouse),
+                "readiness": {"clickhouse": clickhouse.ping},
+            }
+        finally:
+            clickhouse.close()
+
+    return create_base_app("Maniac query service", lifespan, [router])

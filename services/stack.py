@@ -1,0 +1,122 @@
+"""Gateway, workers and query service in one process, on a given broker and ClickHouse.
+
+``maniac serve`` runs this on the embedded defaults; the end-to-end tests run it on the test
+session's broker and engine. Shutdown drains: the HTTP server stops taking requests first,
+then the worker runs until every offset the gateway acknowledged is committed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator, Mapping
+from typing import Any
+
+import structlog
+from fastapi import FastAPI
+
+from services.common.app import create_base_app
+from services.common.auth import KeyStore
+from services.common.clickhouse import ClickHouse
+from services.common.kafka import broker_reachable, create_consumer, create_producer
+from services.common.runtime import prepare_clickhouse, prepare_topics
+from services.common.settings import ServeSettings
+from services.gateway.endpoints import router as gateway_router
+from services.gateway.publisher import Publisher
+from services.query.endpoints import router as query_router
+from services.query.repository import CompletionsRepository
+from services.worker.runner import Worker
+
+log = structlog.get_logger(__name__)
+
+
+class Stack:
+    def __init__(
+        self,
+        settings: ServeSettings,
+        clickhouse: ClickHouse,
+        bootstrap: str,
+        *,
+        create_dev_key: bool = False,
+    ) -> None:
+        self.settings = settings
+        self.create_dev_key = create_dev_key
+        self.clickhouse = clickhouse
+        self.bootstrap = bootstrap
+        self.keys: KeyStore | None = None
+        self.publisher: Publisher | None = None
+        self.worker: Worker | None = None
+        self._producer: Any = None
+        self._consumer: Any = None
+        self._worker_task: asyncio.Task[None] | None = None
+
+    async def start(self) -> None:
+        s = self.settings
+        self.keys = await prepare_clickhouse(self.clickhouse, s)
+        if self.create_dev_key and s.api_keys is None and await self.keys.count() == 0:
+            key = await self.keys.create("default")
+            print(  # noqa: T201 - shown once, on purpose, to the person who started the server
+                f"\nNo API keys configured: created a development key for project 'default':\n"
+                f"\n    {key}\n\nIt is stored only as a hash; keep it now.\n",
+                flush=True,
+            )
+        await prepare_topics(self.bootstrap, s)
+        self._producer = create_producer(
+            self.bootstrap, linger_ms=s.producer_linger_ms, compression=s.producer_compression
+        )
+        await self._producer.start()
+        self.publisher = Publisher(self._producer, s.topic, s.publish_timeout_s)
+        self._consumer = create_consumer(
+            self.bootstrap,
+            group_id=s.consumer_group,
+            session_timeout_ms=s.session_timeout_ms,
+            heartbeat_interval_ms=s.heartbeat_interval_ms,
+        )
+        await self._consumer.start()
+        self.worker = Worker(
+            s,
+            self._consumer,
+            self._producer,
+            self.clickhouse,
+            topic=s.topic,
+            dead_letter_topic=s.dead_letter_topic,
+        )
+        self._worker_task = asyncio.create_task(self.worker.run(), name="worker")
+
+    async def stop(self, drain_timeout_s: float = 60.0) -> None:
+        """Drain what the gateway acknowledged into ClickHouse, then stop everything."""
+        if self.worker is not None and self.publisher is not None:
+            task = self._worker_task
+            if task is not None and not task.done():
+                drained = await self.worker.drain(dict(self.publisher.acked), drain_timeout_s)
+                log.info("drained", ok=drained, acked=self.publisher.acked)
+            self.worker.stop()
+            if task is not None:
+                with contextlib.suppress(Exception):
+                    await task
+        if self._consumer is not None:
+            await self._consumer.stop()
+        if self._producer is not None:
+            await self._producer.stop()
+
+    def create_app(self) -> FastAPI:
+        @contextlib.asynccontextmanager
+        async def lifespan(_: FastAPI) -> AsyncIterator[Mapping[str, Any]]:
+            await self.start()
+            try:
+                yield {
+                    "settings": self.settings,
+                    "keys": self.keys,
+                    "publisher": self.publisher,
+                    "completions": CompletionsRepository(self.clickhouse),
+                    "readiness": {
+                        "broker": lambda: broker_reachable(self.bootstrap),
+                        "clickhouse": self.clickhouse.ping,
+                    },
+                }
+            finally:
+                await self.stop()
+
+        return create_base_app(
+            "Maniac Inference Gateway API", lifespan, [gateway_router, query_router]
+        )

@@ -1,0 +1,50 @@
+"""The worker as its own process: `maniac worker` (run several: they share one group)."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+
+from services.common.clickhouse import ClickHouse
+from services.common.kafka import create_consumer, create_producer
+from services.common.runtime import (
+    clickhouse_target,
+    prepare_clickhouse,
+    prepare_topics,
+    require_bootstrap,
+)
+from services.common.settings import WorkerSettings
+from services.worker.runner import Worker
+
+
+async def run(settings: WorkerSettings) -> None:
+    bootstrap = require_bootstrap(settings)
+    clickhouse = ClickHouse.connect(clickhouse_target(settings))
+    await prepare_clickhouse(clickhouse, settings)
+    await prepare_topics(bootstrap, settings)
+    producer = create_producer(bootstrap)
+    consumer = create_consumer(
+        bootstrap,
+        group_id=settings.consumer_group,
+        session_timeout_ms=settings.session_timeout_ms,
+        heartbeat_interval_ms=settings.heartbeat_interval_ms,
+    )
+    await producer.start()
+    await consumer.start()
+    worker = Worker(
+        settings,
+        consumer,
+        producer,
+        clickhouse,
+        topic=settings.topic,
+        dead_letter_topic=settings.dead_letter_topic,
+    )
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, worker.stop)
+    try:
+        await worker.run()
+    finally:
+        await consumer.stop()
+        await producer.stop()
+        clickhouse.close()

@@ -1,0 +1,51 @@
+"""The worker pipeline, composed in one place.
+
+    Kafka ──getmany──▶ decode ─▶ validate ─▶ transform ─▶ batch ─▶ insert (ClickHouse)
+                                                                  └▶ dead-letter (Kafka)
+                                                                        ─▶ commit offsets
+
+decode/validate/transform are pure functions on one message; only the batch I/O is async.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+
+from services.worker.pipeline.decode import decode
+from services.worker.pipeline.steps import CommitOffsets, ProcessAndBatch, Retrying, WriteBatch
+from services.worker.pipeline.transform import to_row
+from services.worker.pipeline.types import Invalid, Partition, Processed, Row
+
+
+def process(value: bytes | None) -> Row | Invalid:
+    """decode -> validate -> transform, for one message."""
+    event = decode(value)
+    if isinstance(event, Invalid):
+        return event
+    return to_row(event)
+
+
+@dataclass(frozen=True)
+class Pipeline:
+    first: ProcessAndBatch
+    commit: CommitOffsets
+
+
+def build_pipeline(
+    *,
+    insert: Callable[[bytes], Awaitable[None]],
+    dead_letter: Callable[[list[Processed]], Awaitable[None]],
+    commit: Callable[[dict[Partition, int]], Awaitable[None]],
+    max_rows: int,
+    max_ms: int,
+    retry_initial_s: float,
+    retry_max_s: float,
+    stopping: asyncio.Event,
+) -> Pipeline:
+    retrying = Retrying(retry_initial_s, retry_max_s, stopping)
+    commit_step = CommitOffsets(commit, retrying)
+    write_step = WriteBatch(insert, dead_letter, retrying, next_step=commit_step)
+    first = ProcessAndBatch(process, next_step=write_step, max_rows=max_rows, max_ms=max_ms)
+    return Pipeline(first=first, commit=commit_step)

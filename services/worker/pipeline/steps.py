@@ -1,0 +1,163 @@
+"""The worker's steps, in the order messages go through them.
+
+Each step holds the next one and passes work forward with ``submit``; ``poll`` lets time-based
+steps act when no message arrives; ``join`` pushes everything held through to the end (on
+partition revoke and at shutdown). The commit step is always last, so an offset is committed
+only after ClickHouse accepted the rows before it and dead letters were acknowledged.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Awaitable, Callable
+from typing import Protocol
+
+import structlog
+
+from services.worker.pipeline.types import Batch, Invalid, Message, Partition, Processed, Row
+
+log = structlog.get_logger(__name__)
+
+
+class Step(Protocol):
+    async def submit(self, message: Message) -> None: ...
+    async def poll(self) -> None: ...
+    async def join(self) -> None: ...
+
+
+class BatchSink(Protocol):
+    async def submit(self, batch: Batch) -> None: ...
+
+
+class OffsetSink(Protocol):
+    async def submit(self, offsets: dict[Partition, int]) -> None: ...
+
+
+class ProcessAndBatch:
+    """Runs the pure per-message function and gathers results into batches.
+
+    A batch is handed on when it holds ``max_rows`` messages or its first message is
+    ``max_ms`` old. ``submit`` waits while the batch is written: that wait is the backpressure
+    that stops the runner from fetching more than it can store.
+    """
+
+    def __init__(
+        self,
+        process: Callable[[bytes | None], Row | Invalid],
+        next_step: BatchSink,
+        *,
+        max_rows: int,
+        max_ms: int,
+    ) -> None:
+        self._process = process
+        self._next = next_step
+        self._max_rows = max_rows
+        self._max_s = max_ms / 1000.0
+        self._batch = Batch()
+
+    async def submit(self, message: Message) -> None:
+        batch = self._batch
+        if not batch.offsets:
+            batch.first_ms = time.monotonic()
+        result = self._process(message.value)
+        if isinstance(result, Row):
+            batch.rows.append(result.json)
+        else:
+            batch.dead.append(Processed(message, result))
+        batch.offsets[message.partition] = message.offset + 1
+        if len(batch) >= self._max_rows:
+            await self._flush()
+
+    async def poll(self) -> None:
+        if self._batch.offsets and time.monotonic() - self._batch.first_ms >= self._max_s:
+            await self._flush()
+
+    async def join(self) -> None:
+        if self._batch.offsets:
+            await self._flush()
+
+    async def _flush(self) -> None:
+        batch, self._batch = self._batch, Batch()
+        await self._next.submit(batch)
+
+
+class Retrying:
+    """Retries a transient failure with exponential backoff until it succeeds or we stop."""
+
+    def __init__(self, initial_s: float, max_s: float, stopping: asyncio.Event) -> None:
+        self.initial_s = initial_s
+        self.max_s = max_s
+        self.stopping = stopping
+
+    async def run(self, what: str, call: Callable[[], Awaitable[None]]) -> None:
+        delay = self.initial_s
+        attempt = 0
+        while True:
+            attempt += 1
+            try:
+                await call()
+            except Exception as exc:
+                if self.stopping.is_set():
+                    log.error("gave_up_on_shutdown", what=what, attempts=attempt, error=repr(exc))
+                    raise
+                log.warning("retrying", what=what, attempt=attempt, delay_s=delay, error=repr(exc))
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, self.max_s)
+            else:
+                return
+
+
+class WriteBatch:
+    """Bulk-inserts the rows, sends the dead letters, then hands the offsets on."""
+
+    def __init__(
+        self,
+        insert: Callable[[bytes], Awaitable[None]],
+        dead_letter: Callable[[list[Processed]], Awaitable[None]],
+        retrying: Retrying,
+        next_step: OffsetSink,
+    ) -> None:
+        self._insert = insert
+        self._dead_letter = dead_letter
+        self._retrying = retrying
+        self._next = next_step
+
+    async def submit(self, batch: Batch) -> None:
+        started = time.perf_counter()
+        if batch.rows:
+            body = b"\n".join(batch.rows)
+            await self._retrying.run("insert", lambda: self._insert(body))
+        if batch.dead:
+            await self._retrying.run("dead_letter", lambda: self._dead_letter(batch.dead))
+            for dead in batch.dead:
+                log.warning(
+                    "dead_lettered",
+                    reason=dead.result.reason if isinstance(dead.result, Invalid) else "",
+                    partition=dead.message.partition.partition,
+                    offset=dead.message.offset,
+                )
+        log.debug(
+            "batch_written",
+            rows=len(batch.rows),
+            dead=len(batch.dead),
+            ms=round((time.perf_counter() - started) * 1000, 1),
+        )
+        await self._next.submit(batch.offsets)
+
+
+class CommitOffsets:
+    """Last step: commit offset + 1 per partition, and remember what is committed."""
+
+    def __init__(
+        self,
+        commit: Callable[[dict[Partition, int]], Awaitable[None]],
+        retrying: Retrying,
+    ) -> None:
+        self._commit = commit
+        self._retrying = retrying
+        self.committed: dict[Partition, int] = {}
+
+    async def submit(self, offsets: dict[Partition, int]) -> None:
+        await self._retrying.run("commit", lambda: self._commit(offsets))
+        self.committed.update(offsets)

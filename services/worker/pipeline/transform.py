@@ -1,0 +1,104 @@
+"""Step 2, pure: a :class:`CompletionEvent` -> one ClickHouse row (JSONEachRow bytes).
+
+The row carries the columns list queries and dashboards filter on, the full request, and the
+response exactly as list/get return it (``ChatResRelaxed``), so reads never rebuild it.
+"""
+
+from __future__ import annotations
+
+from decimal import Decimal, InvalidOperation
+from typing import Any
+
+from schemas.events import CompletionEvent
+from services.common.codec import dumps
+from services.common.records import RecordError, normalize_slug, parse_created, usage_counts
+from services.worker.pipeline.types import Invalid, Row
+
+
+def _dict(value: Any) -> dict[str, Any]:
+    return value if isinstance(value, dict) else {}
+
+
+def _merge_metadata(*parts: Any) -> dict[str, Any] | None:
+    merged: dict[str, Any] = {}
+    for part in parts:
+        if isinstance(part, dict):
+            merged.update(part)
+    return merged or None
+
+
+def _spend(value: Any) -> Decimal | None:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int | float | str):
+        raise RecordError(("output", "spend"), "spend must be a number")
+    try:
+        spend = Decimal(str(value))
+    except InvalidOperation as exc:
+        raise RecordError(("output", "spend"), "spend must be a number") from exc
+    if not spend.is_finite():
+        raise RecordError(("output", "spend"), "spend must be finite")
+    return spend
+
+
+def _seconds(value: float) -> int | float:
+    return int(value) if value == int(value) else value
+
+
+def to_row(event: CompletionEvent) -> Row | Invalid:
+    item = event.item
+    request = _dict(item.get("input"))
+    output = _dict(item.get("output"))
+    try:
+        created = parse_created(output.get("created"))
+        usage = output.get("usage") if isinstance(output.get("usage"), dict) else None
+        counts = usage_counts(usage)
+        spend = _spend(output.get("spend"))
+    except RecordError as exc:
+        return Invalid(f"{'.'.join(str(p) for p in exc.loc)}: {exc.message}")
+    if created is None:
+        created = event.received_at_ms / 1000.0
+
+    model = output.get("model") or request.get("model")
+    tags = item.get("tags") or output.get("tags") or request.get("tags") or []
+    trace = output.get("trace") or request.get("trace")
+    container = event.container if event.container is not None else output.get("container")
+    response = {
+        **output,
+        "id": event.completion_id,
+        "choices": output.get("choices") or [],
+        "created": _seconds(created),
+        "model": model,
+        "object": "chat.completion",
+        "usage": usage,
+        "provider": output.get("provider"),
+        "container": container,
+        "model_id": output.get("model_id"),
+        "spend": spend,
+        "tags": tags,
+        "metadata": _merge_metadata(
+            request.get("metadata"), output.get("metadata"), item.get("metadata")
+        ),
+        "trace": trace,
+    }
+    choices = response["choices"]
+    first_choice = choices[0] if choices and isinstance(choices[0], dict) else {}
+    row = {
+        "project": event.project,
+        "completion_id": event.completion_id,
+        "created": f"{created:.3f}",
+        "received_at": f"{event.received_at_ms / 1000.0:.3f}",
+        "kind": event.kind,
+        "model": normalize_slug(model) if model else "",
+        "provider": output.get("provider") or "",
+        "container": container or "",
+        "model_id": output.get("model_id") or "",
+        "finish_reason": first_choice.get("finish_reason") or "",
+        **counts,
+        "spend": spend,
+        "tags": tags,
+        "trace_id": _dict(trace).get("id") or "",
+        "response": dumps(response).decode(),
+        "request": dumps(request).decode(),
+    }
+    return Row(dumps(row))

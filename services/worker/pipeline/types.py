@@ -1,0 +1,55 @@
+"""What flows between the worker's steps."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True, slots=True)
+class Partition:
+    topic: str
+    partition: int
+
+
+@dataclass(frozen=True, slots=True)
+class Message:
+    """One Kafka record as the runner received it."""
+
+    partition: Partition
+    offset: int
+    key: bytes | None
+    value: bytes | None
+    timestamp_ms: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class Row:
+    """A valid message turned into one JSONEachRow line for ClickHouse."""
+
+    json: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class Invalid:
+    """A message that can never be stored; it goes to the dead-letter topic."""
+
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class Processed:
+    message: Message
+    result: Row | Invalid
+
+
+@dataclass(slots=True)
+class Batch:
+    """Rows to insert, dead letters to send, and the offsets to commit once both are done."""
+
+    rows: list[bytes] = field(default_factory=list)
+    dead: list[Processed] = field(default_factory=list)
+    offsets: dict[Partition, int] = field(default_factory=dict)
+    first_ms: float = 0.0
+
+    def __len__(self) -> int:
+        return len(self.rows) + len(self.dead)

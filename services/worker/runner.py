@@ -1,0 +1,159 @@
+"""The worker process: fetch from Kafka, push through the pipeline, commit, repeat.
+
+Flushes and commits on partition revoke and at shutdown. ``drain`` is used by
+``maniac serve``: it returns once every offset the gateway had acknowledged is committed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from typing import Any
+
+import structlog
+from aiokafka import ConsumerRebalanceListener, TopicPartition
+from aiokafka.errors import CommitFailedError, IllegalStateError
+
+from schemas.events import COMPLETIONS_TOPIC, DEAD_LETTER_TOPIC
+from services.common.clickhouse import ClickHouse
+from services.common.settings import WorkerSettings
+from services.worker.pipeline import Pipeline, build_pipeline
+from services.worker.pipeline.types import Invalid, Message, Partition, Processed
+
+log = structlog.get_logger(__name__)
+
+
+class _FlushOnRevoke(ConsumerRebalanceListener):  # type: ignore[misc]
+    def __init__(self, worker: Worker) -> None:
+        self._worker = worker
+
+    async def on_partitions_revoked(self, revoked: Any) -> None:
+        log.info("partitions_revoked", partitions=sorted(tp.partition for tp in revoked))
+        await self._worker.flush()
+
+    async def on_partitions_assigned(self, assigned: Any) -> None:
+        log.info("partitions_assigned", partitions=sorted(tp.partition for tp in assigned))
+
+
+class Worker:
+    """One consumer in the workers' group, writing into one ClickHouse database."""
+
+    def __init__(
+        self,
+        settings: WorkerSettings,
+        consumer: Any,
+        producer: Any,
+        clickhouse: ClickHouse,
+        *,
+        topic: str = COMPLETIONS_TOPIC,
+        dead_letter_topic: str = DEAD_LETTER_TOPIC,
+    ) -> None:
+        self.settings = settings
+        self.topic = topic
+        self.dead_letter_topic = dead_letter_topic
+        self._consumer = consumer
+        self._producer = producer
+        self._clickhouse = clickhouse
+        self._stopping = asyncio.Event()
+        self._lock = asyncio.Lock()
+        self.pipeline: Pipeline = build_pipeline(
+            insert=self._insert,
+            dead_letter=self._dead_letter,
+            commit=self._commit,
+            max_rows=settings.batch_max_rows,
+            max_ms=settings.batch_max_ms,
+            retry_initial_s=settings.insert_retry_initial_s,
+            retry_max_s=settings.insert_retry_max_s,
+            stopping=self._stopping,
+        )
+
+    # -- I/O the pipeline calls ------------------------------------------------------------
+
+    async def _insert(self, body: bytes) -> None:
+        started = time.perf_counter()
+        await self._clickhouse.insert_json_each_row("completions", body)
+        log.debug(
+            "batch_inserted", bytes=len(body), ms=round((time.perf_counter() - started) * 1e3)
+        )
+
+    async def _dead_letter(self, dead: list[Processed]) -> None:
+        futures = []
+        for item in dead:
+            reason = item.result.reason if isinstance(item.result, Invalid) else "invalid"
+            headers = [
+                ("reason", reason.encode()),
+                ("source_topic", item.message.partition.topic.encode()),
+                ("source_partition", str(item.message.partition.partition).encode()),
+                ("source_offset", str(item.message.offset).encode()),
+            ]
+            futures.append(
+                await self._producer.send(
+                    self.dead_letter_topic,
+                    value=item.message.value,
+                    key=item.message.key,
+                    headers=headers,
+                )
+            )
+        await asyncio.gather(*futures)
+
+    async def _commit(self, offsets: dict[Partition, int]) -> None:
+        try:
+            await self._consumer.commit(
+                {TopicPartition(p.topic, p.partition): o for p, o in offsets.items()}
+            )
+        except (CommitFailedError, IllegalStateError) as exc:
+            # The group moved on (rebalance): the rows are stored and the new owner will
+            # re-deliver them; storage deduplicates, so nothing is lost or counted twice.
+            log.warning("commit_skipped_after_rebalance", error=repr(exc))
+
+    # -- the loop ----------------------------------------------------------------------------
+
+    async def flush(self) -> None:
+        async with self._lock:
+            await self.pipeline.first.join()
+
+    async def run(self) -> None:
+        """Consume until :meth:`stop`; then flush and commit what was fetched."""
+        self._consumer.subscribe([self.topic], listener=_FlushOnRevoke(self))
+        log.info("worker_started", topic=self.topic, group=self.settings.consumer_group)
+        try:
+            while not self._stopping.is_set():
+                fetched = await self._consumer.getmany(
+                    timeout_ms=50, max_records=self.settings.fetch_max_records
+                )
+                async with self._lock:
+                    for tp, records in fetched.items():
+                        partition = Partition(tp.topic, tp.partition)
+                        for record in records:
+                            await self.pipeline.first.submit(
+                                Message(
+                                    partition,
+                                    record.offset,
+                                    record.key,
+                                    record.value,
+                                    record.timestamp,
+                                )
+                            )
+                    await self.pipeline.first.poll()
+        finally:
+            with contextlib.suppress(Exception):
+                await self.flush()
+            log.info("worker_stopped", committed=self.committed_offsets())
+
+    def stop(self) -> None:
+        self._stopping.set()
+
+    def committed_offsets(self) -> dict[int, int]:
+        return {p.partition: o for p, o in self.pipeline.commit.committed.items()}
+
+    async def drain(self, acked: dict[int, int], timeout_s: float) -> bool:
+        """Wait until every acknowledged offset (partition -> last offset) is committed."""
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            committed = self.committed_offsets()
+            if all(committed.get(p, 0) > offset for p, offset in acked.items()):
+                return True
+            await asyncio.sleep(0.05)
+        log.error("drain_timed_out", acked=acked, committed=self.committed_offsets())
+        return False
