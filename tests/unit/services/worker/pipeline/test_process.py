@@ -1,0 +1,113 @@
+"""decode -> validate -> transform, the pure per-message steps."""
+
+from __future__ import annotations
+
+import json
+from decimal import Decimal
+from typing import Any
+
+import orjson
+import pytest
+
+from schemas import SCHEMAS_DIR
+from schemas.api import ChatResRelaxed
+from schemas.events import encode_event
+from services.gateway.register import RegisterEnvelope, build_events
+from services.worker.pipeline import process
+from services.worker.pipeline.types import Invalid, Row
+
+EXAMPLES = sorted((SCHEMAS_DIR / "examples").glob("*.json"))
+
+
+def _event(item: dict[str, Any], **overrides: Any) -> bytes:
+    fields: dict[str, Any] = {
+        "kind": "register",
+        "project": "p",
+        "container": "c",
+        "completion_id": "id-1",
+        "received_at_ms": 1_700_000_000_000,
+        "item": item,
+    }
+    fields.update(overrides)
+    return encode_event(**fields)
+
+
+def _row(value: bytes) -> dict[str, Any]:
+    result = process(value)
+    assert isinstance(result, Row), result
+    row: dict[str, Any] = orjson.loads(result.json)
+    return row
+
+
+@pytest.mark.parametrize("path", EXAMPLES, ids=[p.stem for p in EXAMPLES])
+def test_every_example_goes_through_every_step(path: Any) -> None:
+    body = json.loads(path.read_text())
+    envelope = RegisterEnvelope.model_validate(body)
+    validated = build_events(envelope, project="p", received_at_ms=1_700_000_000_000)
+    assert validated.errors == []
+    for _, value in validated.messages:
+        row = _row(value)
+        response = ChatResRelaxed.model_validate(orjson.loads(row["response"]))
+        assert response.container == body["container"]
+        assert response.id == row["completion_id"]
+
+
+def test_row_columns_from_a_full_completion() -> None:
+    body = json.loads((SCHEMAS_DIR / "examples" / "register_full.json").read_text())
+    row = _row(_event(body["items"][0], completion_id="chatcmpl-example-full"))
+    assert row["created"] == "1732500000.000"
+    assert row["model"] == "openai/gpt-4o"
+    assert row["provider"] == "openai"
+    assert row["container"] == "c"
+    assert row["finish_reason"] == "stop"
+    assert (row["prompt_tokens"], row["completion_tokens"], row["total_tokens"]) == (21, 1, 22)
+    assert (row["cached_tokens"], row["reasoning_tokens"]) == (8, 0)
+    assert Decimal(str(row["spend"])) == Decimal("0.0000535")
+    assert row["tags"] == ["math", "eval"]
+    assert row["trace_id"] == "trace-1"
+    response = orjson.loads(row["response"])
+    assert response["metadata"] == {"customer": "acme", "split": "train"}
+    assert response["trace"]["span_id"] == "span-1"
+    assert orjson.loads(row["request"])["temperature"] == 0.2
+
+
+def test_input_only_item_is_created_when_received() -> None:
+    row = _row(_event({"input": {"messages": [], "model": "openai:gpt-4o-mini"}}))
+    assert row["created"] == "1700000000.000"
+    assert row["model"] == "openai/gpt-4o-mini"
+    response = orjson.loads(row["response"])
+    assert response["choices"] == []
+    assert response["created"] == 1700000000
+    assert response["model"] == "openai:gpt-4o-mini"  # as the client wrote it
+
+
+def test_spend_is_written_as_an_exact_decimal() -> None:
+    item = {"input": {"messages": []}, "output": {"choices": [], "spend": 0.000000000123}}
+    result = process(_event(item))
+    assert isinstance(result, Row)
+    assert b'"spend":0.000000000123,' in result.json
+    assert '"spend":0.000000000123,' in orjson.loads(result.json)["response"]
+
+
+@pytest.mark.parametrize(
+    ("value", "reason"),
+    [
+        pytest.param(None, "empty message", id="tombstone"),
+        pytest.param(b"\xff\x00", "not JSON", id="binary"),
+        pytest.param(b"[1,2]", "not a JSON object", id="array"),
+        pytest.param(b'{"v": 99}', "unknown event version", id="future-version"),
+        pytest.param(b'{"v": 1, "kind": "register"}', "invalid event at project", id="missing"),
+        pytest.param(
+            _event({"input": {}, "output": {"created": "never"}}),
+            "output.created",
+            id="bad-created",
+        ),
+        pytest.param(
+            _event({"input": {}, "output": {"spend": "lots"}}), "output.spend", id="bad-spend"
+        ),
+    ],
+)
+def test_poison_messages_are_invalid_with_a_reason(value: bytes | None, reason: str) -> None:
+    result = process(value)
+    assert isinstance(result, Invalid)
+    assert reason in result.reason

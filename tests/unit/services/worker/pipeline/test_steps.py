@@ -1,0 +1,120 @@
+"""Batching, ordering of insert -> dead letter -> commit, and retry without commit."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from services.worker.pipeline import Pipeline, build_pipeline
+from services.worker.pipeline.types import Message, Partition, Processed
+
+P0 = Partition("t", 0)
+P1 = Partition("t", 1)
+
+
+class Recorder:
+    """The I/O the pipeline calls, recorded in order; inserts can be made to fail."""
+
+    def __init__(self, failures: int = 0) -> None:
+        self.calls: list[tuple[str, object]] = []
+        self.failures = failures
+
+    async def insert(self, body: bytes) -> None:
+        if self.failures:
+            self.failures -= 1
+            self.calls.append(("insert_failed", body.count(b"\n") + 1))
+            raise ConnectionError("ClickHouse unavailable")
+        self.calls.append(("insert", body.count(b"\n") + 1))
+
+    async def dead_letter(self, dead: list[Processed]) -> None:
+        self.calls.append(("dead_letter", [d.message.offset for d in dead]))
+
+    async def commit(self, offsets: dict[Partition, int]) -> None:
+        self.calls.append(("commit", dict(offsets)))
+
+
+def _pipeline(recorder: Recorder, max_rows: int = 3, max_ms: int = 10_000) -> Pipeline:
+    return build_pipeline(
+        insert=recorder.insert,
+        dead_letter=recorder.dead_letter,
+        commit=recorder.commit,
+        max_rows=max_rows,
+        max_ms=max_ms,
+        retry_initial_s=0.001,
+        retry_max_s=0.002,
+        stopping=asyncio.Event(),
+    )
+
+
+def _valid(partition: Partition, offset: int) -> Message:
+    value = (
+        b'{"v":1,"kind":"register","project":"p","container":"c","completion_id":"id%d",'
+        b'"received_at_ms":1,"item":{"input":{"messages":[]}}}' % offset
+    )
+    return Message(partition, offset, b"k", value)
+
+
+def _poison(partition: Partition, offset: int) -> Message:
+    return Message(partition, offset, b"k", b"not json")
+
+
+async def test_full_batch_is_inserted_then_committed() -> None:
+    rec = Recorder()
+    pipeline = _pipeline(rec)
+    for offset in range(3):
+        await pipeline.first.submit(_valid(P0, offset))
+    assert rec.calls == [("insert", 3), ("commit", {P0: 3})]
+
+
+async def test_partial_batch_waits_for_time_or_join() -> None:
+    rec = Recorder()
+    pipeline = _pipeline(rec, max_ms=20)
+    await pipeline.first.submit(_valid(P0, 7))
+    await pipeline.first.poll()
+    assert rec.calls == []
+    await asyncio.sleep(0.03)
+    await pipeline.first.poll()
+    assert rec.calls == [("insert", 1), ("commit", {P0: 8})]
+
+
+async def test_dead_letters_are_sent_before_commit_and_do_not_block_partition() -> None:
+    rec = Recorder()
+    pipeline = _pipeline(rec, max_rows=10)
+    await pipeline.first.submit(_valid(P0, 0))
+    await pipeline.first.submit(_poison(P0, 1))
+    await pipeline.first.submit(_valid(P1, 5))
+    await pipeline.first.join()
+    assert rec.calls == [("insert", 2), ("dead_letter", [1]), ("commit", {P0: 2, P1: 6})]
+    assert pipeline.commit.committed == {P0: 2, P1: 6}
+
+
+async def test_failed_insert_is_retried_and_nothing_committed_before_it_succeeds() -> None:
+    rec = Recorder(failures=2)
+    pipeline = _pipeline(rec, max_rows=1)
+    await pipeline.first.submit(_valid(P0, 0))
+    assert rec.calls == [
+        ("insert_failed", 1),
+        ("insert_failed", 1),
+        ("insert", 1),
+        ("commit", {P0: 1}),
+    ]
+
+
+async def test_failure_while_stopping_is_raised_not_committed() -> None:
+    rec = Recorder(failures=100)
+    stopping = asyncio.Event()
+    stopping.set()
+    pipeline = build_pipeline(
+        insert=rec.insert,
+        dead_letter=rec.dead_letter,
+        commit=rec.commit,
+        max_rows=1,
+        max_ms=10,
+        retry_initial_s=0.001,
+        retry_max_s=0.001,
+        stopping=stopping,
+    )
+    with pytest.raises(ConnectionError):
+        await pipeline.first.submit(_valid(P0, 0))
+    assert [c[0] for c in rec.calls] == ["insert_failed"]
