@@ -82,7 +82,7 @@ def settings(topics: tuple[str, str], tmp_path: Path) -> ServeSettings:
         dead_letter_topic=topics[1],
         consumer_group=unique("group"),
         data_dir=tmp_path,
-        api_keys="projA:key-a,projB:key-b",  # type: ignore[arg-type]
+        api_keys="projA:key-a,projB:key-b",
         session_timeout_ms=2_000,
         heartbeat_interval_ms=300,
         batch_max_ms=50,

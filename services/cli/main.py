@@ -11,8 +11,10 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
+import signal
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +26,8 @@ from services.common.settings import (
     ServeSettings,
     WorkerSettings,
 )
+
+_EXIT_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
 
 def _settings(cls: type[CommonSettings], args: argparse.Namespace) -> Any:
@@ -38,9 +42,25 @@ def _settings(cls: type[CommonSettings], args: argparse.Namespace) -> Any:
 
 
 def _serve_uvicorn(app: Any, host: str, port: int) -> None:
+    """Serve until SIGINT/SIGTERM, shut down gracefully (draining), then return normally.
+
+    uvicorn re-raises the signal after its graceful shutdown, which would kill this process
+    before the embedded broker is stopped; here the signal only asks the server to exit.
+    """
     import uvicorn
 
-    uvicorn.run(app, host=host, port=port, log_config=None, access_log=False)
+    class Server(uvicorn.Server):
+        @contextlib.contextmanager
+        def capture_signals(self) -> Iterator[None]:
+            previous = {s: signal.signal(s, self.handle_exit) for s in _EXIT_SIGNALS}
+            try:
+                yield
+            finally:
+                for sig, handler in previous.items():
+                    signal.signal(sig, handler)
+
+    config = uvicorn.Config(app, host=host, port=port, log_config=None, access_log=False)
+    Server(config).run()
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -123,39 +143,36 @@ async def _with_clickhouse(args: argparse.Namespace, action: str) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="maniac", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
+    data = argparse.ArgumentParser(add_help=False)
+    data.add_argument(
+        "--data-dir", type=Path, default=None, dest="data_dir", help="default: ./.maniac"
+    )
+    http = argparse.ArgumentParser(add_help=False)
+    http.add_argument("--host", default=None)
+    http.add_argument("--port", type=int, default=None)
 
-    def service(name: str, help_: str) -> argparse.ArgumentParser:
-        p = sub.add_parser(name, help=help_)
-        p.add_argument("--host", default=None)
-        p.add_argument("--port", type=int, default=None)
-        p.add_argument("--data-dir", type=Path, default=None, dest="data_dir")
+    def leaf(group: Any, name: str, help_: str, func: Any, *parents: Any) -> Any:
+        p = group.add_parser(name, help=help_, parents=[data, *parents])
+        p.set_defaults(func=func)
         return p
 
-    service("serve", "gateway, workers and query service in one process").set_defaults(
-        func=cmd_serve
+    def admin(action: str) -> Any:
+        return lambda a: asyncio.run(_with_clickhouse(a, action))
+
+    leaf(sub, "serve", "gateway, workers and query service in one process", cmd_serve, http)
+    leaf(sub, "gateway", "the gateway (register, create)", cmd_gateway, http)
+    leaf(sub, "query", "the query service (list, get)", cmd_query, http)
+    leaf(sub, "worker", "a consumer worker (run several: one group)", cmd_worker)
+    leaf(sub, "migrate", "apply ClickHouse migrations", admin("migrate"))
+
+    keys = sub.add_parser("keys", help="manage API keys").add_subparsers(
+        dest="keys_command", required=True
     )
-    service("gateway", "the gateway (register, create)").set_defaults(func=cmd_gateway)
-    service("query", "the query service (list, get)").set_defaults(func=cmd_query)
-    worker = sub.add_parser("worker", help="a consumer worker")
-    worker.add_argument("--data-dir", type=Path, default=None, dest="data_dir")
-    worker.set_defaults(func=cmd_worker)
-
-    migrate = sub.add_parser("migrate", help="apply ClickHouse migrations")
-    migrate.add_argument("--data-dir", type=Path, default=None, dest="data_dir")
-    migrate.set_defaults(func=lambda a: asyncio.run(_with_clickhouse(a, "migrate")))
-
-    keys = sub.add_parser("keys", help="manage API keys")
-    keys.add_argument("--data-dir", type=Path, default=None, dest="data_dir")
-    keys_sub = keys.add_subparsers(dest="keys_command", required=True)
-    create = keys_sub.add_parser("create", help="create a key and print it once")
+    create = leaf(keys, "create", "create a key for a project and print it once", admin("create"))
     create.add_argument("--project", required=True)
-    create.set_defaults(func=lambda a: asyncio.run(_with_clickhouse(a, "create")))
-    keys_sub.add_parser("list", help="list key ids and projects").set_defaults(
-        func=lambda a: asyncio.run(_with_clickhouse(a, "list"))
-    )
-    revoke = keys_sub.add_parser("revoke", help="revoke a key by its id")
+    leaf(keys, "list", "list key ids and their projects", admin("list"))
+    revoke = leaf(keys, "revoke", "revoke a key by its id", admin("revoke"))
     revoke.add_argument("key_id")
-    revoke.set_defaults(func=lambda a: asyncio.run(_with_clickhouse(a, "revoke")))
     return parser
 
 

@@ -9,10 +9,10 @@ from functools import cache
 from typing import Any
 
 from fastapi import APIRouter, FastAPI, Request
-from fastapi.responses import ORJSONResponse
 
 from schemas import OPENAPI_PATH
 from services.common.errors import install_error_handlers
+from services.common.responses import JSONResponse
 
 ReadinessCheck = Callable[[], Awaitable[bool]]
 Lifespan = Callable[[FastAPI], AbstractAsyncContextManager[Mapping[str, Any]]]
@@ -36,19 +36,19 @@ async def healthz() -> dict[str, str]:
 
 
 @health.get("/readyz")
-async def readyz(request: Request) -> ORJSONResponse:
+async def readyz(request: Request) -> JSONResponse:
     """Readiness: the broker and ClickHouse this service needs are reachable."""
     checks: dict[str, ReadinessCheck] = request.state.readiness
     results = {name: await check() for name, check in checks.items()}
     ready = all(results.values())
-    return ORJSONResponse(
+    return JSONResponse(
         {"status": "ready" if ready else "unavailable", "checks": results},
         status_code=200 if ready else 503,
     )
 
 
 def create_base_app(title: str, lifespan: Lifespan, routers: list[APIRouter]) -> FastAPI:
-    app = FastAPI(title=title, lifespan=lifespan, default_response_class=ORJSONResponse)
+    app = FastAPI(title=title, lifespan=lifespan, default_response_class=JSONResponse)
     install_error_handlers(app)
     app.include_router(health)
     for router in routers:

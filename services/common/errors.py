@@ -20,8 +20,9 @@ from typing import Any, ClassVar
 
 import structlog
 from fastapi import FastAPI, Request
-from fastapi.responses import ORJSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from services.common.responses import JSONResponse
 
 log = structlog.get_logger(__name__)
 
@@ -86,25 +87,25 @@ _HTTP_CODES = {
 }
 
 
-def error_response(exc: ManiacError) -> ORJSONResponse:
-    return ORJSONResponse(exc.envelope(), status_code=exc.status_code, headers=exc.headers)
+def error_response(exc: ManiacError) -> JSONResponse:
+    return JSONResponse(exc.envelope(), status_code=exc.status_code, headers=exc.headers)
 
 
-async def _maniac_error(_: Request, exc: Exception) -> ORJSONResponse:
+async def _maniac_error(_: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, ManiacError)
     if exc.status_code >= 500:
         log.warning("request_failed", code=exc.code, message=exc.message)
     return error_response(exc)
 
 
-async def _http_error(_: Request, exc: Exception) -> ORJSONResponse:
+async def _http_error(_: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, StarletteHTTPException)
     code = _HTTP_CODES.get(exc.status_code, "http_error")
     body = {"error": {"code": code, "message": str(exc.detail), "details": None}}
-    return ORJSONResponse(body, status_code=exc.status_code, headers=exc.headers)
+    return JSONResponse(body, status_code=exc.status_code, headers=exc.headers)
 
 
-async def _unhandled(_: Request, exc: Exception) -> ORJSONResponse:
+async def _unhandled(_: Request, exc: Exception) -> JSONResponse:
     log.exception("unhandled_error", error=repr(exc))
     return error_response(ManiacError("Internal server error."))
 

@@ -15,8 +15,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ctypes
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -109,6 +111,12 @@ def tansu_binary() -> Path:
     return path
 
 
+def _die_with_parent() -> None:
+    """In the child, before exec: on Linux, get SIGTERM when the parent dies (even by kill -9)."""
+    if sys.platform.startswith("linux"):
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -140,7 +148,27 @@ class EmbeddedBroker:
             self.log_file.parent.mkdir(parents=True, exist_ok=True)
             out = self.log_file.open("ab")
         env = {**os.environ, "RUST_LOG": os.environ.get("RUST_LOG", "warn")}
-        self._proc = subprocess.Popen(
+        try:
+            self._proc = self._spawn(url, out, env)
+        finally:
+            if out is not subprocess.DEVNULL:
+                out.close()  # the child has its own copy
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if self._proc.poll() is not None:
+                raise RuntimeError(f"tansu exited at start with code {self._proc.returncode}")
+            try:
+                socket.create_connection(("127.0.0.1", self.port), timeout=0.2).close()
+            except OSError:
+                time.sleep(0.02)
+                continue
+            log.info("broker_started", bootstrap=self.bootstrap, storage=self.storage)
+            return
+        self.stop()
+        raise TimeoutError("tansu did not open its port")
+
+    def _spawn(self, url: str, out: Any, env: dict[str, str]) -> subprocess.Popen[bytes]:
+        return subprocess.Popen(
             [
                 str(tansu_binary()),
                 "broker",
@@ -156,22 +184,10 @@ class EmbeddedBroker:
             stdin=subprocess.DEVNULL,
             env=env,
             # its own process group: Ctrl-C in a terminal goes to `maniac serve`, which then
-            # stops the broker last, after draining
-            start_new_session=sys.platform != "win32",
+            # stops the broker last, after draining; if `maniac serve` dies, so does the broker
+            start_new_session=True,
+            preexec_fn=_die_with_parent,
         )
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            if self._proc.poll() is not None:
-                raise RuntimeError(f"tansu exited at start with code {self._proc.returncode}")
-            try:
-                socket.create_connection(("127.0.0.1", self.port), timeout=0.2).close()
-            except OSError:
-                time.sleep(0.02)
-                continue
-            log.info("broker_started", bootstrap=self.bootstrap, storage=self.storage)
-            return
-        self.stop()
-        raise TimeoutError("tansu did not open its port")
 
     def stop(self) -> None:
         if self._proc is None:

@@ -7,13 +7,13 @@ from typing import Annotated
 
 from fastapi import APIRouter, Depends, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import ORJSONResponse
 from pydantic import ValidationError
 
 from schemas.api import RegisterRes
 from services.common.auth import ProjectDep
 from services.common.codec import JSONDecodeError, loads
 from services.common.errors import PayloadTooLarge
+from services.common.responses import JSONResponse
 from services.common.settings import GatewaySettings
 from services.gateway.publisher import Publisher
 from services.gateway.register import RegisterEnvelope, build_events
@@ -58,7 +58,7 @@ async def read_json_body(request: Request, max_bytes: int) -> object:
 @router.post("/v1/chat/completions/register", response_model=RegisterRes)
 async def register(
     request: Request, project: ProjectDep, publisher: PublisherDep, settings: SettingsDep
-) -> ORJSONResponse:
+) -> JSONResponse:
     """Register completed chat examples for evaluation and analytics."""
     body = await read_json_body(request, settings.max_body_bytes)
     try:
@@ -80,7 +80,7 @@ async def register(
     validated = build_events(envelope, project=project, received_at_ms=time.time_ns() // 1_000_000)
     await publisher.publish(validated.messages)
     received = len(envelope.items)
-    return ORJSONResponse(
+    return JSONResponse(
         {
             "ok": validated.rejected == 0,
             "container": envelope.container,

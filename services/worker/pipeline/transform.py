@@ -6,6 +6,7 @@ response exactly as list/get return it (``ChatResRelaxed``), so reads never rebu
 
 from __future__ import annotations
 
+from datetime import UTC, datetime
 from decimal import Decimal, InvalidOperation
 from typing import Any
 
@@ -39,6 +40,12 @@ def _spend(value: Any) -> Decimal | None:
     if not spend.is_finite():
         raise RecordError(("output", "spend"), "spend must be finite")
     return spend
+
+
+def _datetime64(seconds: float) -> str:
+    """ClickHouse DateTime64(3) text; bare numbers are ambiguous to its parser."""
+    moment = datetime.fromtimestamp(round(seconds, 3), UTC).replace(tzinfo=None)
+    return moment.isoformat(" ", "milliseconds")
 
 
 def _seconds(value: float) -> int | float:
@@ -86,8 +93,8 @@ def to_row(event: CompletionEvent) -> Row | Invalid:
     row = {
         "project": event.project,
         "completion_id": event.completion_id,
-        "created": f"{created:.3f}",
-        "received_at": f"{event.received_at_ms / 1000.0:.3f}",
+        "created": _datetime64(created),
+        "received_at": _datetime64(event.received_at_ms / 1000.0),
         "kind": event.kind,
         "model": normalize_slug(model) if model else "",
         "provider": output.get("provider") or "",

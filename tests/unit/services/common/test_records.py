@@ -75,8 +75,12 @@ def test_usage_counts_absent_is_zero() -> None:
         pytest.param({"prompt_tokens": -1, "completion_tokens": 0, "total_tokens": 0}, id="neg"),
         pytest.param({"prompt_tokens": "3", "completion_tokens": 0, "total_tokens": 0}, id="str"),
         pytest.param(
-            {"prompt_tokens": 1, "completion_tokens": 0, "total_tokens": 1,
-             "prompt_tokens_details": {"cached_tokens": -2}},
+            {
+                "prompt_tokens": 1,
+                "completion_tokens": 0,
+                "total_tokens": 1,
+                "prompt_tokens_details": {"cached_tokens": -2},
+            },
             id="neg-cached",
         ),
     ],

@@ -1,0 +1,249 @@
+"""HTTP in, row out: register, then list/get through the public API."""
+
+from __future__ import annotations
+
+import copy
+import json
+from typing import Any
+
+import httpx
+import pytest
+
+from schemas import OPENAPI_PATH, SCHEMAS_DIR
+from schemas.api import ChatListRes, ChatResRelaxed, ErrorResponse, RegisterRes
+from tests.conftest import eventually
+from tests.e2e.conftest import KEY_A, KEY_B, RunningStack, StackFactory
+
+FULL = json.loads((SCHEMAS_DIR / "examples" / "register_full.json").read_text())
+
+
+def _item(n: int, **output: Any) -> dict[str, Any]:
+    return {
+        "input": {"model": "openai/gpt-4o", "messages": [{"role": "user", "content": f"q{n}"}]},
+        "output": {
+            "id": f"cmpl-{n}",
+            "created": 1_700_000_000 + n,
+            "model": "openai/gpt-4o",
+            "choices": [{"index": 0, "message": {"role": "assistant", "content": f"a{n}"}}],
+            **output,
+        },
+    }
+
+
+async def _visible(client: httpx.AsyncClient, total: int, **params: Any) -> dict[str, Any]:
+    body: dict[str, Any] = {}
+
+    async def check() -> bool:
+        nonlocal body
+        response = await client.get("/v1/chat/completions", params=params)
+        assert response.status_code == 200, response.text
+        body = response.json()
+        return bool(body["total"] == total)
+
+    await eventually(check)
+    return body
+
+
+def _error(response: httpx.Response, status: int, code: str) -> None:
+    assert response.status_code == status, response.text
+    envelope = ErrorResponse.model_validate(response.json())
+    assert envelope.error.code == code
+    assert envelope.error.message
+
+
+async def test_register_then_list_and_get(api: RunningStack) -> None:
+    async with api.client(KEY_A) as client:
+        response = await client.post("/v1/chat/completions/register", json=FULL)
+        assert response.status_code == 200, response.text
+        result = RegisterRes.model_validate(response.json())
+        assert result.ok is True
+        assert result.container == "support-bot"
+        assert result.summary == {"received": 1, "accepted": 1, "rejected": 0}
+        assert result.errors == []
+
+        listed = ChatListRes.model_validate(await _visible(client, 1))
+        [record] = listed.data
+        assert record.id == "chatcmpl-example-full"
+        assert record.container == "support-bot"
+        assert record.model == "openai/gpt-4o"
+        assert record.provider == "openai"
+        assert record.usage is not None
+        assert record.usage.total_tokens == 22
+        assert record.spend == pytest.approx(0.0000535)
+        assert record.tags == ["math", "eval"]
+        assert record.metadata == {"customer": "acme", "split": "train"}
+        assert record.trace is not None
+        assert record.trace.id == "trace-1"
+        assert record.choices[0].message.content == "4"
+
+        response = await client.get("/v1/chat/completions/chatcmpl-example-full")
+        assert response.status_code == 200
+        assert ChatResRelaxed.model_validate(response.json()) == record
+
+
+async def test_invalid_items_are_reported_and_valid_ones_kept(api: RunningStack) -> None:
+    items = [_item(1), {"input": {"messages": [{"role": "robot"}]}}, _item(2), {"output": {}}]
+    async with api.client(KEY_A) as client:
+        response = await client.post(
+            "/v1/chat/completions/register", json={"container": "c", "items": items}
+        )
+        assert response.status_code == 200
+        body = response.json()
+        assert body["ok"] is False
+        assert body["summary"] == {"received": 4, "accepted": 2, "rejected": 2}
+        assert [e["index"] for e in body["errors"]] == [1, 3]
+        assert body["errors"][0]["loc"] == ["items", 1, "input", "messages", 0, "role"]
+        assert body["errors"][1]["loc"] == ["items", 3, "input"]
+        listed = await _visible(client, 2)
+        assert {r["id"] for r in listed["data"]} == {"cmpl-1", "cmpl-2"}
+
+
+async def test_same_completion_twice_is_listed_once(api: RunningStack) -> None:
+    payload = {"container": "c", "items": [_item(1), _item(1), _item(2)]}
+    input_only = {"container": "c", "items": [{"input": {"messages": []}, "tags": ["x"]}]}
+    async with api.client(KEY_A) as client:
+        for _ in range(2):
+            assert (await client.post("/v1/chat/completions/register", json=payload)).is_success
+            assert (await client.post("/v1/chat/completions/register", json=input_only)).is_success
+        await _visible(client, 3)
+        # all six requests were applied before this point: the total stays 3
+        assert api.stack.worker is not None
+        assert api.stack.publisher is not None
+        assert await api.stack.worker.drain(dict(api.stack.publisher.acked), 20)
+        body = (await client.get("/v1/chat/completions")).json()
+        assert body["total"] == 3
+        assert len(body["data"]) == 3
+
+
+async def test_list_filters_order_and_pages(api: RunningStack) -> None:
+    async with api.client(KEY_A) as client:
+        for container, model in [("x", "openai/gpt-4o"), ("y", "mistral:small")]:
+            items = [_item(n, model=model, id=f"{container}-{n}") for n in range(5)]
+            response = await client.post(
+                "/v1/chat/completions/register", json={"container": container, "items": items}
+            )
+            assert response.json()["ok"]
+        await _visible(client, 10)
+
+        desc = (await client.get("/v1/chat/completions", params={"limit": 3})).json()
+        assert [r["id"] for r in desc["data"]] == ["y-4", "x-4", "y-3"]
+        assert desc["total"] == 10
+        asc = (await client.get("/v1/chat/completions", params={"order": "asc"})).json()
+        assert [r["id"] for r in asc["data"]][:2] == ["x-0", "y-0"]
+        page = (await client.get("/v1/chat/completions", params={"offset": 8})).json()
+        assert [r["id"] for r in page["data"]] == ["y-0", "x-0"]
+        by_container = (await client.get("/v1/chat/completions", params={"container": "y"})).json()
+        assert by_container["total"] == 5
+        assert {r["container"] for r in by_container["data"]} == {"y"}
+        for slug in ("mistral/small", "mistral:small"):
+            by_model = (await client.get("/v1/chat/completions", params={"model": slug})).json()
+            assert by_model["total"] == 5
+        both = await client.get(
+            "/v1/chat/completions", params={"model": "mistral/small", "container": "x"}
+        )
+        assert both.json() == {"object": "list", "data": [], "total": 0}
+
+
+async def test_projects_are_isolated_on_every_endpoint(api: RunningStack) -> None:
+    async with api.client(KEY_A) as a, api.client(KEY_B) as b:
+        await a.post("/v1/chat/completions/register", json={"container": "c", "items": [_item(7)]})
+        await _visible(a, 1)
+        assert (await b.get("/v1/chat/completions")).json()["total"] == 0
+        assert (await b.get("/v1/chat/completions", params={"container": "c"})).json()["total"] == 0
+        _error(await b.get("/v1/chat/completions/cmpl-7"), 404, "not_found")
+        assert (await a.get("/v1/chat/completions/cmpl-7")).status_code == 200
+
+
+@pytest.mark.parametrize(
+    ("method", "path"),
+    [
+        ("GET", "/v1/chat/completions"),
+        ("GET", "/v1/chat/completions/any"),
+        ("POST", "/v1/chat/completions/register"),
+    ],
+)
+@pytest.mark.parametrize(
+    "headers",
+    [
+        pytest.param({}, id="missing"),
+        pytest.param({"Authorization": "Bearer wrong"}, id="wrong"),
+        pytest.param({"Authorization": "Basic a2V5LWE6"}, id="not-bearer"),
+        pytest.param({"Authorization": "Bearer"}, id="empty"),
+    ],
+)
+async def test_missing_or_wrong_key_is_401(
+    api: RunningStack, method: str, path: str, headers: dict[str, str]
+) -> None:
+    async with api.client(headers) as client:
+        response = await client.request(method, path, json={"container": "c", "items": []})
+        _error(response, 401, "unauthorized")
+
+
+@pytest.mark.parametrize(
+    "params",
+    [
+        {"limit": 0},
+        {"limit": 101},
+        {"limit": "ten"},
+        {"offset": -1},
+        {"order": "sideways"},
+    ],
+)
+async def test_out_of_range_list_parameters_are_422(
+    api: RunningStack, params: dict[str, Any]
+) -> None:
+    async with api.client(KEY_A) as client:
+        response = await client.get("/v1/chat/completions", params=params)
+        assert response.status_code == 422
+        assert response.json()["detail"][0]["loc"][0] == "query"
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        pytest.param(b"not json", id="not-json"),
+        pytest.param(b"[]", id="array"),
+        pytest.param(b'{"items": []}', id="no-container"),
+        pytest.param(b'{"container": "c"}', id="no-items"),
+        pytest.param(b'{"container": "c", "items": {}}', id="items-not-list"),
+        pytest.param(b'{"container": "c", "items": [], "x": 1}', id="extra-field"),
+        pytest.param(b'{"container": "", "items": []}', id="empty-container"),
+        pytest.param(b"[" * 5000 + b"]" * 5000, id="too-deep"),
+    ],
+)
+async def test_body_that_is_not_a_register_request_is_422(api: RunningStack, body: bytes) -> None:
+    async with api.client(KEY_A) as client:
+        response = await client.post(
+            "/v1/chat/completions/register",
+            content=body,
+            headers={"Content-Type": "application/json"},
+        )
+        assert response.status_code == 422, response.text
+        assert response.json()["detail"][0]["loc"][0] == "body"
+
+
+async def test_limits_on_body_size_and_item_count(start_stack: StackFactory) -> None:
+    running = await start_stack(max_body_bytes=4096, max_items_per_request=3)
+    async with running.client(KEY_A) as client:
+        big = {"container": "c", "items": [_item(1, filler="x" * 5000)]}
+        _error(
+            await client.post("/v1/chat/completions/register", json=big), 413, "payload_too_large"
+        )
+        many = {"container": "c", "items": [{"input": {"messages": []}}] * 4}
+        response = await client.post("/v1/chat/completions/register", json=many)
+        assert response.status_code == 422
+        assert response.json()["detail"][0]["loc"] == ["body", "items"]
+
+
+async def test_health_readiness_and_spec(api: RunningStack) -> None:
+    async with api.client() as client:
+        assert (await client.get("/healthz")).json() == {"status": "ok"}
+        ready = await client.get("/readyz")
+        assert ready.status_code == 200
+        assert ready.json()["checks"] == {"broker": True, "clickhouse": True}
+        assert (await client.get("/openapi.json")).json() == json.loads(OPENAPI_PATH.read_text())
+        _error(await client.get("/no/such/route"), 404, "not_found")
+
+
+def test_examples_are_not_mutated() -> None:
+    assert copy.deepcopy(FULL) == FULL
