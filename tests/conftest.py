@@ -8,9 +8,13 @@ other's data. Tests under ``tests/integration`` and ``tests/e2e`` are marked ``k
 from __future__ import annotations
 
 import asyncio
+import os
+import socket
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 
 import pytest
 import pytest_asyncio
@@ -31,8 +35,27 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
             item.add_marker(pytest.mark.clickhouse)
 
 
+BACKEND = os.environ.get("MANIAC_TEST_BACKEND", "embedded")
+"""``embedded`` (Tansu + chDB, the default) or ``docker`` (real Kafka and ClickHouse images)."""
+
+
+class Broker(Protocol):
+    @property
+    def bootstrap(self) -> str: ...
+
+
+@dataclass(frozen=True)
+class ExternalBroker:
+    bootstrap: str
+
+
 @pytest.fixture(scope="session")
-def broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EmbeddedBroker]:
+def broker(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Broker]:
+    if BACKEND == "docker":
+        yield ExternalBroker(request.getfixturevalue("docker_kafka"))
+        return
     embedded = EmbeddedBroker(log_file=tmp_path_factory.mktemp("broker") / "tansu.log")
     embedded.start()
     yield embedded
@@ -40,12 +63,77 @@ def broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EmbeddedBroker]
 
 
 @pytest.fixture(scope="session")
-def clickhouse_engine(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ClickHouse]:
-    """The session's one chDB engine (a process may open only one chDB directory)."""
+def clickhouse_engine(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[ClickHouse]:
+    """The session's one engine (a process may open only one chDB directory)."""
+    if BACKEND == "docker":
+        yield request.getfixturevalue("docker_clickhouse")
+        return
     target = ClickHouseTarget.embedded(tmp_path_factory.mktemp("chdb"))
     engine = ClickHouse.connect(target)
     yield engine
     engine.close()
+
+
+def docker_available() -> bool:
+    """True when a Docker engine answers (checked on its socket before asking the client)."""
+    host = os.environ.get("DOCKER_HOST", "unix:///var/run/docker.sock")
+    if host.startswith("unix://"):
+        try:
+            with socket.socket(socket.AF_UNIX) as sock:
+                sock.settimeout(2)
+                sock.connect(host.removeprefix("unix://"))
+        except OSError:
+            return False
+    try:
+        import docker
+
+        client = docker.from_env()
+    except Exception:
+        return False
+    try:
+        client.ping()
+    except Exception:
+        return False
+    finally:
+        client.close()
+    return True
+
+
+@pytest.fixture(scope="session")
+def docker_kafka() -> Iterator[str]:
+    """A real Apache Kafka (KRaft) in Docker; skipped where no Docker engine runs."""
+    if not docker_available():
+        pytest.skip("no Docker engine here: the testcontainers Kafka backend is skipped")
+    from testcontainers.kafka import KafkaContainer
+
+    with KafkaContainer("apache/kafka:3.9.1") as kafka:
+        yield kafka.get_bootstrap_server()
+
+
+@pytest.fixture(scope="session")
+def docker_clickhouse() -> Iterator[ClickHouse]:
+    """A real ClickHouse server in Docker over HTTP; skipped where no Docker engine runs."""
+    if not docker_available():
+        pytest.skip("no Docker engine here: the testcontainers ClickHouse backend is skipped")
+    from testcontainers.core.container import DockerContainer
+    from testcontainers.core.waiting_utils import wait_for_logs
+
+    container = (
+        DockerContainer("clickhouse/clickhouse-server:25.8")
+        .with_exposed_ports(8123)
+        .with_env("CLICKHOUSE_USER", "maniac")
+        .with_env("CLICKHOUSE_PASSWORD", "maniac")
+    )
+    with container:
+        wait_for_logs(container, "Ready for connections", timeout=120)
+        host = container.get_container_host_ip()
+        port = container.get_exposed_port(8123)
+        url = f"http://maniac:maniac@{host}:{port}/maniac"
+        engine = ClickHouse.connect(ClickHouseTarget.parse(url))
+        yield engine
+        engine.close()
 
 
 def unique(prefix: str) -> str:
@@ -66,7 +154,7 @@ async def clickhouse(
 
 
 @pytest_asyncio.fixture(loop_scope="session")
-async def topics(broker: EmbeddedBroker) -> tuple[str, str]:
+async def topics(broker: Broker) -> tuple[str, str]:
     """A fresh completions topic and dead-letter topic for one test."""
     name = unique("completions")
     pair = (name, f"{name}.dlq")
@@ -92,9 +180,10 @@ def settings(topics: tuple[str, str], tmp_path: Path) -> ServeSettings:
     )
 
 
-async def eventually(check: object, timeout_s: float = 20.0, interval_s: float = 0.05) -> None:
+async def eventually(
+    check: Callable[[], Awaitable[object]], timeout_s: float = 20.0, interval_s: float = 0.05
+) -> None:
     """Await ``check()`` until it returns truthy; fail after ``timeout_s``."""
-    assert callable(check)
     deadline = asyncio.get_running_loop().time() + timeout_s
     last: object = None
     while asyncio.get_running_loop().time() < deadline:

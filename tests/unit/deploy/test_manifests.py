@@ -1,0 +1,63 @@
+"""The deployment files parse, use one image for every service, and set real settings."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from services.common.settings import ServeSettings
+
+DEPLOY = Path(__file__).resolve().parents[3] / "deploy"
+KNOWN = {f"MANIAC_{name.upper()}" for name in ServeSettings.model_fields}
+
+
+def _documents() -> list[dict[str, Any]]:
+    docs: list[dict[str, Any]] = []
+    for path in sorted((DEPLOY / "k8s").glob("*.yaml")):
+        docs += [d for d in yaml.safe_load_all(path.read_text()) if d]
+    return docs
+
+
+def _containers(docs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    found = []
+    for doc in docs:
+        spec = doc.get("spec", {})
+        pod = spec.get("template", {}).get("spec", {})
+        found += pod.get("containers", [])
+    return found
+
+
+def test_compose_runs_every_service_from_one_image_with_known_settings() -> None:
+    compose = yaml.safe_load((DEPLOY / "compose.yaml").read_text())
+    services = compose["services"]
+    ours = {n: s for n, s in services.items() if s.get("image") == "maniac-telemetry:latest"}
+    assert set(ours) == {"migrate", "gateway", "worker", "query"}
+    commands = {s["command"][0] for s in ours.values()}
+    assert commands == {"migrate", "gateway", "worker", "query"}
+    for service in ours.values():
+        assert set(service["environment"]) <= KNOWN
+    assert services["kafka"]["image"].startswith("apache/kafka:")
+    assert services["clickhouse"]["image"].startswith("clickhouse/clickhouse-server:")
+
+
+def test_kubernetes_manifests_use_one_image_and_known_settings() -> None:
+    docs = _documents()
+    containers = [c for c in _containers(docs) if c["image"].startswith("maniac-telemetry")]
+    assert {c["args"][0] for c in containers} == {"migrate", "gateway", "worker", "query"}
+    config = next(
+        d for d in docs if d["kind"] == "ConfigMap" and d["metadata"]["name"] == "maniac-config"
+    )
+    secret = next(d for d in docs if d["kind"] == "Secret")
+    settings = {k for k in [*config["data"], *secret["stringData"]] if k.startswith("MANIAC_")}
+    assert settings <= KNOWN
+    assert {"MANIAC_KAFKA_BOOTSTRAP", "MANIAC_CLICKHOUSE_URL"} <= settings
+
+
+@pytest.mark.parametrize("name", ["gateway", "query"])
+def test_http_services_have_probes(name: str) -> None:
+    [container] = [c for c in _containers(_documents()) if c.get("args", [""])[0] == name]
+    assert container["readinessProbe"]["httpGet"]["path"] == "/readyz"
+    assert container["livenessProbe"]["httpGet"]["path"] == "/healthz"
