@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Awaitable, Mapping
 from typing import Any
 
 import structlog
@@ -18,16 +18,28 @@ from fastapi import FastAPI
 from services.common.app import create_base_app
 from services.common.auth import KeyStore
 from services.common.clickhouse import ClickHouse
-from services.common.kafka import broker_reachable, create_consumer, create_producer
+from services.common.kafka import broker_reachable, create_consumer
 from services.common.runtime import prepare_clickhouse, prepare_topics
 from services.common.settings import ServeSettings
 from services.gateway.endpoints import router as gateway_router
 from services.gateway.publisher import Publisher
+from services.gateway.services import Gateway
 from services.query.endpoints import router as query_router
 from services.query.repository import CompletionsRepository
 from services.worker.runner import Worker
 
 log = structlog.get_logger(__name__)
+
+
+async def bounded(work: Awaitable[Any], seconds: float, what: str) -> None:
+    """Await a shutdown step, but never hang on it (a dead broker must not block exit)."""
+    try:
+        async with asyncio.timeout(seconds):
+            await work
+    except TimeoutError:
+        log.error("shutdown_step_timed_out", step=what, seconds=seconds)
+    except Exception as exc:
+        log.error("shutdown_step_failed", step=what, error=repr(exc))
 
 
 class Stack:
@@ -46,7 +58,7 @@ class Stack:
         self.keys: KeyStore | None = None
         self.publisher: Publisher | None = None
         self.worker: Worker | None = None
-        self._producer: Any = None
+        self.gateway: Gateway | None = None
         self._consumer: Any = None
         self._worker_task: asyncio.Task[None] | None = None
 
@@ -61,11 +73,8 @@ class Stack:
                 flush=True,
             )
         await prepare_topics(self.bootstrap, s)
-        self._producer = create_producer(
-            self.bootstrap, linger_ms=s.producer_linger_ms, compression=s.producer_compression
-        )
-        await self._producer.start()
-        self.publisher = Publisher(self._producer, s.topic, s.publish_timeout_s)
+        self.gateway = await Gateway.start(s, self.bootstrap)
+        self.publisher = self.gateway.publisher
         self._consumer = create_consumer(
             self.bootstrap,
             group_id=s.consumer_group,
@@ -76,7 +85,7 @@ class Stack:
         self.worker = Worker(
             s,
             self._consumer,
-            self._producer,
+            self.gateway.producer,
             self.clickhouse,
             topic=s.topic,
             dead_letter_topic=s.dead_letter_topic,
@@ -85,6 +94,8 @@ class Stack:
 
     async def stop(self, drain_timeout_s: float = 60.0) -> None:
         """Drain what the gateway acknowledged into ClickHouse, then stop everything."""
+        if self.publisher is not None:
+            await self.publisher.flush()
         if self.worker is not None and self.publisher is not None:
             task = self._worker_task
             if task is not None and not task.done():
@@ -92,12 +103,11 @@ class Stack:
                 log.info("drained", ok=drained, acked=self.publisher.acked)
             self.worker.stop()
             if task is not None:
-                with contextlib.suppress(Exception):
-                    await task
+                await bounded(task, 15, "worker_stop")
         if self._consumer is not None:
-            await self._consumer.stop()
-        if self._producer is not None:
-            await self._producer.stop()
+            await bounded(self._consumer.stop(), 10, "consumer_stop")
+        if self.gateway is not None:
+            await bounded(self.gateway.stop(), 45, "gateway_stop")
 
     def create_app(self) -> FastAPI:
         @contextlib.asynccontextmanager
@@ -107,7 +117,7 @@ class Stack:
                 yield {
                     "settings": self.settings,
                     "keys": self.keys,
-                    "publisher": self.publisher,
+                    **(self.gateway.state() if self.gateway else {}),
                     "completions": CompletionsRepository(self.clickhouse),
                     "readiness": {
                         "broker": lambda: broker_reachable(self.bootstrap),

@@ -9,6 +9,8 @@ from functools import cache
 from typing import Any
 
 from fastapi import APIRouter, FastAPI, Request
+from fastapi.responses import Response
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from schemas import OPENAPI_PATH
 from services.common.errors import install_error_handlers
@@ -45,6 +47,12 @@ async def readyz(request: Request) -> JSONResponse:
         {"status": "ready" if ready else "unavailable", "checks": results},
         status_code=200 if ready else 503,
     )
+
+
+@health.get("/metrics", include_in_schema=False)
+async def metrics() -> Response:
+    """Prometheus metrics of this process."""
+    return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
 
 
 def create_base_app(title: str, lifespan: Lifespan, routers: list[APIRouter]) -> FastAPI:

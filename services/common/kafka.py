@@ -34,7 +34,9 @@ from aiokafka.errors import TopicAlreadyExistsError
 log = structlog.get_logger(__name__)
 
 
-def create_producer(bootstrap: str, *, linger_ms: int = 5, compression: str = "zstd") -> Any:
+def create_producer(
+    bootstrap: str, *, linger_ms: int = 5, compression: str = "zstd", timeout_s: float = 30.0
+) -> Any:
     return AIOKafkaProducer(
         bootstrap_servers=bootstrap,
         acks="all",
@@ -43,7 +45,7 @@ def create_producer(bootstrap: str, *, linger_ms: int = 5, compression: str = "z
         linger_ms=linger_ms,
         max_batch_size=262_144,
         max_request_size=8 * 1024 * 1024,
-        request_timeout_ms=30_000,
+        request_timeout_ms=int(timeout_s * 1000),
         retry_backoff_ms=100,
     )
 

@@ -107,9 +107,13 @@ def usage_counts(usage: dict[str, Any] | None) -> dict[str, int]:
 def normalize_slug(slug: str) -> str:
     """``provider:model`` and ``provider/model`` name the same model; store and filter on ``/``.
 
-    Only the first separator is the provider's: ``ollama/llama3:8b`` stays as it is.
+    Only the first separator is the provider's: ``ollama/llama3:8b`` stays as it is and
+    ``openrouter:anthropic/claude-sonnet-4`` becomes ``openrouter/anthropic/claude-sonnet-4``.
     """
-    if "/" not in slug and ":" in slug:
-        provider, _, model = slug.partition(":")
-        return f"{provider}/{model}"
-    return slug
+    colon = slug.find(":")
+    if colon == -1:
+        return slug
+    slash = slug.find("/")
+    if slash != -1 and slash < colon:
+        return slug
+    return f"{slug[:colon]}/{slug[colon + 1 :]}"

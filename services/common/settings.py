@@ -41,6 +41,13 @@ class CommonSettings(BaseSettings):
 
 
 class GatewaySettings(CommonSettings):
+    providers_file: Path | None = Field(
+        default=None,
+        description="TOML file of upstream providers and containers; "
+        "unset means schemas/providers.default.toml.",
+    )
+    upstream_max_connections: int = Field(default=1000, ge=1)
+    telemetry_queue_size: int = Field(default=10_000, ge=1)
     max_items_per_request: int = Field(default=10_000, ge=1)
     max_body_bytes: int = Field(default=64 * 1024 * 1024, ge=1024)
     publish_timeout_s: float = Field(default=30.0, gt=0)

@@ -10,7 +10,7 @@ from fastapi import FastAPI
 
 from services.common.app import create_base_app
 from services.common.clickhouse import ClickHouse
-from services.common.kafka import broker_reachable, create_producer
+from services.common.kafka import broker_reachable
 from services.common.runtime import (
     clickhouse_target,
     prepare_clickhouse,
@@ -19,7 +19,7 @@ from services.common.runtime import (
 )
 from services.common.settings import GatewaySettings
 from services.gateway.endpoints import router
-from services.gateway.publisher import Publisher
+from services.gateway.services import Gateway
 
 
 def create_app(settings: GatewaySettings) -> FastAPI:
@@ -30,24 +30,19 @@ def create_app(settings: GatewaySettings) -> FastAPI:
         clickhouse = ClickHouse.connect(clickhouse_target(settings))
         keys = await prepare_clickhouse(clickhouse, settings)
         await prepare_topics(bootstrap, settings)
-        producer = create_producer(
-            bootstrap,
-            linger_ms=settings.producer_linger_ms,
-            compression=settings.producer_compression,
-        )
-        await producer.start()
+        gateway = await Gateway.start(settings, bootstrap)
         try:
             yield {
                 "settings": settings,
                 "keys": keys,
-                "publisher": Publisher(producer, settings.topic, settings.publish_timeout_s),
+                **gateway.state(),
                 "readiness": {
                     "broker": lambda: broker_reachable(bootstrap),
                     "clickhouse": clickhouse.ping,
                 },
             }
         finally:
-            await producer.stop()
+            await gateway.stop()
             clickhouse.close()
 
     return create_base_app("Maniac gateway", lifespan, [router])

@@ -1,4 +1,4 @@
-"""Gateway routes: register (and, later, create)."""
+"""Gateway routes: create a completion, register completed examples."""
 
 from __future__ import annotations
 
@@ -8,13 +8,15 @@ from typing import Annotated
 from fastapi import APIRouter, Depends, Request
 from fastapi.exceptions import RequestValidationError
 from pydantic import ValidationError
+from starlette.responses import Response
 
-from schemas.api import RegisterRes
+from schemas.api import ChatReq, ChatRes, RegisterRes
 from services.common.auth import ProjectDep
 from services.common.codec import JSONDecodeError, loads
 from services.common.errors import PayloadTooLarge
 from services.common.responses import JSONResponse
 from services.common.settings import GatewaySettings
+from services.gateway.completions import CompletionService
 from services.gateway.publisher import Publisher
 from services.gateway.register import RegisterEnvelope, build_events
 
@@ -55,6 +57,34 @@ async def read_json_body(request: Request, max_bytes: int) -> object:
         ) from exc
 
 
+def _completions(request: Request) -> CompletionService:
+    service: CompletionService = request.state.completion_service
+    return service
+
+
+CompletionsDep = Annotated[CompletionService, Depends(_completions)]
+
+
+def _validation_error(exc: ValidationError) -> RequestValidationError:
+    return RequestValidationError(
+        [{**e, "loc": ("body", *e["loc"])} for e in exc.errors(include_url=False)]
+    )
+
+
+@router.post("/v1/chat/completions", response_model=ChatRes)
+async def create_completion(
+    request: Request, project: ProjectDep, service: CompletionsDep, settings: SettingsDep
+) -> Response:
+    """Create a chat completion using the specified model."""
+    body = await read_json_body(request, settings.max_body_bytes)
+    try:
+        chat = ChatReq.model_validate(body)
+    except ValidationError as exc:
+        raise _validation_error(exc) from exc
+    assert isinstance(body, dict)
+    return await service.create(project, body, chat)
+
+
 @router.post("/v1/chat/completions/register", response_model=RegisterRes)
 async def register(
     request: Request, project: ProjectDep, publisher: PublisherDep, settings: SettingsDep
@@ -64,9 +94,7 @@ async def register(
     try:
         envelope = RegisterEnvelope.model_validate(body)
     except ValidationError as exc:
-        raise RequestValidationError(
-            [{**e, "loc": ("body", *e["loc"])} for e in exc.errors(include_url=False)]
-        ) from exc
+        raise _validation_error(exc) from exc
     if len(envelope.items) > settings.max_items_per_request:
         raise RequestValidationError(
             [

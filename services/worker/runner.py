@@ -17,6 +17,7 @@ from aiokafka.errors import CommitFailedError, IllegalStateError
 
 from schemas.events import COMPLETIONS_TOPIC, DEAD_LETTER_TOPIC
 from services.common.clickhouse import ClickHouse
+from services.common.metrics import WORKER_INSERT_SECONDS
 from services.common.settings import WorkerSettings
 from services.worker.pipeline import Pipeline, build_pipeline
 from services.worker.pipeline.types import Invalid, Message, Partition, Processed
@@ -73,9 +74,9 @@ class Worker:
     async def _insert(self, body: bytes) -> None:
         started = time.perf_counter()
         await self._clickhouse.insert_json_each_row("completions", body)
-        log.debug(
-            "batch_inserted", bytes=len(body), ms=round((time.perf_counter() - started) * 1e3)
-        )
+        seconds = time.perf_counter() - started
+        WORKER_INSERT_SECONDS.observe(seconds)
+        log.debug("batch_inserted", bytes=len(body), ms=round(seconds * 1e3, 1))
 
     async def _dead_letter(self, dead: list[Processed]) -> None:
         futures = []
@@ -117,11 +118,22 @@ class Worker:
         """Consume until :meth:`stop`; then flush and commit what was fetched."""
         self._consumer.subscribe([self.topic], listener=_FlushOnRevoke(self))
         log.info("worker_started", topic=self.topic, group=self.settings.consumer_group)
+        stopping = asyncio.create_task(self._stopping.wait())
         try:
             while not self._stopping.is_set():
-                fetched = await self._consumer.getmany(
-                    timeout_ms=50, max_records=self.settings.fetch_max_records
+                fetch = asyncio.ensure_future(
+                    self._consumer.getmany(
+                        timeout_ms=50, max_records=self.settings.fetch_max_records
+                    )
                 )
+                # a fetch can hang while the broker is gone: stopping must not wait for it
+                await asyncio.wait({fetch, stopping}, return_when=asyncio.FIRST_COMPLETED)
+                if not fetch.done():
+                    fetch.cancel()
+                    with contextlib.suppress(asyncio.CancelledError):
+                        await fetch
+                    break
+                fetched = fetch.result()
                 async with self._lock:
                     for tp, records in fetched.items():
                         partition = Partition(tp.topic, tp.partition)
@@ -139,6 +151,7 @@ class Worker:
         finally:
             with contextlib.suppress(Exception):
                 await self.flush()
+            stopping.cancel()
             log.info("worker_stopped", committed=self.committed_offsets())
 
     def stop(self) -> None:

@@ -1,19 +1,24 @@
-"""The whole stack (gateway, worker, query) over real HTTP on the session's broker and engine."""
+"""The whole stack (gateway, worker, query) over real HTTP on the session's broker and engine,
+and a local OpenAI-compatible upstream for it to call."""
 
 from __future__ import annotations
 
-import asyncio
-from collections.abc import AsyncIterator, Callable
+import contextlib
+from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
 from typing import Any
 
 import httpx
+import pytest
 import pytest_asyncio
-import uvicorn
+from fastapi import FastAPI
 
 from services.common.clickhouse import ClickHouse
-from services.common.kafka import EmbeddedBroker, free_port
 from services.common.settings import ServeSettings
 from services.stack import Stack
+from tests.conftest import Broker
+from tests.support.servers import serving
+from tests.support.upstream import create_upstream
 
 KEY_A = {"Authorization": "Bearer key-a"}
 KEY_B = {"Authorization": "Bearer key-b"}
@@ -28,38 +33,54 @@ class RunningStack:
         return httpx.AsyncClient(base_url=self.base_url, headers=headers, timeout=30)
 
 
-StackFactory = Callable[..., Any]
+StackFactory = Callable[..., Awaitable[RunningStack]]
+
+
+@pytest_asyncio.fixture(loop_scope="session")
+async def upstream() -> AsyncIterator[tuple[FastAPI, str]]:
+    """The fake provider: its app (to read the requests it got) and its base URL."""
+    app = create_upstream()
+    async with serving(app) as url:
+        yield app, url
+
+
+@pytest.fixture
+def providers_file(tmp_path: Path, upstream: tuple[FastAPI, str]) -> Path:
+    path = tmp_path / "providers.toml"
+    path.write_text(
+        f"""
+[providers.mock]
+base_url = "{upstream[1]}/v1"
+api_key_env = "MANIAC_TEST_MOCK_KEY"
+timeout_s = 2
+
+[providers.down]
+base_url = "http://127.0.0.1:9/v1"
+timeout_s = 2
+
+[containers.support]
+model = "mock/ok"
+"""
+    )
+    return path
 
 
 @pytest_asyncio.fixture(loop_scope="session")
 async def start_stack(
-    settings: ServeSettings, broker: EmbeddedBroker, clickhouse: ClickHouse
+    settings: ServeSettings, broker: Broker, clickhouse: ClickHouse, providers_file: Path
 ) -> AsyncIterator[StackFactory]:
     """Start the stack (optionally with changed settings); stopped after the test."""
-    servers: list[tuple[uvicorn.Server, asyncio.Task[None]]] = []
+    async with contextlib.AsyncExitStack() as running:
 
-    async def start(**overrides: Any) -> RunningStack:
-        stack = Stack(settings.model_copy(update=overrides), clickhouse, broker.bootstrap)
-        port = free_port()
-        config = uvicorn.Config(
-            stack.create_app(), host="127.0.0.1", port=port, log_config=None, lifespan="on"
-        )
-        server = uvicorn.Server(config)
-        task = asyncio.create_task(server.serve())
-        servers.append((server, task))
-        while not server.started:
-            if task.done():
-                task.result()
-            await asyncio.sleep(0.02)
-        return RunningStack(stack, f"http://127.0.0.1:{port}")
+        async def start(bootstrap: str | None = None, **overrides: Any) -> RunningStack:
+            changed = settings.model_copy(update={"providers_file": providers_file, **overrides})
+            stack = Stack(changed, clickhouse, bootstrap or broker.bootstrap)
+            url = await running.enter_async_context(serving(stack.create_app()))
+            return RunningStack(stack, url)
 
-    yield start
-    for server, task in servers:
-        server.should_exit = True
-        await task
+        yield start
 
 
 @pytest_asyncio.fixture(loop_scope="session")
 async def api(start_stack: StackFactory) -> RunningStack:
-    running: RunningStack = await start_stack()
-    return running
+    return await start_stack()

@@ -15,6 +15,7 @@ from typing import Protocol
 
 import structlog
 
+from services.common.metrics import WORKER_BATCH_ROWS, WORKER_DEAD, WORKER_RETRIES, WORKER_ROWS
 from services.worker.pipeline.types import Batch, Invalid, Message, Partition, Processed, Row
 
 log = structlog.get_logger(__name__)
@@ -102,6 +103,7 @@ class Retrying:
                     log.error("gave_up_on_shutdown", what=what, attempts=attempt, error=repr(exc))
                     raise
                 log.warning("retrying", what=what, attempt=attempt, delay_s=delay, error=repr(exc))
+                WORKER_RETRIES.labels(what).inc()
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, self.max_s)
             else:
@@ -128,8 +130,11 @@ class WriteBatch:
         if batch.rows:
             body = b"\n".join(batch.rows)
             await self._retrying.run("insert", lambda: self._insert(body))
+            WORKER_ROWS.inc(len(batch.rows))
+            WORKER_BATCH_ROWS.observe(len(batch.rows))
         if batch.dead:
             await self._retrying.run("dead_letter", lambda: self._dead_letter(batch.dead))
+            WORKER_DEAD.inc(len(batch.dead))
             for dead in batch.dead:
                 log.warning(
                     "dead_lettered",

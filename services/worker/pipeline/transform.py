@@ -52,6 +52,25 @@ def _seconds(value: float) -> int | float:
     return int(value) if value == int(value) else value
 
 
+def _number(value: Any) -> float | None:
+    return float(value) if isinstance(value, int | float) and not isinstance(value, bool) else None
+
+
+def _operation_columns(operation: dict[str, Any]) -> dict[str, Any]:
+    """Columns of a created completion: its operation id, status, latency and attempts."""
+    if not operation:
+        return {}
+    attempts = operation.get("attempts")
+    return {
+        "operation_id": str(operation.get("id") or ""),
+        "status": str(operation.get("status") or ""),
+        "stream": 1 if operation.get("stream") else 0,
+        "ttft_ms": _number(operation.get("ttft_ms")),
+        "latency_ms": _number(operation.get("latency_ms")),
+        "attempts": dumps(attempts).decode() if isinstance(attempts, list) else "",
+    }
+
+
 def to_row(event: CompletionEvent) -> Row | Invalid:
     item = event.item
     request = _dict(item.get("input"))
@@ -88,6 +107,9 @@ def to_row(event: CompletionEvent) -> Row | Invalid:
         ),
         "trace": trace,
     }
+    operation = _dict(item.get("operation"))
+    if operation:
+        response["operation"] = operation
     choices = response["choices"]
     first_choice = choices[0] if choices and isinstance(choices[0], dict) else {}
     row = {
@@ -107,5 +129,6 @@ def to_row(event: CompletionEvent) -> Row | Invalid:
         "trace_id": _dict(trace).get("id") or "",
         "response": dumps(response).decode(),
         "request": dumps(request).decode(),
+        **_operation_columns(operation),
     }
     return Row(dumps(row))

@@ -97,6 +97,8 @@ def test_usage_counts_refuses(usage: dict[str, Any]) -> None:
         ("openai:gpt-4o", "openai/gpt-4o"),
         ("maniac:support", "maniac/support"),
         ("ollama/llama3:8b", "ollama/llama3:8b"),
+        ("ollama:llama3:8b", "ollama/llama3:8b"),
+        ("openrouter:anthropic/claude-sonnet-4", "openrouter/anthropic/claude-sonnet-4"),
         ("gpt-4o", "gpt-4o"),
     ],
 )

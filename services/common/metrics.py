@@ -1,0 +1,34 @@
+"""Prometheus metrics, defined once. Every service exposes them at ``/metrics``."""
+
+from __future__ import annotations
+
+from prometheus_client import Counter, Histogram
+
+REGISTER_ITEMS = Counter("maniac_register_items_total", "Register items by outcome.", ["outcome"])
+TELEMETRY_DROPPED = Counter(
+    "maniac_telemetry_dropped_total",
+    "Completions served to a client but not recorded, by reason.",
+    ["reason"],
+)
+TELEMETRY_PUBLISHED = Counter(
+    "maniac_telemetry_published_total", "Completion records acknowledged by the broker."
+)
+UPSTREAM_ATTEMPTS = Counter(
+    "maniac_upstream_attempts_total",
+    "Upstream attempts by provider and outcome.",
+    ["provider", "outcome"],
+)
+UPSTREAM_LATENCY = Histogram(
+    "maniac_upstream_latency_seconds", "Upstream time to first byte, by provider.", ["provider"]
+)
+WORKER_ROWS = Counter("maniac_worker_rows_inserted_total", "Rows inserted into ClickHouse.")
+WORKER_DEAD = Counter(
+    "maniac_worker_dead_lettered_total", "Messages sent to the dead-letter topic."
+)
+WORKER_BATCH_ROWS = Histogram(
+    "maniac_worker_batch_rows", "Rows per insert.", buckets=(1, 10, 100, 500, 1000, 5000, 20000)
+)
+WORKER_INSERT_SECONDS = Histogram("maniac_worker_insert_seconds", "Time of one bulk insert.")
+WORKER_RETRIES = Counter(
+    "maniac_worker_retries_total", "Transient failures retried by the worker.", ["what"]
+)

@@ -1,0 +1,145 @@
+"""Pure functions that shape upstream answers into the spec's ``ChatRes`` and assemble streams."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+FINISH_REASONS = {"stop", "length", "tool_calls", "content_filter", "error"}
+_FINISH_ALIASES = {"function_call": "tool_calls", "end_turn": "stop", "max_tokens": "length"}
+
+
+def finish_reason(value: Any) -> str | None:
+    """An upstream finish reason as one of the spec's values (None when unknown or absent)."""
+    if not isinstance(value, str):
+        return None
+    value = _FINISH_ALIASES.get(value, value)
+    return value if value in FINISH_REASONS else None
+
+
+def _choice(choice: dict[str, Any], position: int) -> dict[str, Any]:
+    message = choice.get("message") if isinstance(choice.get("message"), dict) else {}
+    assert isinstance(message, dict)
+    return {
+        "index": choice.get("index", position),
+        "message": {"role": "assistant", **message},
+        "finish_reason": finish_reason(choice.get("finish_reason")),
+        "logprobs": choice.get("logprobs"),
+    }
+
+
+def chat_res(
+    upstream: dict[str, Any],
+    *,
+    completion_id: str,
+    model: str,
+    provider: str,
+    container: str | None,
+    created: int,
+) -> dict[str, Any]:
+    """A spec-valid ``ChatRes`` from an upstream chat.completion body."""
+    choices = upstream.get("choices") if isinstance(upstream.get("choices"), list) else []
+    assert isinstance(choices, list)
+    usage = upstream.get("usage") if isinstance(upstream.get("usage"), dict) else None
+    return {
+        "id": completion_id,
+        "object": "chat.completion",
+        "created": upstream.get("created") if isinstance(upstream.get("created"), int) else created,
+        "model": model,
+        "choices": [_choice(c, i) for i, c in enumerate(choices) if isinstance(c, dict)],
+        "usage": usage,
+        "provider": provider,
+        "container": container,
+    }
+
+
+@dataclass
+class _ChoiceState:
+    role: str | None = None
+    content: list[str] = field(default_factory=list)
+    refusal: list[str] = field(default_factory=list)
+    reasoning: list[str] = field(default_factory=list)
+    tool_calls: dict[int, dict[str, Any]] = field(default_factory=dict)
+    finish_reason: str | None = None
+
+
+@dataclass
+class StreamAccumulator:
+    """Rebuilds the full completion from ``chat.completion.chunk`` objects as they pass."""
+
+    upstream_id: str | None = None
+    created: int | None = None
+    usage: dict[str, Any] | None = None
+    chunks: int = 0
+    _choices: dict[int, _ChoiceState] = field(default_factory=dict)
+
+    def add(self, chunk: dict[str, Any]) -> None:
+        self.chunks += 1
+        if self.upstream_id is None and isinstance(chunk.get("id"), str):
+            self.upstream_id = chunk["id"]
+        if self.created is None and isinstance(chunk.get("created"), int):
+            self.created = chunk["created"]
+        if isinstance(chunk.get("usage"), dict):
+            self.usage = chunk["usage"]
+        for choice in chunk.get("choices") or []:
+            if isinstance(choice, dict):
+                self._add_choice(choice)
+
+    def _add_choice(self, choice: dict[str, Any]) -> None:
+        index = choice.get("index", 0)
+        state = self._choices.setdefault(index if isinstance(index, int) else 0, _ChoiceState())
+        delta = choice.get("delta") if isinstance(choice.get("delta"), dict) else {}
+        assert isinstance(delta, dict)
+        if isinstance(delta.get("role"), str):
+            state.role = delta["role"]
+        for key, parts in (
+            ("content", state.content),
+            ("refusal", state.refusal),
+            ("reasoning", state.reasoning),
+        ):
+            if isinstance(delta.get(key), str):
+                parts.append(delta[key])
+        for call in delta.get("tool_calls") or []:
+            if isinstance(call, dict):
+                self._add_tool_call(state, call)
+        if choice.get("finish_reason") is not None:
+            state.finish_reason = finish_reason(choice["finish_reason"])
+
+    @staticmethod
+    def _add_tool_call(state: _ChoiceState, call: dict[str, Any]) -> None:
+        position = call.get("index", len(state.tool_calls))
+        current = state.tool_calls.setdefault(
+            position, {"id": "", "type": "function", "function": {"name": "", "arguments": ""}}
+        )
+        if isinstance(call.get("id"), str):
+            current["id"] = call["id"]
+        function = call.get("function") if isinstance(call.get("function"), dict) else {}
+        assert isinstance(function, dict)
+        if isinstance(function.get("name"), str):
+            current["function"]["name"] += function["name"]
+        if isinstance(function.get("arguments"), str):
+            current["function"]["arguments"] += function["arguments"]
+
+    def choices(self) -> list[dict[str, Any]]:
+        result = []
+        for index in sorted(self._choices):
+            state = self._choices[index]
+            message: dict[str, Any] = {
+                "role": state.role or "assistant",
+                "content": "".join(state.content) if state.content else None,
+            }
+            if state.refusal:
+                message["refusal"] = "".join(state.refusal)
+            if state.reasoning:
+                message["reasoning"] = "".join(state.reasoning)
+            if state.tool_calls:
+                message["tool_calls"] = [state.tool_calls[i] for i in sorted(state.tool_calls)]
+            result.append(
+                {
+                    "index": index,
+                    "message": message,
+                    "finish_reason": state.finish_reason,
+                    "logprobs": None,
+                }
+            )
+        return result

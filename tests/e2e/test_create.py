@@ -1,0 +1,358 @@
+"""POST /v1/chat/completions with the official openai SDK against a local upstream."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import openai
+import pytest
+from fastapi import FastAPI
+from prometheus_client import REGISTRY
+
+from services.common.kafka import EmbeddedBroker
+from tests.conftest import eventually
+from tests.e2e.conftest import KEY_A, RunningStack, StackFactory
+from tests.support.upstream import ANSWER
+
+TOOLS: Any = [
+    {
+        "type": "function",
+        "function": {"name": "get_weather", "parameters": {"type": "object", "properties": {}}},
+    }
+]
+
+
+def _sdk(api: RunningStack, key: str = "key-a") -> openai.AsyncOpenAI:
+    return openai.AsyncOpenAI(base_url=f"{api.base_url}/v1", api_key=key, max_retries=0)
+
+
+async def _recorded(api: RunningStack, completion_id: str) -> dict[str, Any]:
+    found: dict[str, Any] = {}
+    async with api.client(KEY_A) as client:
+
+        async def check() -> bool:
+            nonlocal found
+            response = await client.get(f"/v1/chat/completions/{completion_id}")
+            if response.status_code == 200:
+                found = response.json()
+            return response.status_code == 200
+
+        await eventually(check)
+    return found
+
+
+async def _settled_total(api: RunningStack) -> int:
+    """The list total once every record the gateway published is stored."""
+    assert api.stack.publisher is not None
+    assert api.stack.worker is not None
+    await api.stack.publisher.flush()
+    assert await api.stack.worker.drain(dict(api.stack.publisher.acked), 20)
+    async with api.client(KEY_A) as client:
+        return int((await client.get("/v1/chat/completions")).json()["total"])
+
+
+async def test_non_streaming_completion_is_answered_and_recorded(
+    api: RunningStack, upstream: tuple[FastAPI, str]
+) -> None:
+    async with _sdk(api) as sdk:
+        completion = await sdk.chat.completions.create(
+            model="mock/ok",
+            messages=[{"role": "user", "content": "Say something"}],
+            temperature=0.3,
+            seed=7,
+            n=1,
+            logprobs=False,
+            tools=TOOLS,
+            tool_choice="auto",
+            response_format={"type": "json_object"},
+            extra_body={
+                "tags": ["demo"],
+                "metadata": {"user": "u1"},
+                "trace": {"id": "t-1", "span_id": "s-1"},
+                "reasoning": {"effort": "low"},
+                "modalities": ["text"],
+                "models": ["mock/ok"],
+            },
+        )
+    assert completion.choices[0].message.content == ANSWER
+    assert completion.model == "mock/ok"
+    assert completion.id.startswith("chatcmpl-")
+    assert completion.usage is not None
+    assert completion.usage.completion_tokens == len(ANSWER.split())
+
+    sent = upstream[0].state.requests[-1]["body"]
+    assert sent["model"] == "ok"
+    for key in (
+        "temperature",
+        "seed",
+        "n",
+        "logprobs",
+        "tools",
+        "tool_choice",
+        "response_format",
+        "reasoning",
+        "modalities",
+    ):
+        assert key in sent, key
+    assert sent["reasoning"] == {"effort": "low"}
+    assert not {"models", "tags", "store", "trace", "metadata"} & set(sent)
+
+    record = await _recorded(api, completion.id)
+    assert record["model"] == "mock/ok"
+    assert record["provider"] == "mock"
+    assert record["tags"] == ["demo"]
+    assert record["metadata"] == {"user": "u1"}
+    assert record["trace"]["id"] == "t-1"
+    assert record["choices"][0]["message"]["content"] == ANSWER
+    assert record["usage"]["total_tokens"] == completion.usage.total_tokens
+    operation = record["operation"]
+    assert operation["status"] == "ok"
+    assert operation["ttft_ms"] > 0
+    assert operation["latency_ms"] >= operation["ttft_ms"]
+    assert [a["outcome"] for a in operation["attempts"]] == ["ok"]
+
+
+async def test_upstream_key_comes_from_the_configured_env_var(
+    api: RunningStack, upstream: tuple[FastAPI, str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("MANIAC_TEST_MOCK_KEY", "sk-upstream")
+    async with _sdk(api) as sdk:
+        await sdk.chat.completions.create(
+            model="mock:ok", messages=[{"role": "user", "content": "x"}]
+        )
+    headers = upstream[0].state.requests[-1]["headers"]
+    assert headers["authorization"] == "Bearer sk-upstream"
+
+
+@pytest.mark.parametrize("include_usage", [True, False])
+async def test_streaming_relays_chunks_and_records_the_assembled_completion(
+    api: RunningStack, include_usage: bool
+) -> None:
+    async with _sdk(api) as sdk:
+        stream = await sdk.chat.completions.create(
+            model="mock/ok",
+            messages=[{"role": "user", "content": "stream please"}],
+            stream=True,
+            stream_options={"include_usage": include_usage},
+        )
+        chunks = [chunk async for chunk in stream]
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == ANSWER
+    usage_chunks = [c for c in chunks if c.usage is not None]
+    assert len(usage_chunks) == (1 if include_usage else 0)
+    ids = {c.id for c in chunks}
+    assert len(ids) == 1
+    [completion_id] = ids
+
+    record = await _recorded(api, completion_id)
+    assert record["choices"][0]["message"]["content"] == ANSWER
+    assert record["choices"][0]["finish_reason"] == "stop"
+    assert record["usage"]["completion_tokens"] == len(ANSWER.split())  # recorded either way
+    assert record["operation"]["stream"] is True
+    assert record["operation"]["status"] == "ok"
+
+
+@pytest.mark.parametrize("stream", [False, True])
+async def test_tool_calls(api: RunningStack, stream: bool) -> None:
+    async with _sdk(api) as sdk:
+        kwargs: dict[str, Any] = {
+            "model": "mock/tools",
+            "messages": [{"role": "user", "content": "weather?"}],
+            "tools": TOOLS,
+        }
+        if stream:
+            chunks = [c async for c in await sdk.chat.completions.create(stream=True, **kwargs)]
+            completion_id = chunks[0].id
+            finish = [c.choices[0].finish_reason for c in chunks if c.choices][-1]
+        else:
+            completion = await sdk.chat.completions.create(**kwargs)
+            completion_id = completion.id
+            finish = completion.choices[0].finish_reason
+            call: Any = completion.choices[0].message.tool_calls[0]
+            assert call.function.name == "get_weather"
+    assert finish == "tool_calls"
+    record = await _recorded(api, completion_id)
+    [call] = record["choices"][0]["message"]["tool_calls"]
+    assert call["function"]["name"] == "get_weather"
+    assert json.loads(call["function"]["arguments"]) == {"city": "Paris"}
+
+
+async def test_fallback_moves_on_after_429_5xx_and_connection_errors(api: RunningStack) -> None:
+    async with _sdk(api) as sdk:
+        completion = await sdk.chat.completions.create(
+            model="mock/fail-429",
+            messages=[{"role": "user", "content": "hi"}],
+            extra_body={"models": ["mock/fail-503", "down/any", "mock/hang", "mock/ok"]},
+        )
+    assert completion.model == "mock/ok"
+    record = await _recorded(api, completion.id)
+    attempts = record["operation"]["attempts"]
+    assert [(a["model"], a["status"], a["outcome"]) for a in attempts] == [
+        ("mock/fail-429", 429, "retryable"),
+        ("mock/fail-503", 503, "retryable"),
+        ("down/any", None, "connect_error"),
+        ("mock/hang", None, "timeout"),
+        ("mock/ok", 200, "ok"),
+    ]
+    assert record["model"] == "mock/ok"
+    assert await _settled_total(api) == 1  # one logical completion, listed once
+
+
+@pytest.mark.parametrize("status", [400, 401, 402, 403])
+async def test_callers_fault_is_passed_through_without_fallback(
+    api: RunningStack, upstream: tuple[FastAPI, str], status: int
+) -> None:
+    before = len(upstream[0].state.requests)
+    async with api.client(KEY_A) as client:
+        response = await client.post(
+            "/v1/chat/completions",
+            json={
+                "model": f"mock/fail-{status}",
+                "models": ["mock/ok"],
+                "messages": [{"role": "user", "content": "x"}],
+            },
+        )
+    assert response.status_code == status
+    error = response.json()["error"]
+    assert error["message"] == f"mock failure {status}"
+    assert error["details"]["model"] == f"mock/fail-{status}"
+    assert len(upstream[0].state.requests) == before + 1  # no fallback
+
+
+@pytest.mark.parametrize(
+    ("models", "status", "code"),
+    [
+        (["down/x", "mock/fail-429"], 429, "rate_limited"),
+        (["mock/fail-500", "down/x"], 503, "service_unavailable"),
+    ],
+)
+async def test_all_attempts_failing(
+    api: RunningStack, models: list[str], status: int, code: str
+) -> None:
+    async with api.client(KEY_A) as client:
+        response = await client.post(
+            "/v1/chat/completions",
+            json={"models": models, "messages": [{"role": "user", "content": "x"}]},
+        )
+    assert response.status_code == status
+    body = response.json()
+    assert body["error"]["code"] == code
+    assert len(body["error"]["details"]["attempts"]) == len(models)
+
+
+@pytest.mark.parametrize(
+    "model", ["nothing", "nobody/model", "maniac:unknown-container", "maniac/"]
+)
+async def test_unknown_model_or_container_is_404(api: RunningStack, model: str) -> None:
+    async with api.client(KEY_A) as client:
+        response = await client.post("/v1/chat/completions", json={"model": model, "messages": []})
+    assert response.status_code == 404
+    assert response.json()["error"]["code"] == "not_found"
+
+
+@pytest.mark.parametrize("slug", ["maniac:support", "maniac/support"])
+async def test_container_slug_routes_to_its_model(api: RunningStack, slug: str) -> None:
+    async with _sdk(api) as sdk:
+        completion = await sdk.chat.completions.create(
+            model=slug, messages=[{"role": "user", "content": "hi"}]
+        )
+    assert completion.model == "mock/ok"
+    record = await _recorded(api, completion.id)
+    assert record["container"] == "support"
+    async with api.client(KEY_A) as client:
+        listed = (await client.get("/v1/chat/completions", params={"container": "support"})).json()
+    assert [r["id"] for r in listed["data"]] == [completion.id]
+
+
+async def test_store_false_records_nothing(api: RunningStack) -> None:
+    async with _sdk(api) as sdk:
+        skipped = await sdk.chat.completions.create(
+            model="mock/ok", messages=[{"role": "user", "content": "x"}], store=False
+        )
+        kept = await sdk.chat.completions.create(
+            model="mock/ok", messages=[{"role": "user", "content": "y"}]
+        )
+    await _recorded(api, kept.id)
+    assert await _settled_total(api) == 1
+    async with api.client(KEY_A) as client:
+        assert (await client.get(f"/v1/chat/completions/{skipped.id}")).status_code == 404
+
+
+async def test_client_disconnect_mid_stream_still_records_what_was_produced(
+    api: RunningStack,
+) -> None:
+    async with api.client(KEY_A) as client:
+        request = {
+            "model": "mock/drip",
+            "stream": True,
+            "messages": [{"role": "user", "content": "slowly"}],
+        }
+        async with client.stream("POST", "/v1/chat/completions", json=request) as response:
+            lines = response.aiter_lines()
+            first = ""
+            while not first.startswith("data:"):
+                first = await anext(lines)
+            second = ""
+            while not second.startswith("data:"):
+                second = await anext(lines)
+        completion_id = json.loads(first[5:])["id"]
+    record = await _recorded(api, completion_id)
+    assert record["operation"]["status"] == "partial"
+    content = record["choices"][0]["message"]["content"]
+    assert content
+    assert ANSWER.startswith(content)
+    assert content != ANSWER
+
+
+async def test_upstream_stream_cut_records_a_partial_completion(api: RunningStack) -> None:
+    async with api.client(KEY_A) as client:
+        request = {"model": "mock/cut", "stream": True, "messages": []}
+        async with client.stream("POST", "/v1/chat/completions", json=request) as response:
+            body = "".join([line async for line in response.aiter_lines()])
+    assert "upstream_stream_error" in body
+    assert body.rstrip().endswith("[DONE]") or "upstream_stream_error" in body
+    first = json.loads(body.split("data: ")[1])
+    record = await _recorded(api, first["id"])
+    assert record["operation"]["status"] == "partial"
+    assert ANSWER.startswith(record["choices"][0]["message"]["content"])
+
+
+def _dropped() -> float:
+    return sum(
+        REGISTRY.get_sample_value("maniac_telemetry_dropped_total", {"reason": r}) or 0.0
+        for r in ("broker_error", "queue_full", "shutdown")
+    )
+
+
+async def test_broker_down_the_completion_still_returns_and_the_loss_is_counted(
+    start_stack: StackFactory,
+) -> None:
+    own = EmbeddedBroker()
+    own.start()
+    running = await start_stack(bootstrap=own.bootstrap, publish_timeout_s=1.0)
+    own.kill()
+    before = _dropped()
+    async with _sdk(running) as sdk:
+        completion = await sdk.chat.completions.create(
+            model="mock/ok", messages=[{"role": "user", "content": "still there?"}]
+        )
+    assert completion.choices[0].message.content == ANSWER
+    assert running.stack.publisher is not None
+    await running.stack.publisher.flush(timeout_s=15)
+    assert _dropped() == before + 1
+
+
+async def test_create_validates_the_request(api: RunningStack) -> None:
+    async with api.client(KEY_A) as client:
+        response = await client.post("/v1/chat/completions", json={"model": "mock/ok"})
+        assert response.status_code == 422
+        assert response.json()["detail"][0]["loc"] == ["body", "messages"]
+        response = await client.post("/v1/chat/completions", json={"messages": []})
+        assert response.status_code == 400
+        assert response.json()["error"]["code"] == "bad_request"
+    async with api.client() as anonymous:
+        no_key = await anonymous.post(
+            "/v1/chat/completions", json={"model": "mock/ok", "messages": []}
+        )
+        assert no_key.status_code == 401
