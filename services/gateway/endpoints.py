@@ -22,13 +22,16 @@ from services.gateway.register import RegisterEnvelope, build_events
 
 router = APIRouter(tags=["Chat"])
 
+# Dependencies are `async def`: FastAPI runs plain `def` ones in a thread pool, which costs more
+# than the lookups themselves on the hot path.
 
-def _publisher(request: Request) -> Publisher:
+
+async def _publisher(request: Request) -> Publisher:
     publisher: Publisher = request.state.publisher
     return publisher
 
 
-def _settings(request: Request) -> GatewaySettings:
+async def _settings(request: Request) -> GatewaySettings:
     settings: GatewaySettings = request.state.settings
     return settings
 
@@ -57,7 +60,7 @@ async def read_json_body(request: Request, max_bytes: int) -> object:
         ) from exc
 
 
-def _completions(request: Request) -> CompletionService:
+async def _completions(request: Request) -> CompletionService:
     service: CompletionService = request.state.completion_service
     return service
 

@@ -15,7 +15,7 @@ from services.query.repository import CompletionsRepository
 router = APIRouter(tags=["Chat"])
 
 
-def _repository(request: Request) -> CompletionsRepository:
+async def _repository(request: Request) -> CompletionsRepository:
     repository: CompletionsRepository = request.state.completions
     return repository
 

@@ -1,0 +1,115 @@
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from schemas.api import ChatRes
+from services.gateway.shaping import StreamAccumulator, chat_res, finish_reason
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [
+        ("stop", "stop"),
+        ("length", "length"),
+        ("tool_calls", "tool_calls"),
+        ("function_call", "tool_calls"),
+        ("end_turn", "stop"),
+        ("something_new", None),
+        (None, None),
+        (3, None),
+    ],
+)
+def test_finish_reason(value: Any, expected: str | None) -> None:
+    assert finish_reason(value) == expected
+
+
+def test_chat_res_drops_fields_the_spec_forbids_and_validates() -> None:
+    upstream = {
+        "id": "up-1",
+        "created": 123,
+        "model": "gpt",
+        "system_fingerprint": "fp",
+        "service_tier": "default",
+        "choices": [
+            {
+                "index": 0,
+                "message": {"role": "assistant", "content": "hi", "reasoning": "r"},
+                "finish_reason": "stop",
+                "native_finish_reason": "stop",
+            }
+        ],
+        "usage": {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2, "cost": 0.1},
+    }
+    result = chat_res(
+        upstream, completion_id="c-1", model="p/gpt", provider="p", container=None, created=9
+    )
+    validated = ChatRes.model_validate(result)
+    assert validated.id == "c-1"
+    assert validated.model == "p/gpt"
+    assert validated.created == 123
+    assert validated.choices[0].message.model_extra == {"reasoning": "r"}
+    assert result["usage"]["cost"] == 0.1
+
+
+def test_chat_res_from_an_empty_body_is_still_valid() -> None:
+    result = chat_res({}, completion_id="c", model="m", provider="p", container="c", created=5)
+    assert ChatRes.model_validate(result).created == 5
+
+
+def _chunk(delta: dict[str, Any], finish: str | None = None, index: int = 0) -> dict[str, Any]:
+    return {
+        "id": "up",
+        "created": 7,
+        "choices": [{"index": index, "delta": delta, "finish_reason": finish}],
+    }
+
+
+def test_accumulator_assembles_content_tool_calls_and_usage() -> None:
+    acc = StreamAccumulator()
+    acc.add(_chunk({"role": "assistant", "content": ""}))
+    acc.add(_chunk({"content": "Hel"}))
+    acc.add(_chunk({"content": "lo"}))
+    acc.add(_chunk({"content": "other"}, index=1))
+    call = {
+        "index": 0,
+        "id": "call_1",
+        "type": "function",
+        "function": {"name": "get", "arguments": ""},
+    }
+    acc.add(_chunk({"tool_calls": [call]}))
+    acc.add(_chunk({"tool_calls": [{"index": 0, "function": {"arguments": '{"a":'}}]}))
+    acc.add(_chunk({"tool_calls": [{"index": 0, "function": {"arguments": "1}"}}]}))
+    acc.add(_chunk({}, finish="tool_calls"))
+    acc.add(
+        {
+            "id": "up",
+            "choices": [],
+            "usage": {"prompt_tokens": 3, "completion_tokens": 2, "total_tokens": 5},
+        }
+    )
+    first, second = acc.choices()
+    assert first["message"]["content"] == "Hello"
+    assert first["message"]["tool_calls"] == [
+        {"id": "call_1", "type": "function", "function": {"name": "get", "arguments": '{"a":1}'}}
+    ]
+    assert first["finish_reason"] == "tool_calls"
+    assert second["message"]["content"] == "other"
+    assert second["finish_reason"] is None
+    assert acc.usage == {"prompt_tokens": 3, "completion_tokens": 2, "total_tokens": 5}
+    assert acc.created == 7
+    assert acc.chunks == 9
+
+
+def test_accumulator_ignores_malformed_chunks() -> None:
+    acc = StreamAccumulator()
+    acc.add({"choices": ["nonsense", {"delta": "x"}, {"index": 0, "delta": {"content": 5}}]})
+    assert acc.choices() == [
+        {
+            "index": 0,
+            "message": {"role": "assistant", "content": None},
+            "finish_reason": None,
+            "logprobs": None,
+        }
+    ]
