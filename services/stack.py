@@ -19,6 +19,7 @@ from services.common.app import create_base_app
 from services.common.auth import KeyStore
 from services.common.clickhouse import ClickHouse
 from services.common.kafka import broker_reachable, create_consumer
+from services.common.pricing import PriceCatalog
 from services.common.runtime import prepare_clickhouse, prepare_topics
 from services.common.settings import ServeSettings
 from services.gateway.endpoints import router as gateway_router
@@ -89,6 +90,7 @@ class Stack:
             self.clickhouse,
             topic=s.topic,
             dead_letter_topic=s.dead_letter_topic,
+            prices=PriceCatalog.load(s.pricing_file),
         )
         self._worker_task = asyncio.create_task(self.worker.run(), name="worker")
 

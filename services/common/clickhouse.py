@@ -116,6 +116,16 @@ class ClickHouse:
         )
         return result.result_rows  # type: ignore[no-any-return]
 
+    async def json_each_row(self, sql: str, parameters: Mapping[str, Any] | None = None) -> bytes:
+        """A query's result as JSONEachRow bytes (ready to insert again)."""
+        result = await asyncio.to_thread(
+            self._client.raw_query,
+            self.render(sql),
+            parameters=dict(parameters or {}),
+            fmt="JSONEachRow",
+        )
+        return bytes(result)
+
     async def insert_json_each_row(self, table: str, body: bytes) -> None:
         """Bulk-insert newline-delimited JSON rows in one request."""
         await asyncio.to_thread(

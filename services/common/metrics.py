@@ -25,6 +25,10 @@ WORKER_ROWS = Counter("maniac_worker_rows_inserted_total", "Rows inserted into C
 WORKER_DEAD = Counter(
     "maniac_worker_dead_lettered_total", "Messages sent to the dead-letter topic."
 )
+WORKER_DUPLICATES = Counter(
+    "maniac_worker_duplicates_skipped_total",
+    "Completions not written again: re-delivered, or older than the stored version.",
+)
 WORKER_BATCH_ROWS = Histogram(
     "maniac_worker_batch_rows", "Rows per insert.", buckets=(1, 10, 100, 500, 1000, 5000, 20000)
 )

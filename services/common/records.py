@@ -117,3 +117,17 @@ def normalize_slug(slug: str) -> str:
     if slash != -1 and slash < colon:
         return slug
     return f"{slug[:colon]}/{slug[colon + 1 :]}"
+
+
+def usage_flags(counts: dict[str, int], has_usage: bool) -> list[str]:
+    """Invariants a usage object breaks; such usage is stored as given and flagged."""
+    if not has_usage:
+        return []
+    flags = []
+    if counts["cached_tokens"] > counts["prompt_tokens"]:
+        flags.append("cached_gt_prompt")
+    if counts["reasoning_tokens"] > counts["completion_tokens"]:
+        flags.append("reasoning_gt_completion")
+    if counts["total_tokens"] != counts["prompt_tokens"] + counts["completion_tokens"]:
+        flags.append("total_mismatch")
+    return flags

@@ -56,6 +56,10 @@ class GatewaySettings(CommonSettings):
 
 
 class WorkerSettings(CommonSettings):
+    pricing_file: Path | None = Field(
+        default=None,
+        description="TOML price catalogue; unset means schemas/pricing.toml.",
+    )
     consumer_group: str = "maniac-workers"
     batch_max_rows: int = Field(default=5_000, ge=1)
     batch_max_ms: int = Field(default=250, ge=1)

@@ -7,6 +7,7 @@ import signal
 
 from services.common.clickhouse import ClickHouse
 from services.common.kafka import create_consumer, create_producer
+from services.common.pricing import PriceCatalog
 from services.common.runtime import (
     clickhouse_target,
     prepare_clickhouse,
@@ -38,6 +39,7 @@ async def run(settings: WorkerSettings) -> None:
         clickhouse,
         topic=settings.topic,
         dead_letter_topic=settings.dead_letter_topic,
+        prices=PriceCatalog.load(settings.pricing_file),
     )
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):

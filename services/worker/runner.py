@@ -18,6 +18,7 @@ from aiokafka.errors import CommitFailedError, IllegalStateError
 from schemas.events import COMPLETIONS_TOPIC, DEAD_LETTER_TOPIC
 from services.common.clickhouse import ClickHouse
 from services.common.metrics import WORKER_INSERT_SECONDS
+from services.common.pricing import PriceCatalog
 from services.common.settings import WorkerSettings
 from services.worker.pipeline import Pipeline, build_pipeline
 from services.worker.pipeline.types import Invalid, Message, Partition, Processed
@@ -49,6 +50,7 @@ class Worker:
         *,
         topic: str = COMPLETIONS_TOPIC,
         dead_letter_topic: str = DEAD_LETTER_TOPIC,
+        prices: PriceCatalog | None = None,
     ) -> None:
         self.settings = settings
         self.topic = topic
@@ -62,6 +64,9 @@ class Worker:
             insert=self._insert,
             dead_letter=self._dead_letter,
             commit=self._commit,
+            lookup=self._lookup,
+            retract=self._retract,
+            prices=prices,
             max_rows=settings.batch_max_rows,
             max_ms=settings.batch_max_ms,
             retry_initial_s=settings.insert_retry_initial_s,
@@ -77,6 +82,25 @@ class Worker:
         seconds = time.perf_counter() - started
         WORKER_INSERT_SECONDS.observe(seconds)
         log.debug("batch_inserted", bytes=len(body), ms=round(seconds * 1e3, 1))
+
+    async def _lookup(self, project: str, ids: list[str]) -> dict[str, int]:
+        """Stored version (received_at, ms) of each of these completions that is stored."""
+        rows = await self._clickhouse.rows(
+            "SELECT completion_id, toUnixTimestamp64Milli(received_at) "
+            "FROM {database}.completions FINAL "
+            "WHERE project = {project:String} AND completion_id IN {ids:Array(String)}",
+            {"project": project, "ids": ids},
+        )
+        return {str(r[0]): int(r[1]) for r in rows}
+
+    async def _retract(self, project: str, ids: list[str]) -> list[bytes]:
+        """Retractions (agg_sign = -1) of the stored versions of these completions."""
+        body = await self._clickhouse.json_each_row(
+            "SELECT * REPLACE (toInt8(-1) AS agg_sign) FROM {database}.completions FINAL "
+            "WHERE project = {project:String} AND completion_id IN {ids:Array(String)}",
+            {"project": project, "ids": ids},
+        )
+        return [line for line in body.split(b"\n") if line.strip()]
 
     async def _dead_letter(self, dead: list[Processed]) -> None:
         futures = []

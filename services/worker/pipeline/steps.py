@@ -11,14 +11,23 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Awaitable, Callable
-from typing import Protocol
+from functools import partial
+from typing import Protocol, TypeVar
 
 import structlog
 
-from services.common.metrics import WORKER_BATCH_ROWS, WORKER_DEAD, WORKER_RETRIES, WORKER_ROWS
+from services.common.metrics import (
+    WORKER_BATCH_ROWS,
+    WORKER_DEAD,
+    WORKER_DUPLICATES,
+    WORKER_RETRIES,
+    WORKER_ROWS,
+)
 from services.worker.pipeline.types import Batch, Invalid, Message, Partition, Processed, Row
 
 log = structlog.get_logger(__name__)
+
+T = TypeVar("T")
 
 
 class Step(Protocol):
@@ -63,7 +72,7 @@ class ProcessAndBatch:
             batch.first_ms = time.monotonic()
         result = self._process(message.value)
         if isinstance(result, Row):
-            batch.rows.append(result.json)
+            batch.rows.append(result)
         else:
             batch.dead.append(Processed(message, result))
         batch.offsets[message.partition] = message.offset + 1
@@ -91,13 +100,13 @@ class Retrying:
         self.max_s = max_s
         self.stopping = stopping
 
-    async def run(self, what: str, call: Callable[[], Awaitable[None]]) -> None:
+    async def run(self, what: str, call: Callable[[], Awaitable[T]]) -> T:
         delay = self.initial_s
         attempt = 0
         while True:
             attempt += 1
             try:
-                await call()
+                return await call()
             except Exception as exc:
                 if self.stopping.is_set():
                     log.error("gave_up_on_shutdown", what=what, attempts=attempt, error=repr(exc))
@@ -106,8 +115,64 @@ class Retrying:
                 WORKER_RETRIES.labels(what).inc()
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, self.max_s)
-            else:
-                return
+
+
+Lookup = Callable[[str, list[str]], Awaitable[dict[str, int]]]
+Retract = Callable[[str, list[str]], Awaitable[list[bytes]]]
+
+
+class Deduplicate:
+    """Counts each completion once, whatever is delivered or registered twice.
+
+    Within the batch only the newest version of a completion is kept. A completion already
+    stored with the same or a newer version is dropped (a re-delivery: the row and the
+    aggregates have it). One stored with an older version is replaced: a retraction of the
+    stored version (``agg_sign = -1``) goes into the same insert as the new version, so the
+    aggregates move from the old values to the new ones. This is race-free because all records
+    of a completion share a partition, and a partition has one consumer at a time.
+    """
+
+    def __init__(
+        self, lookup: Lookup, retract: Retract, retrying: Retrying, next_step: BatchSink
+    ) -> None:
+        self._lookup = lookup
+        self._retract = retract
+        self._retrying = retrying
+        self._next = next_step
+
+    async def submit(self, batch: Batch) -> None:
+        newest: dict[tuple[str, str], Row] = {}
+        for row in batch.rows:
+            key = (row.project, row.completion_id)
+            held = newest.get(key)
+            if held is None or row.version_ms > held.version_ms:
+                newest[key] = row
+        by_project: dict[str, list[str]] = {}
+        for project, completion_id in newest:
+            by_project.setdefault(project, []).append(completion_id)
+        kept: list[Row] = []
+        retractions: list[Row] = []
+        for project, ids in by_project.items():
+            stored = await self._retrying.run("dedup_lookup", partial(self._lookup, project, ids))
+            replaced = []
+            for completion_id in ids:
+                row = newest[(project, completion_id)]
+                version = stored.get(completion_id)
+                if version is None:
+                    kept.append(row)
+                elif row.version_ms > version:
+                    kept.append(row)
+                    replaced.append(completion_id)
+            if replaced:
+                old = await self._retrying.run(
+                    "dedup_retract", partial(self._retract, project, replaced)
+                )
+                retractions += [Row(line) for line in old]
+        skipped = len(batch.rows) - len(kept)
+        if skipped:
+            WORKER_DUPLICATES.inc(skipped)
+        batch.rows = retractions + kept
+        await self._next.submit(batch)
 
 
 class WriteBatch:
@@ -128,7 +193,7 @@ class WriteBatch:
     async def submit(self, batch: Batch) -> None:
         started = time.perf_counter()
         if batch.rows:
-            body = b"\n".join(batch.rows)
+            body = b"\n".join(row.json for row in batch.rows)
             await self._retrying.run("insert", lambda: self._insert(body))
             WORKER_ROWS.inc(len(batch.rows))
             WORKER_BATCH_ROWS.observe(len(batch.rows))

@@ -12,7 +12,14 @@ from typing import Any
 
 from schemas.events import CompletionEvent
 from services.common.codec import dumps
-from services.common.records import RecordError, normalize_slug, parse_created, usage_counts
+from services.common.pricing import PriceCatalog, compute_spend
+from services.common.records import (
+    RecordError,
+    normalize_slug,
+    parse_created,
+    usage_counts,
+    usage_flags,
+)
 from services.worker.pipeline.types import Invalid, Row
 
 
@@ -71,7 +78,41 @@ def _operation_columns(operation: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def to_row(event: CompletionEvent) -> Row | Invalid:
+def _priced(
+    prices: PriceCatalog | None,
+    caller_spend: Decimal | None,
+    provider: str,
+    model: str,
+    created: float,
+    counts: dict[str, int],
+    has_usage: bool,
+) -> dict[str, Any]:
+    """Spend columns: the caller's spend kept, else computed at the price then in force."""
+    if caller_spend is not None:
+        return {"spend": caller_spend, "spend_source": "caller"}
+    price = prices.find(provider, model, created) if prices and model and has_usage else None
+    if price is None:
+        return {"spend": None, "spend_source": "unknown" if has_usage else "no_usage"}
+    spend = compute_spend(price, counts)
+    return {
+        "spend": spend.total,
+        "spend_source": "computed",
+        "price_version": spend.price_version,
+        "spend_input": spend.input,
+        "spend_cache_read": spend.cache_read,
+        "spend_cache_write": spend.cache_write,
+        "spend_reasoning": spend.reasoning,
+        "spend_output": spend.output,
+    }
+
+
+def _usage_source(has_usage: bool, operation: dict[str, Any]) -> str:
+    if not has_usage:
+        return "none"
+    return "partial_stream" if operation.get("status") == "partial" else "provider"
+
+
+def to_row(event: CompletionEvent, prices: PriceCatalog | None = None) -> Row | Invalid:
     item = event.item
     request = _dict(item.get("input"))
     output = _dict(item.get("output"))
@@ -86,6 +127,17 @@ def to_row(event: CompletionEvent) -> Row | Invalid:
         created = event.received_at_ms / 1000.0
 
     model = output.get("model") or request.get("model")
+    provider = output.get("provider") or ""
+    operation = _dict(item.get("operation"))
+    priced = _priced(
+        prices,
+        spend,
+        provider,
+        normalize_slug(model) if model else "",
+        created,
+        counts,
+        usage is not None,
+    )
     tags = item.get("tags") or output.get("tags") or request.get("tags") or []
     trace = output.get("trace") or request.get("trace")
     container = event.container if event.container is not None else output.get("container")
@@ -100,14 +152,13 @@ def to_row(event: CompletionEvent) -> Row | Invalid:
         "provider": output.get("provider"),
         "container": container,
         "model_id": output.get("model_id"),
-        "spend": spend,
+        "spend": priced["spend"],
         "tags": tags,
         "metadata": _merge_metadata(
             request.get("metadata"), output.get("metadata"), item.get("metadata")
         ),
         "trace": trace,
     }
-    operation = _dict(item.get("operation"))
     if operation:
         response["operation"] = operation
     choices = response["choices"]
@@ -119,16 +170,18 @@ def to_row(event: CompletionEvent) -> Row | Invalid:
         "received_at": _datetime64(event.received_at_ms / 1000.0),
         "kind": event.kind,
         "model": normalize_slug(model) if model else "",
-        "provider": output.get("provider") or "",
+        "provider": provider,
         "container": container or "",
         "model_id": output.get("model_id") or "",
         "finish_reason": first_choice.get("finish_reason") or "",
         **counts,
-        "spend": spend,
+        **priced,
+        "usage_source": _usage_source(usage is not None, operation),
+        "usage_flags": usage_flags(counts, usage is not None),
         "tags": tags,
         "trace_id": _dict(trace).get("id") or "",
         "response": dumps(response).decode(),
         "request": dumps(request).decode(),
         **_operation_columns(operation),
     }
-    return Row(dumps(row))
+    return Row(dumps(row), event.project, event.completion_id, event.received_at_ms)

@@ -27,6 +27,10 @@ class Row:
     """A valid message turned into one JSONEachRow line for ClickHouse."""
 
     json: bytes
+    project: str = ""
+    completion_id: str = ""
+    version_ms: int = 0
+    """The completion's version (gateway receive time): the newest one is the one kept."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -46,7 +50,7 @@ class Processed:
 class Batch:
     """Rows to insert, dead letters to send, and the offsets to commit once both are done."""
 
-    rows: list[bytes] = field(default_factory=list)
+    rows: list[Row] = field(default_factory=list)
     dead: list[Processed] = field(default_factory=list)
     offsets: dict[Partition, int] = field(default_factory=dict)
     first_ms: float = 0.0

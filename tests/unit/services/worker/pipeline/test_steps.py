@@ -19,6 +19,8 @@ class Recorder:
     def __init__(self, failures: int = 0) -> None:
         self.calls: list[tuple[str, object]] = []
         self.failures = failures
+        self.stored: dict[tuple[str, str], int] = {}
+        self.inserted: list[bytes] = []
 
     async def insert(self, body: bytes) -> None:
         if self.failures:
@@ -26,6 +28,7 @@ class Recorder:
             self.calls.append(("insert_failed", body.count(b"\n") + 1))
             raise ConnectionError("ClickHouse unavailable")
         self.calls.append(("insert", body.count(b"\n") + 1))
+        self.inserted = body.split(b"\n")
 
     async def dead_letter(self, dead: list[Processed]) -> None:
         self.calls.append(("dead_letter", [d.message.offset for d in dead]))
@@ -33,12 +36,22 @@ class Recorder:
     async def commit(self, offsets: dict[Partition, int]) -> None:
         self.calls.append(("commit", dict(offsets)))
 
+    async def lookup(self, project: str, ids: list[str]) -> dict[str, int]:
+        return {i: v for (p, i), v in self.stored.items() if p == project and i in ids}
+
+    async def retract(self, project: str, ids: list[str]) -> list[bytes]:
+        self.calls.append(("retract", sorted(ids)))
+        return [b'{"completion_id":"%s","agg_sign":-1}' % i.encode() for i in sorted(ids)]
+
 
 def _pipeline(recorder: Recorder, max_rows: int = 3, max_ms: int = 10_000) -> Pipeline:
     return build_pipeline(
         insert=recorder.insert,
         dead_letter=recorder.dead_letter,
         commit=recorder.commit,
+        lookup=recorder.lookup,
+        retract=recorder.retract,
+        prices=None,
         max_rows=max_rows,
         max_ms=max_ms,
         retry_initial_s=0.001,
@@ -47,10 +60,11 @@ def _pipeline(recorder: Recorder, max_rows: int = 3, max_ms: int = 10_000) -> Pi
     )
 
 
-def _valid(partition: Partition, offset: int) -> Message:
+def _valid(partition: Partition, offset: int, cid: str | None = None, version: int = 1) -> Message:
     value = (
-        b'{"v":1,"kind":"register","project":"p","container":"c","completion_id":"id%d",'
-        b'"received_at_ms":1,"item":{"input":{"messages":[]}}}' % offset
+        b'{"v":1,"kind":"register","project":"p","container":"c","completion_id":"%s",'
+        b'"received_at_ms":%d,"item":{"input":{"messages":[]}}}'
+        % ((cid or f"id{offset}").encode(), version)
     )
     return Message(partition, offset, b"k", value)
 
@@ -109,6 +123,9 @@ async def test_failure_while_stopping_is_raised_not_committed() -> None:
         insert=rec.insert,
         dead_letter=rec.dead_letter,
         commit=rec.commit,
+        lookup=rec.lookup,
+        retract=rec.retract,
+        prices=None,
         max_rows=1,
         max_ms=10,
         retry_initial_s=0.001,
@@ -118,3 +135,28 @@ async def test_failure_while_stopping_is_raised_not_committed() -> None:
     with pytest.raises(ConnectionError):
         await pipeline.first.submit(_valid(P0, 0))
     assert [c[0] for c in rec.calls] == ["insert_failed"]
+
+
+async def test_redelivered_and_older_versions_are_not_written_again() -> None:
+    rec = Recorder()
+    rec.stored = {("p", "seen"): 5, ("p", "newer-stored"): 9}
+    pipeline = _pipeline(rec, max_rows=10)
+    await pipeline.first.submit(_valid(P0, 0, "seen", version=5))  # re-delivery
+    await pipeline.first.submit(_valid(P0, 1, "newer-stored", version=3))  # late old version
+    await pipeline.first.submit(_valid(P0, 2, "fresh", version=1))
+    await pipeline.first.submit(_valid(P0, 3, "fresh", version=1))  # twice in one batch
+    await pipeline.first.join()
+    assert rec.calls == [("insert", 1), ("commit", {P0: 4})]
+    assert b'"completion_id":"fresh"' in rec.inserted[0]
+
+
+async def test_a_newer_version_is_written_with_a_retraction_of_the_stored_one() -> None:
+    rec = Recorder()
+    rec.stored = {("p", "changed"): 5}
+    pipeline = _pipeline(rec, max_rows=10)
+    await pipeline.first.submit(_valid(P0, 0, "changed", version=6))
+    await pipeline.first.submit(_valid(P0, 1, "changed", version=7))  # newest in batch wins
+    await pipeline.first.join()
+    assert rec.calls == [("retract", ["changed"]), ("insert", 2), ("commit", {P0: 2})]
+    assert rec.inserted[0] == b'{"completion_id":"changed","agg_sign":-1}'
+    assert b'"received_at":"1970-01-01 00:00:00.007"' in rec.inserted[1]

@@ -1,0 +1,129 @@
+"""The pricing catalogue and the pure spend computation.
+
+Spend is Decimal from end to end: prices are read from text, token counts are integers, and
+the result is quantised to 12 decimal places (ClickHouse ``Decimal(38, 12)``).
+"""
+
+from __future__ import annotations
+
+import bisect
+import tomllib
+from dataclasses import dataclass
+from datetime import UTC, date, datetime
+from decimal import Decimal
+from pathlib import Path
+from typing import Any
+
+from schemas import SCHEMAS_DIR
+
+DEFAULT_PRICING_FILE = SCHEMAS_DIR / "pricing.toml"
+MILLION = Decimal(1_000_000)
+QUANTUM = Decimal("1e-12")
+
+
+@dataclass(frozen=True)
+class Price:
+    provider: str
+    model: str
+    effective: date
+    prompt: Decimal
+    cached_prompt: Decimal
+    cache_write: Decimal
+    completion: Decimal
+    reasoning: Decimal
+
+    @property
+    def version(self) -> str:
+        return f"{self.provider}/{self.model}@{self.effective.isoformat()}"
+
+
+@dataclass(frozen=True)
+class Spend:
+    """A completion's charge, by class of token."""
+
+    total: Decimal
+    input: Decimal
+    cache_read: Decimal
+    cache_write: Decimal
+    reasoning: Decimal
+    output: Decimal
+    price_version: str
+
+
+def _money(value: Any) -> Decimal:
+    return Decimal(str(value))
+
+
+class PriceCatalog:
+    def __init__(self, prices: list[Price]) -> None:
+        self._by_key: dict[tuple[str, str], list[Price]] = {}
+        for price in sorted(prices, key=lambda p: p.effective):
+            self._by_key.setdefault((price.provider, price.model), []).append(price)
+        self._providers_by_model: dict[str, set[str]] = {}
+        for provider, model in self._by_key:
+            self._providers_by_model.setdefault(model, set()).add(provider)
+
+    @classmethod
+    def load(cls, path: Path | None = None) -> PriceCatalog:
+        data = tomllib.loads((path or DEFAULT_PRICING_FILE).read_text(encoding="utf-8"))
+        return cls.from_dict(data)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> PriceCatalog:
+        prices = []
+        for entry in data.get("prices", []):
+            prompt = _money(entry["prompt"])
+            completion = _money(entry["completion"])
+            prices.append(
+                Price(
+                    provider=str(entry["provider"]),
+                    model=str(entry["model"]),
+                    effective=date.fromisoformat(str(entry["effective"])),
+                    prompt=prompt,
+                    cached_prompt=_money(entry.get("cached_prompt", prompt)),
+                    cache_write=_money(entry.get("cache_write", prompt)),
+                    completion=completion,
+                    reasoning=_money(entry.get("reasoning", completion)),
+                )
+            )
+        return cls(prices)
+
+    def find(self, provider: str, model: str, created: float) -> Price | None:
+        """The price in force at ``created`` (unix seconds) for this provider and model."""
+        provider, model = split_model(provider, model)
+        if not provider:
+            candidates = self._providers_by_model.get(model, set())
+            if len(candidates) != 1:
+                return None
+            provider = next(iter(candidates))
+        history = self._by_key.get((provider, model))
+        if not history:
+            return None
+        day = datetime.fromtimestamp(created, UTC).date()
+        position = bisect.bisect_right([p.effective for p in history], day)
+        return history[position - 1] if position else None
+
+
+def split_model(provider: str, model: str) -> tuple[str, str]:
+    """``("", "openai/gpt-4o")`` -> ``("openai", "gpt-4o")``; an explicit provider wins."""
+    head, sep, tail = model.partition("/")
+    if sep and (not provider or provider == head):
+        return head, tail
+    return provider, model
+
+
+def compute_spend(price: Price, counts: dict[str, int]) -> Spend:
+    """Spend from token counts (as :func:`services.common.records.usage_counts` gives them)."""
+    prompt, cached = counts["prompt_tokens"], counts["cached_tokens"]
+    cache_write = counts.get("cache_write_tokens", 0)
+    completion, reasoning = counts["completion_tokens"], counts["reasoning_tokens"]
+    uncached = max(prompt - cached - cache_write, 0)
+    parts = {
+        "input": uncached * price.prompt,
+        "cache_read": min(cached, prompt) * price.cached_prompt,
+        "cache_write": cache_write * price.cache_write,
+        "reasoning": min(reasoning, completion) * price.reasoning,
+        "output": max(completion - reasoning, 0) * price.completion,
+    }
+    charged = {k: (v / MILLION).quantize(QUANTUM) for k, v in parts.items()}
+    return Spend(total=sum(charged.values(), Decimal(0)), price_version=price.version, **charged)
