@@ -27,6 +27,8 @@ from services.gateway.publisher import Publisher
 from services.gateway.services import Gateway
 from services.query.endpoints import router as query_router
 from services.query.repository import CompletionsRepository
+from services.query.usage import UsageRepository
+from services.query.usage import router as usage_router
 from services.worker.runner import Worker
 
 log = structlog.get_logger(__name__)
@@ -121,6 +123,7 @@ class Stack:
                     "keys": self.keys,
                     **(self.gateway.state() if self.gateway else {}),
                     "completions": CompletionsRepository(self.clickhouse),
+                    "usage": UsageRepository(self.clickhouse),
                     "readiness": {
                         "broker": lambda: broker_reachable(self.bootstrap),
                         "clickhouse": self.clickhouse.ping,
@@ -130,5 +133,5 @@ class Stack:
                 await self.stop()
 
         return create_base_app(
-            "Maniac Inference Gateway API", lifespan, [gateway_router, query_router]
+            "Maniac Inference Gateway API", lifespan, [gateway_router, query_router, usage_router]
         )

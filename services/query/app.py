@@ -14,6 +14,8 @@ from services.common.runtime import clickhouse_target, prepare_clickhouse
 from services.common.settings import QuerySettings
 from services.query.endpoints import router
 from services.query.repository import CompletionsRepository
+from services.query.usage import UsageRepository
+from services.query.usage import router as usage_router
 
 
 def create_app(settings: QuerySettings) -> FastAPI:
@@ -26,9 +28,10 @@ def create_app(settings: QuerySettings) -> FastAPI:
                 "settings": settings,
                 "keys": keys,
                 "completions": CompletionsRepository(clickhouse),
+                "usage": UsageRepository(clickhouse),
                 "readiness": {"clickhouse": clickhouse.ping},
             }
         finally:
             clickhouse.close()
 
-    return create_base_app("Maniac query service", lifespan, [router])
+    return create_base_app("Maniac query service", lifespan, [router, usage_router])
