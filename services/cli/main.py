@@ -5,6 +5,7 @@ maniac gateway | worker | query  one service, against MANIAC_KAFKA_BOOTSTRAP/CLI
 maniac migrate                   apply ClickHouse migrations
 maniac keys create --project P   print a new API key (once)
 maniac keys list | revoke KEY_ID
+maniac reprice --from T --to T   re-price history after a price correction
 """
 
 from __future__ import annotations
@@ -131,6 +132,24 @@ async def _with_clickhouse(args: argparse.Namespace, action: str) -> int:
         elif action == "list":
             for kid, project in await keys.list():
                 print(f"{kid}\t{project}")  # noqa: T201
+        elif action == "reprice":
+            from datetime import datetime
+
+            from services.common.pricing import PriceCatalog
+            from services.worker.reprice import reprice
+
+            result = await reprice(
+                clickhouse,
+                PriceCatalog.load(args.pricing_file),
+                datetime.fromisoformat(args.start),
+                datetime.fromisoformat(args.end),
+                project=args.project,
+                dry_run=args.dry_run,
+            )
+            print(  # noqa: T201
+                f"examined {result.examined}, re-priced {result.changed}, "
+                f"spend changed by {result.delta}{' (dry run)' if args.dry_run else ''}"
+            )
         elif action == "revoke":
             revoked = await keys.revoke(args.key_id)
             print(f"revoked {revoked} key(s)")  # noqa: T201
@@ -164,6 +183,15 @@ def build_parser() -> argparse.ArgumentParser:
     leaf(sub, "query", "the query service (list, get)", cmd_query, http)
     leaf(sub, "worker", "a consumer worker (run several: one group)", cmd_worker)
     leaf(sub, "migrate", "apply ClickHouse migrations", admin("migrate"))
+
+    reprice = leaf(
+        sub, "reprice", "re-price stored completions at current prices", admin("reprice")
+    )
+    reprice.add_argument("--from", dest="start", required=True, help="ISO-8601, inclusive (UTC)")
+    reprice.add_argument("--to", dest="end", required=True, help="ISO-8601, exclusive (UTC)")
+    reprice.add_argument("--project", default=None)
+    reprice.add_argument("--pricing-file", type=Path, default=None, dest="pricing_file")
+    reprice.add_argument("--dry-run", action="store_true", dest="dry_run")
 
     keys = sub.add_parser("keys", help="manage API keys").add_subparsers(
         dest="keys_command", required=True

@@ -1,0 +1,150 @@
+"""Re-price stored completions after a price correction, without double counting.
+
+For every completion created in ``[start, end)`` whose spend was computed (not given by the
+caller) or could not be computed, the spend is computed again with the current catalogue. Each
+completion whose spend changes is written again in one insert: a retraction of the stored row
+(``agg_sign = -1``) and the re-priced row, one millisecond newer (``received_at`` is the
+version the table keeps), so the aggregates move by exactly the difference.
+
+Run it on history that is not being written at the same moment: a completion registered again
+while it is re-priced could be counted from both sides.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from decimal import Decimal
+from typing import Any
+
+import orjson
+import structlog
+
+from services.common.clickhouse import ClickHouse
+from services.common.codec import dumps
+from services.common.pricing import PriceCatalog, compute_spend
+
+log = structlog.get_logger(__name__)
+
+SPEND_COLUMNS = (
+    "spend",
+    "price_version",
+    "spend_input",
+    "spend_cache_read",
+    "spend_cache_write",
+    "spend_reasoning",
+    "spend_output",
+    "spend_source",
+)
+
+
+@dataclass
+class RepriceResult:
+    examined: int = 0
+    changed: int = 0
+    delta: Decimal = Decimal(0)
+
+
+def _ts(text: str) -> datetime:
+    return datetime.fromisoformat(text).replace(tzinfo=UTC)
+
+
+def _dec(value: Any) -> Decimal | None:
+    return None if value is None else Decimal(str(value))
+
+
+def repriced(row: dict[str, Any], prices: PriceCatalog) -> dict[str, Any] | None:
+    """The row's spend columns at current prices, or None when nothing changes."""
+    counts = {
+        k: int(row[k])
+        for k in (
+            "prompt_tokens",
+            "completion_tokens",
+            "total_tokens",
+            "cached_tokens",
+            "reasoning_tokens",
+        )
+    }
+    price = prices.find(row["provider"], row["model"], _ts(row["created"]).timestamp())
+    if price is None:
+        new: dict[str, Any] = {"spend": None, "spend_source": "unknown", "price_version": ""}
+        new |= dict.fromkeys(SPEND_COLUMNS[2:7], Decimal(0))
+    else:
+        spend = compute_spend(price, counts)
+        new = {
+            "spend": spend.total,
+            "spend_source": "computed",
+            "price_version": spend.price_version,
+            "spend_input": spend.input,
+            "spend_cache_read": spend.cache_read,
+            "spend_cache_write": spend.cache_write,
+            "spend_reasoning": spend.reasoning,
+            "spend_output": spend.output,
+        }
+    same = _dec(row["spend"]) == new["spend"] and row["price_version"] == new["price_version"]
+    return None if same else new
+
+
+async def reprice(
+    clickhouse: ClickHouse,
+    prices: PriceCatalog,
+    start: datetime,
+    end: datetime,
+    *,
+    project: str | None = None,
+    dry_run: bool = False,
+    chunk: int = 5_000,
+) -> RepriceResult:
+    result = RepriceResult()
+    condition = (
+        "created >= {start:DateTime64(3, 'UTC')} AND created < {end:DateTime64(3, 'UTC')} "
+        "AND spend_source IN ('computed', 'unknown')"
+    )
+    params: dict[str, Any] = {
+        "start": start.astimezone(UTC).replace(tzinfo=None),
+        "end": end.astimezone(UTC).replace(tzinfo=None),
+    }
+    if project is not None:
+        condition += " AND project = {project:String}"
+        params["project"] = project
+    body = await clickhouse.json_each_row(
+        f"SELECT * FROM {{database}}.completions FINAL WHERE {condition} "
+        "ORDER BY project, completion_id",
+        params,
+    )
+    lines: list[bytes] = []
+    for line in body.splitlines():
+        if not line.strip():
+            continue
+        row = orjson.loads(line)
+        result.examined += 1
+        new = repriced(row, prices)
+        if new is None:
+            continue
+        result.changed += 1
+        result.delta += (new["spend"] or Decimal(0)) - (_dec(row["spend"]) or Decimal(0))
+        retraction = {**row, "agg_sign": -1}
+        version = _ts(row["received_at"]) + timedelta(milliseconds=1)
+        response = orjson.loads(row["response"])
+        response["spend"] = new["spend"]
+        updated = {
+            **row,
+            **new,
+            "agg_sign": 1,
+            "received_at": version.replace(tzinfo=None).isoformat(" ", "milliseconds"),
+            "response": dumps(response).decode(),
+        }
+        lines += [dumps(retraction), dumps(updated)]
+        if len(lines) >= chunk * 2 and not dry_run:
+            await clickhouse.insert_json_each_row("completions", b"\n".join(lines))
+            lines = []
+    if lines and not dry_run:
+        await clickhouse.insert_json_each_row("completions", b"\n".join(lines))
+    log.info(
+        "repriced",
+        examined=result.examined,
+        changed=result.changed,
+        delta=str(result.delta),
+        dry_run=dry_run,
+    )
+    return result
