@@ -5,10 +5,12 @@ from __future__ import annotations
 import math
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
+from pathlib import Path
 from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Depends, Query, Request
 from fastapi.exceptions import RequestValidationError
+from fastapi.responses import HTMLResponse
 
 from services.common.auth import ProjectDep
 from services.common.clickhouse import ClickHouse
@@ -131,6 +133,15 @@ class UsageRepository:
 async def _repository(request: Request) -> UsageRepository:
     repository: UsageRepository = request.state.usage
     return repository
+
+
+DASHBOARD = Path(__file__).with_name("dashboard.html")
+
+
+@router.get("/dashboard", include_in_schema=False)
+async def dashboard() -> HTMLResponse:
+    """A small page charting spend and tokens over time from /v1/usage (no build step)."""
+    return HTMLResponse(DASHBOARD.read_text(encoding="utf-8"))
 
 
 @router.get("/v1/usage")

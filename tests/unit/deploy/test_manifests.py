@@ -61,3 +61,12 @@ def test_http_services_have_probes(name: str) -> None:
     [container] = [c for c in _containers(_documents()) if c.get("args", [""])[0] == name]
     assert container["readinessProbe"]["httpGet"]["path"] == "/readyz"
     assert container["livenessProbe"]["httpGet"]["path"] == "/healthz"
+
+
+def test_grafana_dashboard_queries_the_aggregate_tables() -> None:
+    import json
+
+    dashboard = json.loads((DEPLOY / "grafana" / "dashboards" / "maniac-usage.json").read_text())
+    sqls = [t["rawSql"] for p in dashboard["panels"] for t in p["targets"]]
+    assert len(sqls) == 5
+    assert all("maniac.usage_" in sql and "project = '${project}'" in sql for sql in sqls)
