@@ -89,13 +89,21 @@ def token_count(value: Any, loc: tuple[str | int, ...]) -> int:
 def usage_counts(usage: dict[str, Any] | None) -> dict[str, int]:
     """prompt/completion/total/cached/reasoning token counts from an OpenAI usage object."""
     if not usage:
-        return dict.fromkeys((*TOKEN_FIELDS, "cached_tokens", "reasoning_tokens"), 0)
+        return dict.fromkeys(
+            (*TOKEN_FIELDS, "cached_tokens", "reasoning_tokens", "cache_write_tokens"), 0
+        )
     counts = {f: token_count(usage.get(f), ("output", "usage", f)) for f in TOKEN_FIELDS}
     prompt_details = usage.get("prompt_tokens_details") or {}
     completion_details = usage.get("completion_tokens_details") or {}
     counts["cached_tokens"] = token_count(
         prompt_details.get("cached_tokens"),
         ("output", "usage", "prompt_tokens_details", "cached_tokens"),
+    )
+    cache_write = prompt_details.get("cache_write_tokens")
+    if cache_write is None:
+        cache_write = usage.get("cache_creation_input_tokens")
+    counts["cache_write_tokens"] = token_count(
+        cache_write, ("output", "usage", "prompt_tokens_details", "cache_write_tokens")
     )
     counts["reasoning_tokens"] = token_count(
         completion_details.get("reasoning_tokens"),

@@ -83,6 +83,35 @@ def test_spend_by_class_is_exact() -> None:
     assert isinstance(spend.total, Decimal)
 
 
+def test_cache_writes_at_their_own_price() -> None:
+    catalog = PriceCatalog.from_dict(
+        {
+            "prices": [
+                {
+                    "provider": "anthropic",
+                    "model": "claude",
+                    "effective": "2025-01-01",
+                    "prompt": "3",
+                    "cached_prompt": "0.3",
+                    "cache_write": "3.75",
+                    "completion": "15",
+                }
+            ]
+        }
+    )
+    price = catalog.find("anthropic", "claude", _at("2025-06-01"))
+    assert price is not None
+    counts = {
+        **_counts(prompt=1_000_000, completion=0, cached=200_000),
+        "cache_write_tokens": 300_000,
+    }
+    spend = compute_spend(price, counts)
+    assert spend.input == Decimal("1.5")  # 500k uncached x 3
+    assert spend.cache_read == Decimal("0.06")
+    assert spend.cache_write == Decimal("1.125")
+    assert spend.total == Decimal("2.685")
+
+
 def test_reasoning_tokens_at_their_own_price() -> None:
     price = CATALOG.find("deep", "r1", _at("2025-06-01"))
     assert price is not None

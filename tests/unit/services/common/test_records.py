@@ -62,7 +62,20 @@ def test_usage_counts_reads_details() -> None:
         "total_tokens": 15,
         "cached_tokens": 4,
         "reasoning_tokens": 2,
+        "cache_write_tokens": 0,
     }
+
+
+def test_usage_counts_reads_cache_writes() -> None:
+    anthropic_style = {
+        "prompt_tokens": 10,
+        "completion_tokens": 1,
+        "total_tokens": 11,
+        "cache_creation_input_tokens": 6,
+    }
+    assert usage_counts(anthropic_style)["cache_write_tokens"] == 6
+    openai_style = {**anthropic_style, "prompt_tokens_details": {"cache_write_tokens": 3}}
+    assert usage_counts(openai_style)["cache_write_tokens"] == 3
 
 
 def test_usage_counts_absent_is_zero() -> None:
