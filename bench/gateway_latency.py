@@ -89,6 +89,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             "MANIAC_API_KEYS": "bench:bench-key",
             "MANIAC_PROVIDERS_FILE": str(providers),
             "MANIAC_LOG_LEVEL": "warning",
+            "MANIAC_RATE_LIMIT_PER_MINUTE": "0",  # measure latency, not the limiter
         }
         with (
             child(upstream_cmd, f"{up}/docs"),

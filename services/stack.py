@@ -20,6 +20,7 @@ from services.common.auth import KeyStore
 from services.common.clickhouse import ClickHouse
 from services.common.kafka import broker_reachable, create_consumer
 from services.common.pricing import PriceCatalog
+from services.common.ratelimit import RateLimiter
 from services.common.runtime import prepare_clickhouse, prepare_topics
 from services.common.settings import ServeSettings
 from services.gateway.endpoints import router as gateway_router
@@ -121,6 +122,7 @@ class Stack:
                 yield {
                     "settings": self.settings,
                     "keys": self.keys,
+                    "rate_limiter": RateLimiter(self.settings.rate_limit_per_minute),
                     **(self.gateway.state() if self.gateway else {}),
                     "completions": CompletionsRepository(self.clickhouse),
                     "usage": UsageRepository(self.clickhouse),

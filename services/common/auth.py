@@ -20,7 +20,8 @@ import structlog
 from fastapi import Depends, Request
 
 from services.common.clickhouse import ClickHouse
-from services.common.errors import Unauthorized
+from services.common.errors import RateLimited, Unauthorized
+from services.common.ratelimit import STATE_KEY, RateLimiter
 
 log = structlog.get_logger(__name__)
 
@@ -172,6 +173,16 @@ async def require_project(request: Request) -> str:
     if project is None:
         raise Unauthorized("Invalid API key.")
     structlog.contextvars.bind_contextvars(project=project)
+    limiter: RateLimiter | None = getattr(request.state, "rate_limiter", None)
+    if limiter is not None and limiter.enabled:
+        decision = limiter.hit(key_id(token.strip()))
+        setattr(request.state, STATE_KEY, decision.headers())
+        if not decision.allowed:
+            raise RateLimited(
+                f"Rate limit of {decision.limit} requests per minute for this key exceeded; "
+                f"retry in {decision.retry_after} s.",
+                details={"limit": decision.limit, "reset": decision.reset},
+            )
     return project
 
 

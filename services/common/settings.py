@@ -36,6 +36,9 @@ class CommonSettings(BaseSettings):
         default=None, description='Keys to seed at start-up: "projA:key1,projB:key2".'
     )
     keys_refresh_s: float = Field(default=5.0, gt=0)
+    rate_limit_per_minute: int = Field(
+        default=6_000, ge=0, description="Requests per minute per API key and process; 0: off."
+    )
     log_format: Literal["console", "json"] = "console"
     log_level: Literal["debug", "info", "warning", "error"] = "info"
 

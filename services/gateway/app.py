@@ -11,6 +11,7 @@ from fastapi import FastAPI
 from services.common.app import create_base_app
 from services.common.clickhouse import ClickHouse
 from services.common.kafka import broker_reachable
+from services.common.ratelimit import RateLimiter
 from services.common.runtime import (
     clickhouse_target,
     prepare_clickhouse,
@@ -35,6 +36,7 @@ def create_app(settings: GatewaySettings) -> FastAPI:
             yield {
                 "settings": settings,
                 "keys": keys,
+                "rate_limiter": RateLimiter(settings.rate_limit_per_minute),
                 **gateway.state(),
                 "readiness": {
                     "broker": lambda: broker_reachable(bootstrap),

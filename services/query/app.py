@@ -10,6 +10,7 @@ from fastapi import FastAPI
 
 from services.common.app import create_base_app
 from services.common.clickhouse import ClickHouse
+from services.common.ratelimit import RateLimiter
 from services.common.runtime import clickhouse_target, prepare_clickhouse
 from services.common.settings import QuerySettings
 from services.query.endpoints import router
@@ -27,6 +28,7 @@ def create_app(settings: QuerySettings) -> FastAPI:
             yield {
                 "settings": settings,
                 "keys": keys,
+                "rate_limiter": RateLimiter(settings.rate_limit_per_minute),
                 "completions": CompletionsRepository(clickhouse),
                 "usage": UsageRepository(clickhouse),
                 "readiness": {"clickhouse": clickhouse.ping},

@@ -247,3 +247,23 @@ async def test_health_readiness_and_spec(api: RunningStack) -> None:
 
 def test_examples_are_not_mutated() -> None:
     assert copy.deepcopy(FULL) == FULL
+
+
+async def test_rate_limit_per_key_with_headers(start_stack: StackFactory) -> None:
+    running = await start_stack(rate_limit_per_minute=3)
+    async with running.client(KEY_A) as a, running.client(KEY_B) as b:
+        remaining = []
+        for _ in range(3):
+            response = await a.get("/v1/chat/completions")
+            assert response.status_code == 200
+            assert response.headers["X-RateLimit-Limit"] == "3"
+            remaining.append(int(response.headers["X-RateLimit-Remaining"]))
+        assert remaining == [2, 1, 0]
+        refused = await a.post(
+            "/v1/chat/completions/register", json={"container": "c", "items": []}
+        )
+        _error(refused, 429, "rate_limited")
+        assert int(refused.headers["Retry-After"]) >= 1
+        assert int(refused.headers["X-RateLimit-Reset"]) > 1_700_000_000
+        assert refused.headers["X-RateLimit-Remaining"] == "0"
+        assert (await b.get("/v1/chat/completions")).status_code == 200  # other key, own limit
