@@ -97,14 +97,16 @@ class Stack:
         )
         self._worker_task = asyncio.create_task(self.worker.run(), name="worker")
 
-    async def stop(self, drain_timeout_s: float = 60.0) -> None:
+    async def stop(self) -> None:
         """Drain what the gateway acknowledged into ClickHouse, then stop everything."""
         if self.publisher is not None:
             await self.publisher.flush()
         if self.worker is not None and self.publisher is not None:
             task = self._worker_task
             if task is not None and not task.done():
-                drained = await self.worker.drain(dict(self.publisher.acked), drain_timeout_s)
+                drained = await self.worker.drain(
+                    dict(self.publisher.acked), self.settings.drain_timeout_s
+                )
                 log.info("drained", ok=drained, acked=self.publisher.acked)
             self.worker.stop()
             if task is not None:

@@ -80,5 +80,11 @@ class QuerySettings(CommonSettings):
 class ServeSettings(GatewaySettings, WorkerSettings, QuerySettings):
     """Everything in one process: `maniac serve`."""
 
+    drain_timeout_s: float = Field(
+        default=60.0,
+        gt=0,
+        description="At shutdown, how long to wait for the worker to store "
+        "everything the gateway acknowledged.",
+    )
     host: str = "127.0.0.1"
     port: int = Field(default=8000, ge=0, le=65535)
