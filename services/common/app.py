@@ -14,6 +14,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from schemas import OPENAPI_PATH
 from services.common.errors import install_error_handlers
+from services.common.observe import RequestMetrics
 from services.common.ratelimit import RateLimitHeaders
 from services.common.responses import JSONResponse
 
@@ -60,6 +61,7 @@ def create_base_app(title: str, lifespan: Lifespan, routers: list[APIRouter]) ->
     app = FastAPI(title=title, lifespan=lifespan, default_response_class=JSONResponse)
     install_error_handlers(app)
     app.add_middleware(RateLimitHeaders)
+    app.add_middleware(RequestMetrics)
     app.include_router(health)
     for router in routers:
         app.include_router(router)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from prometheus_client import Counter, Histogram
+from prometheus_client import Counter, Gauge, Histogram
 
 REGISTER_ITEMS = Counter("maniac_register_items_total", "Register items by outcome.", ["outcome"])
 TELEMETRY_DROPPED = Counter(
@@ -35,4 +35,17 @@ WORKER_BATCH_ROWS = Histogram(
 WORKER_INSERT_SECONDS = Histogram("maniac_worker_insert_seconds", "Time of one bulk insert.")
 WORKER_RETRIES = Counter(
     "maniac_worker_retries_total", "Transient failures retried by the worker.", ["what"]
+)
+HTTP_REQUESTS = Counter(
+    "maniac_http_requests_total",
+    "HTTP requests by route and status.",
+    ["method", "route", "status"],
+)
+HTTP_SECONDS = Histogram(
+    "maniac_http_request_seconds", "Time to the first byte of the response, by route.", ["route"]
+)
+CONSUMER_LAG = Gauge(
+    "maniac_worker_consumer_lag",
+    "Records in the partition not yet stored and committed (high watermark - committed).",
+    ["topic", "partition"],
 )

@@ -17,7 +17,7 @@ from aiokafka.errors import CommitFailedError, IllegalStateError
 
 from schemas.events import COMPLETIONS_TOPIC, DEAD_LETTER_TOPIC
 from services.common.clickhouse import ClickHouse
-from services.common.metrics import WORKER_INSERT_SECONDS
+from services.common.metrics import CONSUMER_LAG, WORKER_INSERT_SECONDS
 from services.common.pricing import PriceCatalog
 from services.common.settings import WorkerSettings
 from services.worker.pipeline import Pipeline, build_pipeline
@@ -158,6 +158,7 @@ class Worker:
                         await fetch
                     break
                 fetched = fetch.result()
+                self._observe_lag()
                 async with self._lock:
                     for tp, records in fetched.items():
                         partition = Partition(tp.topic, tp.partition)
@@ -177,6 +178,16 @@ class Worker:
                 await self.flush()
             stopping.cancel()
             log.info("worker_stopped", committed=self.committed_offsets())
+
+    def _observe_lag(self) -> None:
+        """Consumer lag per assigned partition: high watermark minus committed offset."""
+        committed = self.pipeline.commit.committed
+        for tp in self._consumer.assignment():
+            highwater = self._consumer.highwater(tp)
+            if highwater is None:
+                continue
+            done = committed.get(Partition(tp.topic, tp.partition), 0)
+            CONSUMER_LAG.labels(tp.topic, str(tp.partition)).set(max(highwater - done, 0))
 
     def stop(self) -> None:
         self._stopping.set()

@@ -267,3 +267,33 @@ async def test_rate_limit_per_key_with_headers(start_stack: StackFactory) -> Non
         assert int(refused.headers["X-RateLimit-Reset"]) > 1_700_000_000
         assert refused.headers["X-RateLimit-Remaining"] == "0"
         assert (await b.get("/v1/chat/completions")).status_code == 200  # other key, own limit
+
+
+def _metric(text: str, name: str, **labels: str) -> float:
+    total = 0.0
+    for line in text.splitlines():
+        if not line.startswith(name + "{") and not line.startswith(name + " "):
+            continue
+        if all(f'{k}="{v}"' in line for k, v in labels.items()):
+            total += float(line.rsplit(" ", 1)[1])
+    return total
+
+
+async def test_metrics_count_requests_rows_and_lag(api: RunningStack) -> None:
+    async with api.client(KEY_A) as client:
+        before = (await client.get("/metrics")).text
+        await client.post(
+            "/v1/chat/completions/register", json={"container": "m", "items": [_item(1)]}
+        )
+        await _visible(client, 1)
+        after = (await client.get("/metrics")).text
+    route = "/v1/chat/completions/register"
+    assert _metric(after, "maniac_http_requests_total", route=route, status="200") == (
+        _metric(before, "maniac_http_requests_total", route=route, status="200") + 1
+    )
+    assert _metric(after, "maniac_worker_rows_inserted_total") >= (
+        _metric(before, "maniac_worker_rows_inserted_total") + 1
+    )
+    assert "maniac_worker_consumer_lag{" in after
+    assert "maniac_worker_insert_seconds_bucket" in after
+    assert "maniac_telemetry_dropped_total" in after
