@@ -50,6 +50,29 @@ class Spend:
     price_version: str
 
 
+def spend_columns(spend: Spend | None) -> dict[str, Any]:
+    """The completions table's spend columns for a computed spend (or for no price)."""
+    if spend is None:
+        return {"spend": None, "spend_source": "unknown", "price_version": ""} | dict.fromkeys(
+            SPEND_CLASSES, Decimal(0)
+        )
+    return {
+        "spend": spend.total,
+        "spend_source": "computed",
+        "price_version": spend.price_version,
+        **{column: getattr(spend, column.removeprefix("spend_")) for column in SPEND_CLASSES},
+    }
+
+
+SPEND_CLASSES = (
+    "spend_input",
+    "spend_cache_read",
+    "spend_cache_write",
+    "spend_reasoning",
+    "spend_output",
+)
+
+
 def _money(value: Any) -> Decimal:
     return Decimal(str(value))
 

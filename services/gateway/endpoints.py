@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import time
-from typing import Annotated
+from typing import Annotated, Any, TypeVar
 
 from fastapi import APIRouter, Depends, Request
 from fastapi.exceptions import RequestValidationError
-from pydantic import ValidationError
+from pydantic import BaseModel, ValidationError
 from starlette.responses import Response
 
 from schemas.api import ChatReq, ChatRes, RegisterRes
@@ -68,10 +68,18 @@ async def _completions(request: Request) -> CompletionService:
 CompletionsDep = Annotated[CompletionService, Depends(_completions)]
 
 
-def _validation_error(exc: ValidationError) -> RequestValidationError:
-    return RequestValidationError(
-        [{**e, "loc": ("body", *e["loc"])} for e in exc.errors(include_url=False)]
-    )
+M = TypeVar("M", bound=BaseModel)
+
+
+async def read_model(request: Request, model: type[M], max_bytes: int) -> tuple[Any, M]:
+    """The JSON body and its validation as ``model``; FastAPI's 422 when it is not one."""
+    body = await read_json_body(request, max_bytes)
+    try:
+        return body, model.model_validate(body)
+    except ValidationError as exc:
+        raise RequestValidationError(
+            [{**e, "loc": ("body", *e["loc"])} for e in exc.errors(include_url=False)]
+        ) from exc
 
 
 @router.post("/v1/chat/completions", response_model=ChatRes)
@@ -79,12 +87,7 @@ async def create_completion(
     request: Request, project: ProjectDep, service: CompletionsDep, settings: SettingsDep
 ) -> Response:
     """Create a chat completion using the specified model."""
-    body = await read_json_body(request, settings.max_body_bytes)
-    try:
-        chat = ChatReq.model_validate(body)
-    except ValidationError as exc:
-        raise _validation_error(exc) from exc
-    assert isinstance(body, dict)
+    body, chat = await read_model(request, ChatReq, settings.max_body_bytes)
     return await service.create(project, body, chat)
 
 
@@ -93,11 +96,7 @@ async def register(
     request: Request, project: ProjectDep, publisher: PublisherDep, settings: SettingsDep
 ) -> JSONResponse:
     """Register completed chat examples for evaluation and analytics."""
-    body = await read_json_body(request, settings.max_body_bytes)
-    try:
-        envelope = RegisterEnvelope.model_validate(body)
-    except ValidationError as exc:
-        raise _validation_error(exc) from exc
+    _, envelope = await read_model(request, RegisterEnvelope, settings.max_body_bytes)
     if len(envelope.items) > settings.max_items_per_request:
         raise RequestValidationError(
             [

@@ -22,20 +22,9 @@ import structlog
 
 from services.common.clickhouse import ClickHouse
 from services.common.codec import dumps
-from services.common.pricing import PriceCatalog, compute_spend
+from services.common.pricing import PriceCatalog, compute_spend, spend_columns
 
 log = structlog.get_logger(__name__)
-
-SPEND_COLUMNS = (
-    "spend",
-    "price_version",
-    "spend_input",
-    "spend_cache_read",
-    "spend_cache_write",
-    "spend_reasoning",
-    "spend_output",
-    "spend_source",
-)
 
 
 @dataclass
@@ -56,31 +45,18 @@ def _dec(value: Any) -> Decimal | None:
 def repriced(row: dict[str, Any], prices: PriceCatalog) -> dict[str, Any] | None:
     """The row's spend columns at current prices, or None when nothing changes."""
     counts = {
-        k: int(row[k])
+        k: int(row.get(k) or 0)
         for k in (
             "prompt_tokens",
             "completion_tokens",
             "total_tokens",
             "cached_tokens",
             "reasoning_tokens",
+            "cache_write_tokens",
         )
     }
     price = prices.find(row["provider"], row["model"], _ts(row["created"]).timestamp())
-    if price is None:
-        new: dict[str, Any] = {"spend": None, "spend_source": "unknown", "price_version": ""}
-        new |= dict.fromkeys(SPEND_COLUMNS[2:7], Decimal(0))
-    else:
-        spend = compute_spend(price, counts)
-        new = {
-            "spend": spend.total,
-            "spend_source": "computed",
-            "price_version": spend.price_version,
-            "spend_input": spend.input,
-            "spend_cache_read": spend.cache_read,
-            "spend_cache_write": spend.cache_write,
-            "spend_reasoning": spend.reasoning,
-            "spend_output": spend.output,
-        }
+    new = spend_columns(compute_spend(price, counts) if price else None)
     same = _dec(row["spend"]) == new["spend"] and row["price_version"] == new["price_version"]
     return None if same else new
 

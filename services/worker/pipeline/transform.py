@@ -12,7 +12,7 @@ from typing import Any
 
 from schemas.events import CompletionEvent
 from services.common.codec import dumps
-from services.common.pricing import PriceCatalog, compute_spend
+from services.common.pricing import PriceCatalog, compute_spend, spend_columns
 from services.common.records import (
     RecordError,
     normalize_slug,
@@ -90,20 +90,10 @@ def _priced(
     """Spend columns: the caller's spend kept, else computed at the price then in force."""
     if caller_spend is not None:
         return {"spend": caller_spend, "spend_source": "caller"}
-    price = prices.find(provider, model, created) if prices and model and has_usage else None
-    if price is None:
-        return {"spend": None, "spend_source": "unknown" if has_usage else "no_usage"}
-    spend = compute_spend(price, counts)
-    return {
-        "spend": spend.total,
-        "spend_source": "computed",
-        "price_version": spend.price_version,
-        "spend_input": spend.input,
-        "spend_cache_read": spend.cache_read,
-        "spend_cache_write": spend.cache_write,
-        "spend_reasoning": spend.reasoning,
-        "spend_output": spend.output,
-    }
+    if not has_usage:
+        return {"spend": None, "spend_source": "no_usage"}
+    price = prices.find(provider, model, created) if prices and model else None
+    return spend_columns(compute_spend(price, counts) if price else None)
 
 
 def _usage_source(has_usage: bool, operation: dict[str, Any]) -> str:
