@@ -126,15 +126,21 @@ def free_port() -> int:
 
 
 class EmbeddedBroker:
-    """Tansu as a child process on 127.0.0.1 (memory storage unless told otherwise)."""
+    """Tansu as a child process on 127.0.0.1 (memory storage unless told otherwise).
+
+    ``advertised_port`` is the port clients are told to connect to after bootstrapping (the
+    broker's own by default); set it when clients reach the broker through a proxy.
+    """
 
     def __init__(
         self,
         port: int | None = None,
         storage: str = "memory://tansu/",
         log_file: Path | None = None,
+        advertised_port: int | None = None,
     ) -> None:
         self.port = port or free_port()
+        self.advertised_port = advertised_port or self.port
         self.storage = storage
         self.log_file = log_file
         self._proc: subprocess.Popen[bytes] | None = None
@@ -151,7 +157,7 @@ class EmbeddedBroker:
             out = self.log_file.open("ab")
         env = {**os.environ, "RUST_LOG": os.environ.get("RUST_LOG", "warn")}
         try:
-            self._proc = self._spawn(url, out, env)
+            self._proc = self._spawn(url, f"tcp://127.0.0.1:{self.advertised_port}", out, env)
         finally:
             if out is not subprocess.DEVNULL:
                 out.close()  # the child has its own copy
@@ -169,7 +175,9 @@ class EmbeddedBroker:
         self.stop()
         raise TimeoutError("tansu did not open its port")
 
-    def _spawn(self, url: str, out: Any, env: dict[str, str]) -> subprocess.Popen[bytes]:
+    def _spawn(
+        self, url: str, advertised: str, out: Any, env: dict[str, str]
+    ) -> subprocess.Popen[bytes]:
         return subprocess.Popen(
             [
                 str(tansu_binary()),
@@ -177,7 +185,7 @@ class EmbeddedBroker:
                 "--listener-url",
                 url,
                 "--advertised-listener-url",
-                url,
+                advertised,
                 "--storage-engine",
                 self.storage,
             ],

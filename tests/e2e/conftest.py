@@ -4,7 +4,8 @@ and a local OpenAI-compatible upstream for it to call."""
 from __future__ import annotations
 
 import contextlib
-from collections.abc import AsyncIterator, Awaitable, Callable
+import os
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +18,7 @@ from services.common.clickhouse import ClickHouse
 from services.common.settings import ServeSettings
 from services.stack import Stack
 from tests.conftest import Broker
+from tests.support.serve import Serve
 from tests.support.servers import serving
 from tests.support.upstream import create_upstream
 
@@ -84,3 +86,26 @@ async def start_stack(
 @pytest_asyncio.fixture(loop_scope="session")
 async def api(start_stack: StackFactory) -> RunningStack:
     return await start_stack()
+
+
+@pytest.fixture
+def env() -> dict[str, str]:
+    """Environment for `maniac serve` processes: fast group joins, JSON logs."""
+    return {
+        **os.environ,
+        "MANIAC_SESSION_TIMEOUT_MS": "2000",
+        "MANIAC_HEARTBEAT_INTERVAL_MS": "300",
+        "MANIAC_LOG_FORMAT": "json",
+    }
+
+
+@pytest.fixture
+def servers() -> Iterator[list[Serve]]:
+    """`maniac serve` processes a test started; killed after it if still running."""
+    started: list[Serve] = []
+    yield started
+    for server in started:
+        if server.proc.poll() is None:
+            server.proc.kill()
+            server.proc.wait()
+        server.log_handle.close()

@@ -148,10 +148,32 @@ async def test_projects_are_isolated_on_every_endpoint(api: RunningStack) -> Non
     async with api.client(KEY_A) as a, api.client(KEY_B) as b:
         await a.post("/v1/chat/completions/register", json={"container": "c", "items": [_item(7)]})
         await _visible(a, 1)
-        assert (await b.get("/v1/chat/completions")).json()["total"] == 0
-        assert (await b.get("/v1/chat/completions", params={"container": "c"})).json()["total"] == 0
+        # projB sees none of it, whichever read path and filter it takes
+        for params in [
+            {},
+            {"container": "c"},
+            {"model": "openai/gpt-4o"},
+            {"model": "openai:gpt-4o", "container": "c"},
+            {"order": "asc"},
+            {"order": "asc", "offset": 0, "limit": 100},
+        ]:
+            listed = await b.get("/v1/chat/completions", params=params)
+            assert listed.json() == {"object": "list", "data": [], "total": 0}, params
         _error(await b.get("/v1/chat/completions/cmpl-7"), 404, "not_found")
-        assert (await a.get("/v1/chat/completions/cmpl-7")).status_code == 200
+        usage = await b.get("/v1/usage", params={"from": 1_699_920_000, "to": 1_700_092_800})
+        assert usage.status_code == 200
+        assert usage.json()["data"] == []
+        # the same id registered by projB is projB's own completion, not projA's
+        mine = _item(7, choices=[{"index": 0, "message": {"role": "assistant", "content": "b"}}])
+        await b.post("/v1/chat/completions/register", json={"container": "c", "items": [mine]})
+        await _visible(b, 1)
+        got_b = (await b.get("/v1/chat/completions/cmpl-7")).json()
+        got_a = (await a.get("/v1/chat/completions/cmpl-7")).json()
+        assert got_b["choices"][0]["message"]["content"] == "b"
+        assert got_a["choices"][0]["message"]["content"] == "a7"
+        assert (await _visible(a, 1))["total"] == 1
+        usage_a = await a.get("/v1/usage", params={"from": 1_699_920_000, "to": 1_700_092_800})
+        assert sum(row["requests"] for row in usage_a.json()["data"]) == 1
 
 
 @pytest.mark.parametrize(
