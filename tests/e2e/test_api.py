@@ -149,14 +149,15 @@ async def test_projects_are_isolated_on_every_endpoint(api: RunningStack) -> Non
         await a.post("/v1/chat/completions/register", json={"container": "c", "items": [_item(7)]})
         await _visible(a, 1)
         # projB sees none of it, whichever read path and filter it takes
-        for params in [
+        filters: list[dict[str, str | int]] = [
             {},
             {"container": "c"},
             {"model": "openai/gpt-4o"},
             {"model": "openai:gpt-4o", "container": "c"},
             {"order": "asc"},
             {"order": "asc", "offset": 0, "limit": 100},
-        ]:
+        ]
+        for params in filters:
             listed = await b.get("/v1/chat/completions", params=params)
             assert listed.json() == {"object": "list", "data": [], "total": 0}, params
         _error(await b.get("/v1/chat/completions/cmpl-7"), 404, "not_found")
