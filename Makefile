@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: install browser run test lint typecheck check bench clean
+.PHONY: install browser s3rver run test lint typecheck check bench clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -22,10 +22,17 @@ browser:
 	    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; \
 	  else echo "chromium missing and not root: the dashboard browser test will be skipped"; fi; }
 
+# A local S3 server (npm s3rver) for the test of the embedded broker's durable S3 storage.
+s3rver:
+	@test -x .s3rver/node_modules/.bin/s3rver || { \
+	  if command -v npm >/dev/null 2>&1; then \
+	    npm install --silent --no-audit --no-fund --prefix .s3rver s3rver@3.7.1 >/dev/null; \
+	  else echo "npm missing: the durable broker storage test will be skipped"; fi; }
+
 run: install  ## start the whole stack on the embedded defaults
 	$(BIN)/maniac serve
 
-test: install browser  ## lint, type-check and run every test against the real broker and engine
+test: install browser s3rver  ## lint, type-check and run every test against the real broker and engine
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy
@@ -42,4 +49,4 @@ bench: install  ## run the benchmarks in bench/ and write bench/results/
 	$(BIN)/python -m bench.run
 
 clean:
-	rm -rf $(VENV) .maniac .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) .s3rver .maniac .pytest_cache .mypy_cache .ruff_cache

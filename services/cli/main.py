@@ -75,7 +75,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
     broker: EmbeddedBroker | None = None
     bootstrap = settings.kafka_bootstrap
     if not bootstrap:
-        broker = EmbeddedBroker(log_file=settings.data_dir / "broker.log")
+        broker = EmbeddedBroker(
+            storage=settings.broker_storage, log_file=settings.data_dir / "broker.log"
+        )
         broker.start()
         bootstrap = broker.bootstrap
     clickhouse = ClickHouse.connect(clickhouse_target(settings))

@@ -86,5 +86,10 @@ class ServeSettings(GatewaySettings, WorkerSettings, QuerySettings):
         description="At shutdown, how long to wait for the worker to store "
         "everything the gateway acknowledged.",
     )
+    broker_storage: str = Field(
+        default="memory://tansu/",
+        description="Storage of the embedded broker: memory://tansu/ (fast, lost with the "
+        "process) or s3://bucket/ (durable; S3 endpoint and credentials from AWS_* variables).",
+    )
     host: str = "127.0.0.1"
     port: int = Field(default=8000, ge=0, le=65535)

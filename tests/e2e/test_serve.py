@@ -6,13 +6,16 @@ import re
 import signal
 import socket
 import subprocess
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import httpx
+import pytest
 
+from services.common.kafka import free_port
 from tests.conftest import eventually
-from tests.support.serve import MANIAC, Serve
+from tests.support.serve import MANIAC, S3RVER, Serve
 
 
 async def _register(url: str, key: str, n: int, batch: int = 100) -> None:
@@ -122,3 +125,59 @@ async def test_kill_9_does_not_leave_the_embedded_broker_behind(
         return False
 
     await eventually(broker_gone, timeout_s=10)
+
+
+@pytest.fixture
+def s3_env(tmp_path: Path) -> Iterator[dict[str, str]]:
+    """A local S3 server (npm s3rver, data on disk) and the variables that point Tansu at it."""
+    if not S3RVER.exists():
+        pytest.skip("npm s3rver not installed (`make s3rver` needs npm)")
+    port = free_port()
+    (tmp_path / "s3").mkdir()
+    proc = subprocess.Popen(
+        [str(S3RVER), "-d", str(tmp_path / "s3"), "-a", "127.0.0.1", "-p", str(port)]
+        + ["--configure-bucket", "tansu", "--silent"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        for _ in range(200):
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+                break
+            except OSError:
+                assert proc.poll() is None, "s3rver exited at start"
+                subprocess.run(["sleep", "0.05"], check=True)
+        yield {
+            "MANIAC_BROKER_STORAGE": "s3://tansu/",
+            "AWS_ENDPOINT": f"http://127.0.0.1:{port}",
+            "AWS_ACCESS_KEY_ID": "S3RVER",
+            "AWS_SECRET_ACCESS_KEY": "S3RVER",
+            "AWS_ALLOW_HTTP": "true",
+            "AWS_DEFAULT_REGION": "us-east-1",
+        }
+    finally:
+        proc.terminate()
+        proc.wait()
+
+
+async def test_s3_broker_storage_keeps_acknowledged_items_through_kill_9(
+    tmp_path: Path, env: dict[str, str], servers: list[Serve], s3_env: dict[str, str]
+) -> None:
+    env = {**env, **s3_env, "MANIAC_API_KEYS": "projA:key-a"}
+    # the worker holds every record in its batch: acknowledged items exist only in the broker
+    holding = {**env, "MANIAC_BATCH_MAX_ROWS": "1000000", "MANIAC_BATCH_MAX_MS": "3600000"}
+    first = Serve(tmp_path / "data", holding)
+    servers.append(first)
+    first.start()
+    await first.ready()
+    await _register(first.url, "key-a", 50, batch=10)
+    assert await _total(first.url, "key-a") == 0
+    assert first.stop(signal.SIGKILL) == -signal.SIGKILL  # broker and worker die with it
+
+    second = Serve(tmp_path / "data", env)
+    servers.append(second)
+    second.start()
+    await second.ready()
+    await eventually(lambda: _is_total(second.url, "key-a", 50), timeout_s=60)
+    assert second.stop() == 0
