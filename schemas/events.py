@@ -47,6 +47,19 @@ def message_key(project: str, completion_id: str) -> bytes:
     return f"{project}/{completion_id}".encode()
 
 
+def split_key(key: bytes | None) -> tuple[str, str]:
+    """``(project, completion_id)`` from a message key; empty strings where it has none.
+
+    Used for what cannot be decoded (dead letters): the key names the project even when the
+    value is garbage.
+    """
+    if not key:
+        return "", ""
+    text = key.decode(errors="replace")
+    project, sep, completion_id = text.partition("/")
+    return (project, completion_id) if sep else ("", text)
+
+
 def encode_event(
     *,
     kind: Literal["register", "create"],
