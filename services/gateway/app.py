@@ -31,7 +31,7 @@ def create_app(settings: GatewaySettings) -> FastAPI:
         clickhouse = ClickHouse.connect(clickhouse_target(settings))
         keys = await prepare_clickhouse(clickhouse, settings)
         await prepare_topics(bootstrap, settings)
-        gateway = await Gateway.start(settings, bootstrap)
+        gateway = await Gateway.start(settings, bootstrap, clickhouse)
         try:
             yield {
                 "settings": settings,
