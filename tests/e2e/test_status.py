@@ -56,7 +56,7 @@ async def test_status_shows_lag_stored_and_dead_letters_of_the_callers_project_o
 
     async def settled() -> bool:
         status = await _status(api, KEY_A)
-        return status["stored_last_hour"] == 3 and status["dead_lettered"]["total"] == 1
+        return bool(status["stored_last_hour"] == 3 and status["dead_lettered"]["total"] == 1)
 
     await eventually(settled)
     status = await _status(api, KEY_A)
