@@ -24,6 +24,7 @@ from services.common.pricing import PriceCatalog
 from services.common.ratelimit import RateLimiter
 from services.common.runtime import prepare_clickhouse, prepare_topics
 from services.common.settings import ServeSettings
+from services.gateway.dead_letters import router as dead_letters_router
 from services.gateway.endpoints import router as gateway_router
 from services.gateway.publisher import Publisher
 from services.gateway.services import Gateway
@@ -150,5 +151,5 @@ class Stack:
         return create_base_app(
             "Maniac Inference Gateway API",
             lifespan,
-            [gateway_router, query_router, usage_router, status_router],
+            [gateway_router, dead_letters_router, query_router, usage_router, status_router],
         )

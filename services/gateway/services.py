@@ -10,6 +10,7 @@ from services.common.kafka import create_producer
 from services.common.losses import LossRepository
 from services.common.settings import GatewaySettings
 from services.gateway.completions import CompletionService
+from services.gateway.dead_letters import DeadLetterReplayer
 from services.gateway.drops import DropRecorder
 from services.gateway.providers import Catalog
 from services.gateway.publisher import Publisher
@@ -23,6 +24,7 @@ class Gateway:
     upstream: UpstreamClient
     completions: CompletionService
     drops: DropRecorder
+    replayer: DeadLetterReplayer
 
     @classmethod
     async def start(
@@ -36,7 +38,8 @@ class Gateway:
             timeout_s=settings.publish_timeout_s,
         )
         await producer.start()
-        drops = DropRecorder(LossRepository(clickhouse))
+        losses = LossRepository(clickhouse)
+        drops = DropRecorder(losses)
         publisher = Publisher(
             producer,
             settings.topic,
@@ -46,10 +49,15 @@ class Gateway:
         )
         upstream = UpstreamClient(settings.upstream_max_connections)
         completions = CompletionService(catalog, upstream, publisher)
-        return cls(producer, publisher, upstream, completions, drops)
+        replayer = DeadLetterReplayer(settings, bootstrap, producer, losses)
+        return cls(producer, publisher, upstream, completions, drops, replayer)
 
     def state(self) -> dict[str, Any]:
-        return {"publisher": self.publisher, "completion_service": self.completions}
+        return {
+            "publisher": self.publisher,
+            "completion_service": self.completions,
+            "dead_letter_replayer": self.replayer,
+        }
 
     async def stop(self) -> None:
         """Send what is queued, write drop records, then close the upstream pool and producer."""

@@ -1,11 +1,12 @@
-"""GET /v1/status: ingestion lag and what was lost or is still pending, for the caller's project."""
+"""GET /v1/status: ingestion lag and what was lost or is still pending, for the caller's project;
+GET /v1/dead_letters: the project's dead letters and whether they were replayed."""
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Depends, Request
+from fastapi import APIRouter, Depends, Query, Request
 
 from services.common.auth import ProjectDep
 from services.common.losses import LossRepository
@@ -40,3 +41,14 @@ async def get_status(
     # only where a worker runs in this process (`maniac serve`).
     status["pending"] = None if pending is None else {"records": pending(), "scope": "all projects"}
     return JSONResponse(status)
+
+
+@router.get("/v1/dead_letters")
+async def list_dead_letters(
+    project: ProjectDep,
+    losses: Annotated[LossRepository, Depends(_losses)],
+    limit: Annotated[int, Query(ge=1, le=1000)] = 100,
+) -> JSONResponse:
+    """The caller's newest dead letters: why, from where, and whether replayed."""
+    data = await losses.list_dead_letters(project, limit)
+    return JSONResponse({"object": "list", "data": data})
