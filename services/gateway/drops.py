@@ -11,19 +11,27 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections import deque
+from collections.abc import Sequence
+from typing import Protocol
 
 import structlog
 
-from services.common.losses import Dropped, LossRepository
+from services.common.losses import Dropped
 from services.common.metrics import DROPS_UNRECORDED
 
 log = structlog.get_logger(__name__)
 
 
+class DropSink(Protocol):
+    """Where drop records go: :class:`services.common.losses.LossRepository`."""
+
+    async def record_dropped(self, drops: Sequence[Dropped]) -> None: ...
+
+
 class DropRecorder:
     def __init__(
         self,
-        losses: LossRepository,
+        losses: DropSink,
         *,
         max_buffer: int = 10_000,
         interval_s: float = 1.0,

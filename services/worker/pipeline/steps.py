@@ -191,16 +191,16 @@ class Deduplicate:
 
 def observe_stored(rows: list[Row], now_s: float) -> None:
     """Per-project stored counts and ingestion lag (gateway receipt -> inserted)."""
-    stored: dict[str, int] = {}
+    lags: dict[str, list[float]] = {}
     for row in rows:
-        if not row.project:  # a retraction, not a record
-            continue
-        stored[row.project] = stored.get(row.project, 0) + 1
-        INGESTION_LAG.labels(project_label(row.project)).observe(
-            max(now_s - row.version_ms / 1000.0, 0.0)
-        )
-    for project, n in stored.items():
-        PROJECT_STORED.labels(project_label(project)).inc(n)
+        if row.project:  # not a retraction
+            lags.setdefault(row.project, []).append(max(now_s - row.version_ms / 1000.0, 0.0))
+    for project, values in lags.items():
+        label = project_label(project)
+        PROJECT_STORED.labels(label).inc(len(values))
+        histogram = INGESTION_LAG.labels(label)
+        for value in values:
+            histogram.observe(value)
 
 
 def observe_dead(dead: list[Processed]) -> None:
