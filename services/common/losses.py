@@ -148,11 +148,13 @@ class LossRepository:
     async def status(self, project: str) -> dict[str, Any]:
         """Ingestion lag over the last hour and loss counts, for one project."""
         params = {"project": project}
+        # Every stored version once: agg_sign = 1 leaves out retractions, and the worker never
+        # writes a re-delivery, so no FINAL is needed (which would merge the whole project).
         lag = await self._ch.rows(
-            "SELECT count(), quantilesExact(0.5, 0.99)(lag), max(lag) FROM ("
+            "SELECT count(), quantiles(0.5, 0.99)(lag), max(lag) FROM ("
             "SELECT greatest(toInt64(toUnixTimestamp64Milli(inserted_at)) "
             "- toInt64(toUnixTimestamp64Milli(received_at)), 0) AS lag "
-            "FROM {database}.completions FINAL "
+            "FROM {database}.completions "
             "WHERE project = {project:String} AND agg_sign = 1 "
             "AND inserted_at >= now64(3) - INTERVAL 1 HOUR)",
             params,
