@@ -9,6 +9,8 @@ A worker sends an event whose ``v`` it does not know to the dead-letter topic.
 
 Dead letters go to ``maniac.completions.dlq.v1``: the original bytes as value, the original key,
 and headers ``reason``, ``source_topic``, ``source_partition``, ``source_offset``.
+Workers also keep each one in ClickHouse (``dead_letters``, under the project of its key), and
+``maniac dlq replay`` re-publishes them here with their original key and value.
 """
 
 from __future__ import annotations
