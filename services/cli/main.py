@@ -175,7 +175,7 @@ async def _with_clickhouse(args: argparse.Namespace, action: str) -> int:
 async def _replay(args: argparse.Namespace, settings: CommonSettings, clickhouse: Any) -> int:
     from services.common.kafka import create_producer
     from services.common.losses import LossRepository
-    from services.common.replay import replay
+    from services.common.replay import producer_publish, replay
 
     if not settings.kafka_bootstrap:
         print(  # noqa: T201
@@ -189,10 +189,9 @@ async def _replay(args: argparse.Namespace, settings: CommonSettings, clickhouse
     try:
         result = await replay(
             bootstrap=settings.kafka_bootstrap,
-            producer=producer,
+            publish=producer_publish(producer, settings.topic),
             losses=LossRepository(clickhouse),
             dead_letter_topic=settings.dead_letter_topic,
-            topic=settings.topic,
             project=args.project,
             reason=args.reason,
             dry_run=args.dry_run,

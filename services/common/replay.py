@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -27,6 +28,20 @@ from schemas.events import split_key
 from services.common.losses import DeadLetter, LossRepository, Source
 
 log = structlog.get_logger(__name__)
+
+
+Publish = Callable[[list[tuple[bytes, bytes]]], Awaitable[None]]
+"""Sends ``(key, value)`` pairs to the completions topic; returns once the broker acknowledged."""
+
+
+def producer_publish(producer: Any, topic: str) -> Publish:
+    """:data:`Publish` with a started producer (the gateway uses its publisher instead)."""
+
+    async def publish(messages: list[tuple[bytes, bytes]]) -> None:
+        futures = [await producer.send(topic, key=k, value=v) for k, v in messages]
+        await asyncio.gather(*futures)
+
+    return publish
 
 
 @dataclass
@@ -84,17 +99,16 @@ def replayed_record(record: Any, at: datetime) -> DeadLetter:
 async def replay(
     *,
     bootstrap: str,
-    producer: Any,
+    publish: Publish,
     losses: LossRepository,
     dead_letter_topic: str,
-    topic: str,
     project: str | None = None,
     reason: str | None = None,
     dry_run: bool = False,
     chunk: int = 500,
     idle_s: float = 10.0,
 ) -> ReplayResult:
-    """Replay the selected dead letters not replayed yet; ``producer`` is started."""
+    """Replay the selected dead letters of ``dead_letter_topic`` not replayed yet."""
     result = ReplayResult()
     seen: set[Source] = set()
 
@@ -114,8 +128,7 @@ async def replay(
         result.replayed += len(todo)
         if dry_run or not todo:
             return
-        futures = [await producer.send(topic, key=r.key, value=r.value) for r in todo]
-        await asyncio.gather(*futures)
+        await publish([(r.key or b"", r.value or b"") for r in todo])
         now = datetime.now(UTC)
         await losses.record_dead_letters([replayed_record(r, now) for r in todo])
 

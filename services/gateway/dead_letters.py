@@ -8,7 +8,7 @@ inside that process, and the embedded ClickHouse may be opened by one process on
 from __future__ import annotations
 
 import asyncio
-from typing import Annotated, Any
+from typing import Annotated
 
 from aiokafka.errors import KafkaError
 from fastapi import APIRouter, Depends, Query, Request
@@ -19,6 +19,7 @@ from services.common.losses import LossRepository
 from services.common.replay import ReplayResult, replay
 from services.common.responses import JSONResponse
 from services.common.settings import GatewaySettings
+from services.gateway.publisher import Publisher
 
 router = APIRouter(tags=["Dead letters"])
 
@@ -27,11 +28,15 @@ class DeadLetterReplayer:
     """Replays one request at a time (two at once would read the topic twice for nothing)."""
 
     def __init__(
-        self, settings: GatewaySettings, bootstrap: str, producer: Any, losses: LossRepository
+        self,
+        settings: GatewaySettings,
+        bootstrap: str,
+        publisher: Publisher,
+        losses: LossRepository,
     ) -> None:
         self._settings = settings
         self._bootstrap = bootstrap
-        self._producer = producer
+        self._publisher = publisher
         self._losses = losses
         self._lock = asyncio.Lock()
 
@@ -40,10 +45,11 @@ class DeadLetterReplayer:
             try:
                 return await replay(
                     bootstrap=self._bootstrap,
-                    producer=self._producer,
+                    # through the publisher: what it sends counts as acknowledged, so that
+                    # `maniac serve` drains it into ClickHouse before it exits
+                    publish=self._publisher.publish,
                     losses=self._losses,
                     dead_letter_topic=self._settings.dead_letter_topic,
-                    topic=self._settings.topic,
                     project=project,
                     reason=reason,
                     dry_run=dry_run,

@@ -49,7 +49,7 @@ class Gateway:
         )
         upstream = UpstreamClient(settings.upstream_max_connections)
         completions = CompletionService(catalog, upstream, publisher)
-        replayer = DeadLetterReplayer(settings, bootstrap, producer, losses)
+        replayer = DeadLetterReplayer(settings, bootstrap, publisher, losses)
         return cls(producer, publisher, upstream, completions, drops, replayer)
 
     def state(self) -> dict[str, Any]:

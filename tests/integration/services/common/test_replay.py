@@ -7,7 +7,7 @@ from typing import Any
 
 from services.common.clickhouse import ClickHouse
 from services.common.losses import LossRepository
-from services.common.replay import replay
+from services.common.replay import producer_publish, replay
 from services.common.settings import ServeSettings
 from tests.conftest import Broker, eventually
 from tests.support.worker import RunningWorker, count, count_is, event
@@ -45,10 +45,9 @@ async def test_replay_selects_by_project_and_reason_once_and_still_invalid_comes
     async def run(**filters: Any) -> Any:
         return await replay(
             bootstrap=broker.bootstrap,
-            producer=producer,
+            publish=producer_publish(producer, settings.topic),
             losses=losses,
             dead_letter_topic=settings.dead_letter_topic,
-            topic=settings.topic,
             **filters,
         )
 
