@@ -9,6 +9,8 @@ A worker sends an event whose ``v`` it does not know to the dead-letter topic.
 
 Dead letters go to ``maniac.completions.dlq.v1``: the original bytes as value, the original key,
 and headers ``reason``, ``source_topic``, ``source_partition``, ``source_offset``.
+Workers also keep each one in ClickHouse (``dead_letters``, under the project of its key), and
+``maniac dlq replay`` re-publishes them here with their original key and value.
 """
 
 from __future__ import annotations
@@ -45,6 +47,19 @@ class CompletionEvent(BaseModel):
 def message_key(project: str, completion_id: str) -> bytes:
     """Partitioning key: every record of one completion goes to the same partition."""
     return f"{project}/{completion_id}".encode()
+
+
+def split_key(key: bytes | None) -> tuple[str, str]:
+    """``(project, completion_id)`` from a message key; empty strings where it has none.
+
+    Used for what cannot be decoded (dead letters): the key names the project even when the
+    value is garbage.
+    """
+    if not key:
+        return "", ""
+    text = key.decode(errors="replace")
+    project, sep, completion_id = text.partition("/")
+    return (project, completion_id) if sep else ("", text)
 
 
 def encode_event(

@@ -19,15 +19,18 @@ from services.common.app import create_base_app
 from services.common.auth import KeyStore
 from services.common.clickhouse import ClickHouse
 from services.common.kafka import broker_reachable, create_consumer
+from services.common.losses import LossRepository
 from services.common.pricing import PriceCatalog
 from services.common.ratelimit import RateLimiter
 from services.common.runtime import prepare_clickhouse, prepare_topics
 from services.common.settings import ServeSettings
+from services.gateway.dead_letters import router as dead_letters_router
 from services.gateway.endpoints import router as gateway_router
 from services.gateway.publisher import Publisher
 from services.gateway.services import Gateway
 from services.query.endpoints import router as query_router
 from services.query.repository import CompletionsRepository
+from services.query.status import router as status_router
 from services.query.usage import UsageRepository
 from services.query.usage import router as usage_router
 from services.worker.runner import Worker
@@ -77,7 +80,7 @@ class Stack:
                 flush=True,
             )
         await prepare_topics(self.bootstrap, s)
-        self.gateway = await Gateway.start(s, self.bootstrap)
+        self.gateway = await Gateway.start(s, self.bootstrap, self.clickhouse)
         self.publisher = self.gateway.publisher
         self._consumer = create_consumer(
             self.bootstrap,
@@ -116,6 +119,13 @@ class Stack:
         if self.gateway is not None:
             await bounded(self.gateway.stop(), 45, "gateway_stop")
 
+    def pending(self) -> int:
+        """Acknowledged records not yet stored (all projects: partitions mix them)."""
+        if self.worker is None:
+            return 0
+        acked = dict(self.publisher.acked) if self.publisher is not None else {}
+        return self.worker.pending(acked)
+
     def create_app(self) -> FastAPI:
         @contextlib.asynccontextmanager
         async def lifespan(_: FastAPI) -> AsyncIterator[Mapping[str, Any]]:
@@ -128,6 +138,8 @@ class Stack:
                     **(self.gateway.state() if self.gateway else {}),
                     "completions": CompletionsRepository(self.clickhouse),
                     "usage": UsageRepository(self.clickhouse),
+                    "losses": LossRepository(self.clickhouse),
+                    "pending": self.pending,
                     "readiness": {
                         "broker": lambda: broker_reachable(self.bootstrap),
                         "clickhouse": self.clickhouse.ping,
@@ -137,5 +149,7 @@ class Stack:
                 await self.stop()
 
         return create_base_app(
-            "Maniac Inference Gateway API", lifespan, [gateway_router, query_router, usage_router]
+            "Maniac Inference Gateway API",
+            lifespan,
+            [gateway_router, dead_letters_router, query_router, usage_router, status_router],
         )

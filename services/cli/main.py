@@ -6,6 +6,7 @@ maniac migrate                   apply ClickHouse migrations
 maniac keys create --project P   print a new API key (once)
 maniac keys list | revoke KEY_ID
 maniac reprice --from T --to T   re-price history after a price correction
+maniac dlq list | replay         dead letters: list them, replay them once fixed
 """
 
 from __future__ import annotations
@@ -152,12 +153,62 @@ async def _with_clickhouse(args: argparse.Namespace, action: str) -> int:
                 f"examined {result.examined}, re-priced {result.changed}, "
                 f"spend changed by {result.delta}{' (dry run)' if args.dry_run else ''}"
             )
+        elif action == "dlq_list":
+            from services.common.losses import LossRepository
+
+            rows = await LossRepository(clickhouse).list_dead_letters(args.project, args.limit)
+            for row in rows:
+                state = f"replayed {row['replayed_at']}" if row["replayed_at"] else "dead"
+                fields = (row["dead_at"], row["project"], row["completion_id"], row["source"])
+                print(  # noqa: T201
+                    "\t".join([*(str(f or "-") for f in fields), state, row["reason"]])
+                )
+        elif action == "dlq_replay":
+            return await _replay(args, settings, clickhouse)
         elif action == "revoke":
             revoked = await keys.revoke(args.key_id)
             print(f"revoked {revoked} key(s)")  # noqa: T201
             return 0 if revoked else 1
     finally:
         clickhouse.close()
+    return 0
+
+
+async def _replay(args: argparse.Namespace, settings: CommonSettings, clickhouse: Any) -> int:
+    from services.common.kafka import create_producer
+    from services.common.losses import LossRepository
+    from services.common.replay import producer_publish, replay
+
+    if not settings.kafka_bootstrap:
+        print(  # noqa: T201
+            "MANIAC_KAFKA_BOOTSTRAP is not set. The embedded broker lives inside `maniac serve`: "
+            "while it runs, replay through it with POST /v1/dead_letters/replay (see README).",
+            file=sys.stderr,
+        )
+        return 2
+    producer = create_producer(settings.kafka_bootstrap)
+    await producer.start()
+    try:
+        result = await replay(
+            bootstrap=settings.kafka_bootstrap,
+            publish=producer_publish(producer, settings.topic),
+            losses=LossRepository(clickhouse),
+            dead_letter_topic=settings.dead_letter_topic,
+            project=args.project,
+            reason=args.reason,
+            dry_run=args.dry_run,
+        )
+    finally:
+        await producer.stop()
+    print(  # noqa: T201
+        f"examined {result.examined}, selected {result.selected}, "
+        f"already replayed {result.already}, "
+        + (
+            f"would replay {result.replayed} (dry run)"
+            if args.dry_run
+            else f"replayed {result.replayed}"
+        )
+    )
     return 0
 
 
@@ -194,6 +245,22 @@ def build_parser() -> argparse.ArgumentParser:
     reprice.add_argument("--project", default=None)
     reprice.add_argument("--pricing-file", type=Path, default=None, dest="pricing_file")
     reprice.add_argument("--dry-run", action="store_true", dest="dry_run")
+
+    dlq = sub.add_parser("dlq", help="dead letters").add_subparsers(
+        dest="dlq_command", required=True
+    )
+    dlq_list = leaf(dlq, "list", "the newest dead letters and whether replayed", admin("dlq_list"))
+    dlq_list.add_argument("--project", default=None)
+    dlq_list.add_argument("--limit", type=int, default=100)
+    dlq_replay = leaf(
+        dlq,
+        "replay",
+        "re-publish dead letters not replayed yet (needs MANIAC_KAFKA_BOOTSTRAP)",
+        admin("dlq_replay"),
+    )
+    dlq_replay.add_argument("--project", default=None)
+    dlq_replay.add_argument("--reason", default=None, help="substring of the reason")
+    dlq_replay.add_argument("--dry-run", action="store_true", dest="dry_run")
 
     keys = sub.add_parser("keys", help="manage API keys").add_subparsers(
         dest="keys_command", required=True

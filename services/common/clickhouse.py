@@ -135,6 +135,17 @@ class ClickHouse:
             fmt="JSONEachRow",
         )
 
+    async def insert_rows(
+        self, table: str, rows: Sequence[Sequence[Any]], columns: Sequence[str]
+    ) -> None:
+        """Insert Python rows (``bytes`` go into String columns unchanged) in one request."""
+        await asyncio.to_thread(
+            self._client.insert,
+            f"{self.database}.{check_identifier(table)}",
+            list(rows),
+            column_names=list(columns),
+        )
+
     async def ping(self) -> bool:
         try:
             await asyncio.to_thread(self._client.command, "SELECT 1")

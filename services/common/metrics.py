@@ -49,3 +49,47 @@ CONSUMER_LAG = Gauge(
     "Records in the partition not yet stored and committed (high watermark - committed).",
     ["topic", "partition"],
 )
+
+# -- loss accounting, per project ---------------------------------------------------------------
+# Labelled by project only (never completion ids or free-text reasons): one series per project.
+PROJECT_ACKNOWLEDGED = Counter(
+    "maniac_project_records_acknowledged_total",
+    "Records the broker acknowledged to the gateway (register and created), by project.",
+    ["project"],
+)
+PROJECT_DROPPED = Counter(
+    "maniac_project_records_dropped_total",
+    "Created completions served but not recorded, by project and reason.",
+    ["project", "reason"],
+)
+PROJECT_STORED = Counter(
+    "maniac_project_records_stored_total",
+    "Completions inserted into ClickHouse by the workers, by project.",
+    ["project"],
+)
+PROJECT_DUPLICATES = Counter(
+    "maniac_project_records_duplicate_total",
+    "Completions not written again (re-delivered or older than stored), by project.",
+    ["project"],
+)
+PROJECT_DEAD = Counter(
+    "maniac_project_records_dead_lettered_total",
+    "Messages sent to the dead-letter topic, by the project in their key ('unknown': no key).",
+    ["project"],
+)
+INGESTION_LAG = Histogram(
+    "maniac_ingestion_lag_seconds",
+    "From the gateway's receipt (acknowledged) to the row inserted in ClickHouse, by project.",
+    ["project"],
+    buckets=(0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300, 1800, 3600),
+)
+DROPS_UNRECORDED = Counter(
+    "maniac_gateway_drop_records_unwritten_total",
+    "Drop records the gateway gave up writing to ClickHouse (its buffer was full); the "
+    "drops themselves are still counted in maniac_project_records_dropped_total.",
+)
+
+
+def project_label(project: str) -> str:
+    """The project as a metric label: bounded in length, never empty."""
+    return project[:64] or "unknown"

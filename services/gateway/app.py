@@ -19,6 +19,7 @@ from services.common.runtime import (
     require_bootstrap,
 )
 from services.common.settings import GatewaySettings
+from services.gateway.dead_letters import router as dead_letters_router
 from services.gateway.endpoints import router
 from services.gateway.services import Gateway
 
@@ -31,7 +32,7 @@ def create_app(settings: GatewaySettings) -> FastAPI:
         clickhouse = ClickHouse.connect(clickhouse_target(settings))
         keys = await prepare_clickhouse(clickhouse, settings)
         await prepare_topics(bootstrap, settings)
-        gateway = await Gateway.start(settings, bootstrap)
+        gateway = await Gateway.start(settings, bootstrap, clickhouse)
         try:
             yield {
                 "settings": settings,
@@ -47,4 +48,4 @@ def create_app(settings: GatewaySettings) -> FastAPI:
             await gateway.stop()
             clickhouse.close()
 
-    return create_base_app("Maniac gateway", lifespan, [router])
+    return create_base_app("Maniac gateway", lifespan, [router, dead_letters_router])

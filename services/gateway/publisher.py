@@ -3,28 +3,47 @@
 Two ways: :meth:`Publisher.publish` waits for the broker's acknowledgement (register answers
 only after it); :meth:`Publisher.publish_nowait` queues a record and returns at once, so that
 recording a created completion never adds a broker round-trip to the client's latency. What
-cannot be recorded that way is counted in ``maniac_telemetry_dropped_total`` and logged.
+cannot be recorded that way is counted in ``maniac_telemetry_dropped_total`` (and per project in
+``maniac_project_records_dropped_total``), logged, and handed to ``on_drop`` (which keeps it in
+ClickHouse, best-effort).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+from collections import Counter
+from collections.abc import Callable
+from datetime import UTC, datetime
 from typing import Any
 
 import structlog
 
+from schemas.events import split_key
 from services.common.errors import ServiceUnavailable
-from services.common.metrics import TELEMETRY_DROPPED, TELEMETRY_PUBLISHED
+from services.common.losses import Dropped
+from services.common.metrics import (
+    PROJECT_ACKNOWLEDGED,
+    PROJECT_DROPPED,
+    TELEMETRY_DROPPED,
+    TELEMETRY_PUBLISHED,
+    project_label,
+)
 
 log = structlog.get_logger(__name__)
 
 
 class Publisher:
     def __init__(
-        self, producer: Any, topic: str, timeout_s: float, queue_size: int = 10_000
+        self,
+        producer: Any,
+        topic: str,
+        timeout_s: float,
+        queue_size: int = 10_000,
+        on_drop: Callable[[Dropped], None] | None = None,
     ) -> None:
         self._producer = producer
+        self._on_drop = on_drop
         self.topic = topic
         self._timeout_s = timeout_s
         self.acked: dict[int, int] = {}
@@ -61,6 +80,9 @@ class Publisher:
         for meta in metadata:
             self._ack(meta)
         TELEMETRY_PUBLISHED.inc(len(metadata))
+        by_project = Counter(split_key(key)[0] for key, _ in messages)
+        for project, n in by_project.items():
+            PROJECT_ACKNOWLEDGED.labels(project_label(project)).inc(n)
 
     # -- fire and forget, for created completions --------------------------------------------
 
@@ -69,8 +91,7 @@ class Publisher:
         try:
             self._queue.put_nowait((key, value))
         except asyncio.QueueFull:
-            TELEMETRY_DROPPED.labels("queue_full").inc()
-            log.error("telemetry_dropped", reason="queue_full", key=key.decode(errors="replace"))
+            self._dropped(key, "queue_full", None)
             return False
         if self._task is None:
             self._task = asyncio.create_task(self._run(), name="telemetry-publisher")
@@ -82,7 +103,7 @@ class Publisher:
             try:
                 future = await self._producer.send(self.topic, key=key, value=value)
             except Exception as exc:
-                self._dropped(key, exc)
+                self._dropped(key, "broker_error", exc)
             else:
                 self._pending.add(future)
                 future.add_done_callback(lambda f, k=key: self._delivered(f, k))
@@ -92,22 +113,23 @@ class Publisher:
     def _delivered(self, future: asyncio.Future[Any], key: bytes) -> None:
         self._pending.discard(future)
         if future.cancelled():
-            self._dropped(key, asyncio.CancelledError())
+            self._dropped(key, "broker_error", asyncio.CancelledError())
         elif future.exception() is not None:
-            self._dropped(key, future.exception())
+            self._dropped(key, "broker_error", future.exception())
         else:
             self._ack(future.result())
             TELEMETRY_PUBLISHED.inc()
+            PROJECT_ACKNOWLEDGED.labels(project_label(split_key(key)[0])).inc()
 
-    @staticmethod
-    def _dropped(key: bytes, exc: BaseException | None) -> None:
-        TELEMETRY_DROPPED.labels("broker_error").inc()
-        log.error(
-            "telemetry_dropped",
-            reason="broker_error",
-            key=key.decode(errors="replace"),
-            error=repr(exc),
-        )
+    def _dropped(self, key: bytes, reason: str, exc: BaseException | None) -> None:
+        """Count, log and hand on one record that will not be published."""
+        project, completion_id = split_key(key)
+        TELEMETRY_DROPPED.labels(reason).inc()
+        PROJECT_DROPPED.labels(project_label(project), reason).inc()
+        error = "" if exc is None else repr(exc)
+        log.error("telemetry_dropped", reason=reason, key=key.decode(errors="replace"), error=error)
+        if self._on_drop is not None:
+            self._on_drop(Dropped(project, completion_id, reason, error, datetime.now(UTC)))
 
     async def flush(self, timeout_s: float = 30.0) -> None:
         """Wait until every queued record is acknowledged or counted as dropped."""
@@ -122,7 +144,6 @@ class Publisher:
                 await self._task
             self._task = None
         # Records already handed to the producer are counted by their delivery callback.
-        left = self._queue.qsize()
-        if left:
-            TELEMETRY_DROPPED.labels("shutdown").inc(left)
-            log.error("telemetry_dropped", reason="shutdown", records=left)
+        while not self._queue.empty():
+            key, _ = self._queue.get_nowait()
+            self._dropped(key, "shutdown", None)

@@ -5,9 +5,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from services.common.clickhouse import ClickHouse
 from services.common.kafka import create_producer
+from services.common.losses import LossRepository
 from services.common.settings import GatewaySettings
 from services.gateway.completions import CompletionService
+from services.gateway.dead_letters import DeadLetterReplayer
+from services.gateway.drops import DropRecorder
 from services.gateway.providers import Catalog
 from services.gateway.publisher import Publisher
 from services.gateway.upstream import UpstreamClient
@@ -19,9 +23,13 @@ class Gateway:
     publisher: Publisher
     upstream: UpstreamClient
     completions: CompletionService
+    drops: DropRecorder
+    replayer: DeadLetterReplayer
 
     @classmethod
-    async def start(cls, settings: GatewaySettings, bootstrap: str) -> Gateway:
+    async def start(
+        cls, settings: GatewaySettings, bootstrap: str, clickhouse: ClickHouse
+    ) -> Gateway:
         catalog = Catalog.load(settings.providers_file)
         producer = create_producer(
             bootstrap,
@@ -30,17 +38,30 @@ class Gateway:
             timeout_s=settings.publish_timeout_s,
         )
         await producer.start()
+        losses = LossRepository(clickhouse)
+        drops = DropRecorder(losses)
         publisher = Publisher(
-            producer, settings.topic, settings.publish_timeout_s, settings.telemetry_queue_size
+            producer,
+            settings.topic,
+            settings.publish_timeout_s,
+            settings.telemetry_queue_size,
+            on_drop=drops.add,
         )
         upstream = UpstreamClient(settings.upstream_max_connections)
-        return cls(producer, publisher, upstream, CompletionService(catalog, upstream, publisher))
+        completions = CompletionService(catalog, upstream, publisher)
+        replayer = DeadLetterReplayer(settings, bootstrap, publisher, losses)
+        return cls(producer, publisher, upstream, completions, drops, replayer)
 
     def state(self) -> dict[str, Any]:
-        return {"publisher": self.publisher, "completion_service": self.completions}
+        return {
+            "publisher": self.publisher,
+            "completion_service": self.completions,
+            "dead_letter_replayer": self.replayer,
+        }
 
     async def stop(self) -> None:
-        """Send what is queued, then close the upstream pool and the producer."""
+        """Send what is queued, write drop records, then close the upstream pool and producer."""
         await self.publisher.flush()
+        await self.drops.close()
         await self.upstream.aclose()
         await self.producer.stop()

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
+from datetime import UTC, datetime
 from typing import Any
 
 import structlog
@@ -17,11 +18,13 @@ from aiokafka.errors import CommitFailedError, IllegalStateError
 
 from schemas.events import COMPLETIONS_TOPIC, DEAD_LETTER_TOPIC
 from services.common.clickhouse import ClickHouse
+from services.common.losses import LossRepository
 from services.common.metrics import CONSUMER_LAG, WORKER_INSERT_SECONDS
 from services.common.pricing import PriceCatalog
 from services.common.settings import WorkerSettings
 from services.worker.pipeline import Pipeline, build_pipeline
-from services.worker.pipeline.types import Invalid, Message, Partition, Processed
+from services.worker.pipeline.dead import dead_letter_headers, dead_letter_record
+from services.worker.pipeline.types import Message, Partition, Processed
 
 log = structlog.get_logger(__name__)
 
@@ -58,11 +61,14 @@ class Worker:
         self._consumer = consumer
         self._producer = producer
         self._clickhouse = clickhouse
+        self._losses = LossRepository(clickhouse)
         self._stopping = asyncio.Event()
         self._lock = asyncio.Lock()
+        self._first_offsets: dict[int, int] = {}
         self.pipeline: Pipeline = build_pipeline(
             insert=self._insert,
             dead_letter=self._dead_letter,
+            record_dead=self._record_dead,
             commit=self._commit,
             lookup=self._lookup,
             retract=self._retract,
@@ -103,24 +109,21 @@ class Worker:
         return [line for line in body.split(b"\n") if line.strip()]
 
     async def _dead_letter(self, dead: list[Processed]) -> None:
-        futures = []
-        for item in dead:
-            reason = item.result.reason if isinstance(item.result, Invalid) else "invalid"
-            headers = [
-                ("reason", reason.encode()),
-                ("source_topic", item.message.partition.topic.encode()),
-                ("source_partition", str(item.message.partition.partition).encode()),
-                ("source_offset", str(item.message.offset).encode()),
-            ]
-            futures.append(
-                await self._producer.send(
-                    self.dead_letter_topic,
-                    value=item.message.value,
-                    key=item.message.key,
-                    headers=headers,
-                )
+        futures = [
+            await self._producer.send(
+                self.dead_letter_topic,
+                value=item.message.value,
+                key=item.message.key,
+                headers=dead_letter_headers(item),
             )
+            for item in dead
+        ]
         await asyncio.gather(*futures)
+
+    async def _record_dead(self, dead: list[Processed]) -> None:
+        """Keep each dead letter in ClickHouse too, by project (counted once per source)."""
+        now = datetime.now(UTC)
+        await self._losses.record_dead_letters([dead_letter_record(d, now) for d in dead])
 
     async def _commit(self, offsets: dict[Partition, int]) -> None:
         try:
@@ -162,6 +165,8 @@ class Worker:
                 async with self._lock:
                     for tp, records in fetched.items():
                         partition = Partition(tp.topic, tp.partition)
+                        if records:
+                            self._first_offsets.setdefault(tp.partition, records[0].offset)
                         for record in records:
                             await self.pipeline.first.submit(
                                 Message(
@@ -181,13 +186,37 @@ class Worker:
 
     def _observe_lag(self) -> None:
         """Consumer lag per assigned partition: high watermark minus committed offset."""
+        for partition, lag in self._pending_by_partition().items():
+            CONSUMER_LAG.labels(self.topic, str(partition)).set(lag)
+
+    def pending(self, acked: dict[int, int] | None = None) -> int:
+        """Records in the topic not yet stored and committed, over this worker's partitions.
+
+        The end of a partition is its high watermark as of the last fetch, or the gateway's
+        last acknowledged offset + 1 (``acked``, from a gateway in the same process) when that
+        is further.
+        """
+        return sum(self._pending_by_partition(acked).values())
+
+    def _pending_by_partition(self, acked: dict[int, int] | None = None) -> dict[int, int]:
         committed = self.pipeline.commit.committed
+        highwaters: dict[int, int] = {}
         for tp in self._consumer.assignment():
-            highwater = self._consumer.highwater(tp)
-            if highwater is None:
-                continue
-            done = committed.get(Partition(tp.topic, tp.partition), 0)
-            CONSUMER_LAG.labels(tp.topic, str(tp.partition)).set(max(highwater - done, 0))
+            highwater = self._consumer.highwater(tp) if tp.topic == self.topic else None
+            if highwater is not None:
+                highwaters[tp.partition] = highwater
+        ends = dict(highwaters)
+        for p, offset in (acked or {}).items():
+            ends[p] = max(ends.get(p, 0), offset + 1)
+        pending = {}
+        for p, end in ends.items():
+            done = committed.get(Partition(self.topic, p))
+            if done is None:
+                # nothing committed by this worker yet: it started at its first fetched offset,
+                # or, having fetched nothing from the partition, at its high watermark
+                done = self._first_offsets.get(p, highwaters.get(p, 0))
+            pending[p] = max(end - done, 0)
+        return pending
 
     def stop(self) -> None:
         self._stopping.set()

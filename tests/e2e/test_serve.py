@@ -13,9 +13,10 @@ from typing import Any
 import httpx
 import pytest
 
-from services.common.kafka import free_port
-from tests.conftest import eventually
+from services.common.kafka import create_consumer, create_producer, free_port
+from tests.conftest import Broker, eventually, unique
 from tests.support.serve import MANIAC, S3RVER, Serve
+from tests.support.worker import event
 
 
 async def _register(url: str, key: str, n: int, batch: int = 100) -> None:
@@ -181,3 +182,59 @@ async def test_s3_broker_storage_keeps_acknowledged_items_through_kill_9(
     await second.ready()
     await eventually(lambda: _is_total(second.url, "key-a", 50), timeout_s=60)
     assert second.stop() == 0
+
+
+async def test_dlq_cli_replays_once_by_project_and_lists(
+    tmp_path: Path, env: dict[str, str], broker: Broker, topics: tuple[str, str]
+) -> None:
+    topic, dead_letter_topic = topics
+    key, value = event("from-an-old-bug", project="projA")
+    producer = create_producer(broker.bootstrap, linger_ms=0)
+    await producer.start()
+    try:
+        headers = [
+            ("reason", b"invalid event at item: old bug"),
+            ("source_topic", topic.encode()),
+            ("source_partition", b"2"),
+            ("source_offset", b"7"),
+        ]
+        await (await producer.send(dead_letter_topic, key=key, value=value, headers=headers))
+    finally:
+        await producer.stop()
+    env = {**env, "MANIAC_TOPIC": topic, "MANIAC_DEAD_LETTER_TOPIC": dead_letter_topic}
+
+    def maniac(*args: str, bootstrap: bool = True, code: int = 0) -> str:
+        run_env = {**env, "MANIAC_KAFKA_BOOTSTRAP": broker.bootstrap} if bootstrap else env
+        result = subprocess.run(
+            [MANIAC, "dlq", *args, "--data-dir", str(tmp_path)],
+            env=run_env,
+            capture_output=True,
+            text=True,
+            check=False,
+        )
+        assert result.returncode == code, result.stderr
+        return result.stdout + result.stderr
+
+    assert "POST /v1/dead_letters/replay" in maniac("replay", bootstrap=False, code=2)
+    assert "would replay 1 (dry run)" in maniac("replay", "--project", "projA", "--dry-run")
+    assert "selected 0" in maniac("replay", "--project", "projB")
+    assert "already replayed 0, replayed 1" in maniac("replay", "--project", "projA")
+    assert "already replayed 1, replayed 0" in maniac("replay", "--reason", "OLD BUG")
+    [line] = maniac("list", "--project", "projA").splitlines()
+    assert f"\tprojA\tfrom-an-old-bug\t{topic}/2/7\treplayed " in line
+    assert line.endswith("\tinvalid event at item: old bug")
+    assert maniac("list", "--project", "projB") == ""
+
+    consumer = create_consumer(broker.bootstrap, group_id=unique("g"), session_timeout_ms=2000)
+    await consumer.start()
+    consumer.subscribe([topic])
+    republished: list[Any] = []
+    try:
+        for _ in range(100):
+            fetched = await consumer.getmany(timeout_ms=300, max_records=10)
+            if republished and not fetched:
+                break  # read to the end: a second copy would be here by now
+            republished += [r for rs in fetched.values() for r in rs]
+    finally:
+        await consumer.stop()
+    assert [(r.key, r.value) for r in republished] == [(key, value)]  # once, as it was

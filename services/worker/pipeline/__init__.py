@@ -2,7 +2,8 @@
 
     Kafka ──getmany──▶ decode ─▶ validate ─▶ transform + price ─▶ batch ─▶ deduplicate
                  ─▶ insert (ClickHouse; aggregates follow by materialized views)
-                 ─▶ dead-letter (Kafka) ─▶ commit offsets
+                 ─▶ dead-letter (Kafka) ─▶ record dead letters (ClickHouse)
+                 ─▶ commit offsets
 
 decode/validate/transform are pure functions on one message; only the batch I/O is async.
 """
@@ -54,6 +55,7 @@ def build_pipeline(
     *,
     insert: Callable[[bytes], Awaitable[None]],
     dead_letter: Callable[[list[Processed]], Awaitable[None]],
+    record_dead: Callable[[list[Processed]], Awaitable[None]],
     commit: Callable[[dict[Partition, int]], Awaitable[None]],
     lookup: Lookup,
     retract: Retract,
@@ -66,7 +68,7 @@ def build_pipeline(
 ) -> Pipeline:
     retrying = Retrying(retry_initial_s, retry_max_s, stopping)
     commit_step = CommitOffsets(commit, retrying)
-    write_step = WriteBatch(insert, dead_letter, retrying, next_step=commit_step)
+    write_step = WriteBatch(insert, dead_letter, record_dead, retrying, next_step=commit_step)
     dedup_step = Deduplicate(lookup, retract, retrying, next_step=write_step)
     first = ProcessAndBatch(
         processor(prices), next_step=dedup_step, max_rows=max_rows, max_ms=max_ms

@@ -16,13 +16,20 @@ from typing import Protocol, TypeVar
 
 import structlog
 
+from schemas.events import split_key
 from services.common.metrics import (
+    INGESTION_LAG,
+    PROJECT_DEAD,
+    PROJECT_DUPLICATES,
+    PROJECT_STORED,
     WORKER_BATCH_ROWS,
     WORKER_DEAD,
     WORKER_DUPLICATES,
     WORKER_RETRIES,
     WORKER_ROWS,
+    project_label,
 )
+from services.worker.pipeline.dead import reason_of
 from services.worker.pipeline.types import Batch, Invalid, Message, Partition, Processed, Row
 
 log = structlog.get_logger(__name__)
@@ -142,7 +149,9 @@ class Deduplicate:
 
     async def submit(self, batch: Batch) -> None:
         newest: dict[tuple[str, str], Row] = {}
+        received: dict[str, int] = {}
         for row in batch.rows:
+            received[row.project] = received.get(row.project, 0) + 1
             key = (row.project, row.completion_id)
             held = newest.get(key)
             if held is None or row.version_ms > held.version_ms:
@@ -171,22 +180,59 @@ class Deduplicate:
         skipped = len(batch.rows) - len(kept)
         if skipped:
             WORKER_DUPLICATES.inc(skipped)
+            for row in kept:
+                received[row.project] -= 1
+            for project, n in received.items():
+                if n:
+                    PROJECT_DUPLICATES.labels(project_label(project)).inc(n)
         batch.rows = retractions + kept
         await self._next.submit(batch)
 
 
+def observe_stored(rows: list[Row], now_s: float) -> None:
+    """Per-project stored counts and ingestion lag (gateway receipt -> inserted)."""
+    lags: dict[str, list[float]] = {}
+    for row in rows:
+        if row.project:  # not a retraction
+            lags.setdefault(row.project, []).append(max(now_s - row.version_ms / 1000.0, 0.0))
+    for project, values in lags.items():
+        label = project_label(project)
+        PROJECT_STORED.labels(label).inc(len(values))
+        histogram = INGESTION_LAG.labels(label)
+        for value in values:
+            histogram.observe(value)
+
+
+def observe_dead(dead: list[Processed]) -> None:
+    WORKER_DEAD.inc(len(dead))
+    for item in dead:
+        PROJECT_DEAD.labels(project_label(split_key(item.message.key)[0])).inc()
+        log.warning(
+            "dead_lettered",
+            reason=reason_of(item),
+            partition=item.message.partition.partition,
+            offset=item.message.offset,
+        )
+
+
 class WriteBatch:
-    """Bulk-inserts the rows, sends the dead letters, then hands the offsets on."""
+    """Bulk-inserts the rows, sends the dead letters and records them, then hands the offsets on.
+
+    Each of the three is retried on its own, so a failure to record a dead letter never sends
+    it to the topic twice; the offsets move on only after all three succeeded.
+    """
 
     def __init__(
         self,
         insert: Callable[[bytes], Awaitable[None]],
         dead_letter: Callable[[list[Processed]], Awaitable[None]],
+        record_dead: Callable[[list[Processed]], Awaitable[None]],
         retrying: Retrying,
         next_step: OffsetSink,
     ) -> None:
         self._insert = insert
         self._dead_letter = dead_letter
+        self._record_dead = record_dead
         self._retrying = retrying
         self._next = next_step
 
@@ -197,16 +243,11 @@ class WriteBatch:
             await self._retrying.run("insert", lambda: self._insert(body))
             WORKER_ROWS.inc(len(batch.rows))
             WORKER_BATCH_ROWS.observe(len(batch.rows))
+            observe_stored(batch.rows, time.time())
         if batch.dead:
             await self._retrying.run("dead_letter", lambda: self._dead_letter(batch.dead))
-            WORKER_DEAD.inc(len(batch.dead))
-            for dead in batch.dead:
-                log.warning(
-                    "dead_lettered",
-                    reason=dead.result.reason if isinstance(dead.result, Invalid) else "",
-                    partition=dead.message.partition.partition,
-                    offset=dead.message.offset,
-                )
+            await self._retrying.run("dead_letter_record", lambda: self._record_dead(batch.dead))
+            observe_dead(batch.dead)
         log.debug(
             "batch_written",
             rows=len(batch.rows),

@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
+from prometheus_client import REGISTRY
+
 from services.common.clickhouse import ClickHouse
 from services.common.kafka import create_consumer
 from services.common.settings import ServeSettings
@@ -85,3 +87,55 @@ async def test_insert_failures_are_retried_without_commit_then_resume(
         )
         await eventually(lambda: count_is(clickhouse, 5))
         await eventually(lambda: all_committed(worker, 5))
+
+
+async def _dead_letters(ch: ClickHouse) -> list[tuple[Any, ...]]:
+    rows = await ch.rows(
+        "SELECT project, completion_id, reason, source_topic, source_partition, source_offset, "
+        "payload, message_key FROM {database}.dead_letters FINAL ORDER BY completion_id"
+    )
+    return [tuple(r) for r in rows]
+
+
+async def test_dead_letters_are_recorded_by_project_and_counted_once_when_redelivered(
+    settings: ServeSettings, broker: Broker, clickhouse: ClickHouse, producer: Any
+) -> None:
+    before = {
+        p: REGISTRY.get_sample_value("maniac_project_records_dead_lettered_total", {"project": p})
+        or 0.0
+        for p in ("projA", "unknown")
+    }
+    await produce(
+        producer,
+        settings.topic,
+        [(b"projA/garbage", b"\xff{not json"), event("ok", project="projA")],
+    )
+    await produce(producer, settings.topic, [(b"", b"[]")])  # no key: project unknown
+    async with RunningWorker(settings, broker, clickhouse):
+        await eventually(lambda: count_is(clickhouse, 1))
+
+        async def recorded() -> bool:
+            return len(await _dead_letters(clickhouse)) == 2
+
+        await eventually(recorded)
+    first = await _dead_letters(clickhouse)
+    assert [(r[0], r[1]) for r in first] == [("", ""), ("projA", "garbage")]
+    assert first[0][2] == "event is not a JSON object"
+    assert first[1][2].startswith("not JSON")
+    assert first[1][3] == settings.topic
+    assert first[1][7] == "projA/garbage"
+    payload = await clickhouse.rows(
+        "SELECT hex(payload) FROM {database}.dead_letters WHERE completion_id = 'garbage'"
+    )
+    assert payload[0][0] == b"\xff{not json".hex().upper()  # the bytes as they came
+    for project in ("projA", "unknown"):
+        after = REGISTRY.get_sample_value(
+            "maniac_project_records_dead_lettered_total", {"project": project}
+        )
+        assert after == before[project] + 1
+
+    # the same messages dead-lettered again (a new group re-reads the topic): counted once
+    again = settings.model_copy(update={"consumer_group": settings.consumer_group + "-again"})
+    async with RunningWorker(again, broker, clickhouse) as worker:
+        await eventually(lambda: all_committed(worker, 3))
+    assert await _dead_letters(clickhouse) == first

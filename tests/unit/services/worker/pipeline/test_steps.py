@@ -16,9 +16,10 @@ P1 = Partition("t", 1)
 class Recorder:
     """The I/O the pipeline calls, recorded in order; inserts can be made to fail."""
 
-    def __init__(self, failures: int = 0) -> None:
+    def __init__(self, failures: int = 0, record_failures: int = 0) -> None:
         self.calls: list[tuple[str, object]] = []
         self.failures = failures
+        self.record_failures = record_failures
         self.stored: dict[tuple[str, str], int] = {}
         self.inserted: list[bytes] = []
 
@@ -32,6 +33,13 @@ class Recorder:
 
     async def dead_letter(self, dead: list[Processed]) -> None:
         self.calls.append(("dead_letter", [d.message.offset for d in dead]))
+
+    async def record_dead(self, dead: list[Processed]) -> None:
+        if self.record_failures:
+            self.record_failures -= 1
+            self.calls.append(("record_dead_failed", [d.message.offset for d in dead]))
+            raise ConnectionError("ClickHouse unavailable")
+        self.calls.append(("record_dead", [d.message.offset for d in dead]))
 
     async def commit(self, offsets: dict[Partition, int]) -> None:
         self.calls.append(("commit", dict(offsets)))
@@ -48,6 +56,7 @@ def _pipeline(recorder: Recorder, max_rows: int = 3, max_ms: int = 10_000) -> Pi
     return build_pipeline(
         insert=recorder.insert,
         dead_letter=recorder.dead_letter,
+        record_dead=recorder.record_dead,
         commit=recorder.commit,
         lookup=recorder.lookup,
         retract=recorder.retract,
@@ -99,8 +108,26 @@ async def test_dead_letters_are_sent_before_commit_and_do_not_block_partition() 
     await pipeline.first.submit(_poison(P0, 1))
     await pipeline.first.submit(_valid(P1, 5))
     await pipeline.first.join()
-    assert rec.calls == [("insert", 2), ("dead_letter", [1]), ("commit", {P0: 2, P1: 6})]
+    assert rec.calls == [
+        ("insert", 2),
+        ("dead_letter", [1]),
+        ("record_dead", [1]),
+        ("commit", {P0: 2, P1: 6}),
+    ]
     assert pipeline.commit.committed == {P0: 2, P1: 6}
+
+
+async def test_failed_dead_letter_record_is_retried_alone_before_commit() -> None:
+    rec = Recorder(record_failures=2)
+    pipeline = _pipeline(rec, max_rows=1)
+    await pipeline.first.submit(_poison(P0, 4))
+    assert rec.calls == [
+        ("dead_letter", [4]),  # sent to the topic once, not again on each retry
+        ("record_dead_failed", [4]),
+        ("record_dead_failed", [4]),
+        ("record_dead", [4]),
+        ("commit", {P0: 5}),
+    ]
 
 
 async def test_failed_insert_is_retried_and_nothing_committed_before_it_succeeds() -> None:
@@ -122,6 +149,7 @@ async def test_failure_while_stopping_is_raised_not_committed() -> None:
     pipeline = build_pipeline(
         insert=rec.insert,
         dead_letter=rec.dead_letter,
+        record_dead=rec.record_dead,
         commit=rec.commit,
         lookup=rec.lookup,
         retract=rec.retract,

@@ -1,3 +1,5 @@
+"""A producer on the session broker, for tests that put messages on topics directly."""
+
 from __future__ import annotations
 
 from collections.abc import AsyncIterator

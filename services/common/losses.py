@@ -1,0 +1,201 @@
+"""Loss accounting in ClickHouse: dead letters and dropped telemetry, per project.
+
+All SQL of the ``dead_letters`` and ``dropped`` tables (migration 0006) lives here, every value
+a bound parameter. Workers record dead letters, the gateway records drops, ``maniac dlq``
+lists and marks replays, and ``GET /v1/status`` reads the counts.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+from services.common.clickhouse import ClickHouse
+
+NOT_REPLAYED = datetime(1970, 1, 1, tzinfo=UTC)
+
+Source = tuple[str, int, int]
+"""Where a dead letter came from: (topic, partition, offset); its identity."""
+
+
+@dataclass(frozen=True, slots=True)
+class DeadLetter:
+    project: str
+    source_topic: str
+    source_partition: int
+    source_offset: int
+    completion_id: str
+    message_key: bytes
+    reason: str
+    dead_at: datetime
+    payload: bytes
+    replayed_at: datetime = NOT_REPLAYED
+
+    @property
+    def source(self) -> Source:
+        return (self.source_topic, self.source_partition, self.source_offset)
+
+
+@dataclass(frozen=True, slots=True)
+class Dropped:
+    project: str
+    completion_id: str
+    reason: str
+    error: str
+    dropped_at: datetime
+
+
+_DEAD_COLUMNS = (
+    "project",
+    "source_topic",
+    "source_partition",
+    "source_offset",
+    "completion_id",
+    "message_key",
+    "reason",
+    "dead_at",
+    "replayed_at",
+    "payload",
+)
+_DROPPED_COLUMNS = ("project", "completion_id", "reason", "error", "dropped_at")
+
+
+def _utc(moment: datetime) -> datetime:
+    return moment if moment.tzinfo else moment.replace(tzinfo=UTC)
+
+
+def _iso(moment: datetime | None) -> str | None:
+    if moment is None:
+        return None
+    return _utc(moment).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+class LossRepository:
+    def __init__(self, clickhouse: ClickHouse) -> None:
+        self._ch = clickhouse
+
+    # -- writes ------------------------------------------------------------------------------
+
+    async def record_dead_letters(self, letters: Sequence[DeadLetter]) -> None:
+        """Insert dead letters (or their replayed versions) in one request."""
+        if not letters:
+            return
+        rows = [
+            (
+                d.project,
+                d.source_topic,
+                d.source_partition,
+                d.source_offset,
+                d.completion_id,
+                d.message_key,
+                d.reason,
+                _utc(d.dead_at),
+                _utc(d.replayed_at),
+                d.payload,
+            )
+            for d in letters
+        ]
+        await self._ch.insert_rows("dead_letters", rows, _DEAD_COLUMNS)
+
+    async def record_dropped(self, drops: Sequence[Dropped]) -> None:
+        if not drops:
+            return
+        rows = [(d.project, d.completion_id, d.reason, d.error, _utc(d.dropped_at)) for d in drops]
+        await self._ch.insert_rows("dropped", rows, _DROPPED_COLUMNS)
+
+    # -- reads -------------------------------------------------------------------------------
+
+    async def replayed(self, sources: Sequence[Source]) -> set[Source]:
+        """Which of these dead letters were replayed already."""
+        if not sources:
+            return set()
+        rows = await self._ch.rows(
+            "SELECT source_topic, source_partition, source_offset "
+            "FROM {database}.dead_letters FINAL "
+            "WHERE toUnixTimestamp64Milli(replayed_at) > 0 "
+            "AND (source_topic, source_partition, source_offset) "
+            "IN {sources:Array(Tuple(String, UInt32, UInt64))}",
+            {"sources": list(sources)},
+        )
+        return {(str(r[0]), int(r[1]), int(r[2])) for r in rows}
+
+    async def list_dead_letters(self, project: str | None, limit: int) -> list[dict[str, Any]]:
+        """The newest dead letters (without their payload), optionally of one project."""
+        where = "WHERE project = {project:String}" if project is not None else ""
+        rows = await self._ch.rows(
+            "SELECT project, completion_id, reason, source_topic, source_partition, "
+            "source_offset, dead_at, replayed_at, length(payload) "
+            f"FROM {{database}}.dead_letters FINAL {where} "
+            "ORDER BY dead_at DESC, source_offset DESC LIMIT {limit:UInt32}",
+            {"project": project or "", "limit": limit},
+        )
+        return [
+            {
+                "project": r[0],
+                "completion_id": r[1] or None,
+                "reason": r[2],
+                "source": f"{r[3]}/{r[4]}/{r[5]}",
+                "dead_at": _iso(r[6]),
+                "replayed_at": _iso(r[7]) if _utc(r[7]) > NOT_REPLAYED else None,
+                "bytes": int(r[8]),
+            }
+            for r in rows
+        ]
+
+    async def status(self, project: str) -> dict[str, Any]:
+        """Ingestion lag over the last hour and loss counts, for one project."""
+        params = {"project": project}
+        # Every stored version once: agg_sign = 1 leaves out retractions, and the worker never
+        # writes a re-delivery, so no FINAL is needed (which would merge the whole project).
+        lag = await self._ch.rows(
+            "SELECT count(), quantiles(0.5, 0.99)(lag), max(lag) FROM ("
+            "SELECT greatest(toInt64(toUnixTimestamp64Milli(inserted_at)) "
+            "- toInt64(toUnixTimestamp64Milli(received_at)), 0) AS lag "
+            "FROM {database}.completions "
+            "WHERE project = {project:String} AND agg_sign = 1 "
+            "AND inserted_at >= now64(3) - INTERVAL 1 HOUR)",
+            params,
+        )
+        stored, quantiles, longest = lag[0]
+        dead = await self._ch.rows(
+            "SELECT reason, count(), countIf(dead_at >= now64(3) - INTERVAL 1 DAY), "
+            "countIf(toUnixTimestamp64Milli(replayed_at) > 0) "
+            "FROM {database}.dead_letters FINAL WHERE project = {project:String} "
+            "GROUP BY reason ORDER BY count() DESC, reason",
+            params,
+        )
+        dropped = await self._ch.rows(
+            "SELECT reason, count(), countIf(dropped_at >= now64(3) - INTERVAL 1 DAY) "
+            "FROM {database}.dropped FINAL WHERE project = {project:String} "
+            "GROUP BY reason ORDER BY count() DESC, reason",
+            params,
+        )
+
+        def ms(value: Any) -> int | None:
+            if not stored or value is None or math.isnan(float(value)):
+                return None
+            return round(float(value))
+
+        return {
+            "ingestion_lag_ms": {
+                "p50": ms(quantiles[0] if quantiles else None),
+                "p99": ms(quantiles[1] if quantiles else None),
+                "max": ms(longest),
+                "window": "1h",
+            },
+            "stored_last_hour": int(stored),
+            "dead_lettered": {
+                "total": sum(int(r[1]) for r in dead),
+                "last_24h": sum(int(r[2]) for r in dead),
+                "replayed": sum(int(r[3]) for r in dead),
+                "by_reason": {str(r[0]): int(r[1]) for r in dead},
+            },
+            "dropped": {
+                "total": sum(int(r[1]) for r in dropped),
+                "last_24h": sum(int(r[2]) for r in dropped),
+                "by_reason": {str(r[0]): int(r[1]) for r in dropped},
+            },
+        }

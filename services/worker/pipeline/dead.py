@@ -1,0 +1,39 @@
+"""Pure: a message that can never be stored -> its dead-letter headers and its loss record."""
+
+from __future__ import annotations
+
+from datetime import datetime
+
+from schemas.events import split_key
+from services.common.losses import DeadLetter
+from services.worker.pipeline.types import Invalid, Processed
+
+
+def reason_of(dead: Processed) -> str:
+    return dead.result.reason if isinstance(dead.result, Invalid) else "invalid"
+
+
+def dead_letter_headers(dead: Processed) -> list[tuple[str, bytes]]:
+    """The headers of the dead-letter topic's record: why, and where the message came from."""
+    return [
+        ("reason", reason_of(dead).encode()),
+        ("source_topic", dead.message.partition.topic.encode()),
+        ("source_partition", str(dead.message.partition.partition).encode()),
+        ("source_offset", str(dead.message.offset).encode()),
+    ]
+
+
+def dead_letter_record(dead: Processed, dead_at: datetime) -> DeadLetter:
+    """The row kept in ClickHouse; the project and completion id come from the key."""
+    project, completion_id = split_key(dead.message.key)
+    return DeadLetter(
+        project=project,
+        source_topic=dead.message.partition.topic,
+        source_partition=dead.message.partition.partition,
+        source_offset=dead.message.offset,
+        completion_id=completion_id,
+        message_key=dead.message.key or b"",
+        reason=reason_of(dead),
+        dead_at=dead_at,
+        payload=dead.message.value or b"",
+    )
