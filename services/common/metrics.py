@@ -93,3 +93,12 @@ DROPS_UNRECORDED = Counter(
 def project_label(project: str) -> str:
     """The project as a metric label: bounded in length, never empty."""
     return project[:64] or "unknown"
+
+
+GATEWAY_BODY_BYTES = Gauge(
+    "maniac_gateway_inflight_body_bytes", "Request-body bytes the gateway holds right now."
+)
+GATEWAY_OVERLOADED = Counter(
+    "maniac_gateway_overloaded_total",
+    "Requests refused (503) because the in-flight body budget was full.",
+)

@@ -53,6 +53,11 @@ class GatewaySettings(CommonSettings):
     telemetry_queue_size: int = Field(default=10_000, ge=1)
     max_items_per_request: int = Field(default=10_000, ge=1)
     max_body_bytes: int = Field(default=64 * 1024 * 1024, ge=1024)
+    max_inflight_body_bytes: int = Field(
+        default=512 * 1024 * 1024,
+        ge=1024,
+        description="Request-body bytes held at once across requests; beyond: 503 Retry-After.",
+    )
     publish_timeout_s: float = Field(default=30.0, gt=0)
     producer_linger_ms: int = Field(default=5, ge=0)
     producer_compression: Literal["none", "gzip", "lz4", "zstd", "snappy"] = "zstd"

@@ -16,6 +16,7 @@ from services.common.codec import JSONDecodeError, loads
 from services.common.errors import PayloadTooLarge
 from services.common.responses import JSONResponse
 from services.common.settings import GatewaySettings
+from services.gateway.budget import BodyBudget, Lease
 from services.gateway.completions import CompletionService
 from services.gateway.publisher import Publisher
 from services.gateway.register import RegisterEnvelope, build_events
@@ -36,21 +37,37 @@ async def _settings(request: Request) -> GatewaySettings:
     return settings
 
 
+async def _body_budget(request: Request) -> BodyBudget:
+    budget: BodyBudget = request.state.body_budget
+    return budget
+
+
 PublisherDep = Annotated[Publisher, Depends(_publisher)]
+BudgetDep = Annotated[BodyBudget, Depends(_body_budget)]
 SettingsDep = Annotated[GatewaySettings, Depends(_settings)]
 
 
-async def read_json_body(request: Request, max_bytes: int) -> object:
-    """The request's JSON, refusing bodies over ``max_bytes`` before reading them whole."""
+async def read_json_body(request: Request, max_bytes: int, lease: Lease | None = None) -> object:
+    """The request's JSON, refusing bodies over ``max_bytes`` before reading them whole.
+
+    With a ``lease``, the body's bytes are taken from the gateway's in-flight budget as they
+    arrive (all at once when the length is declared), before they are held in memory.
+    """
     declared = request.headers.get("content-length")
-    if declared is not None and declared.isdigit() and int(declared) > max_bytes:
-        raise PayloadTooLarge(f"Request body exceeds {max_bytes} bytes.")
+    if declared is not None and declared.isdigit():
+        if int(declared) > max_bytes:
+            raise PayloadTooLarge(f"Request body exceeds {max_bytes} bytes.")
+        if lease is not None:
+            lease.take(int(declared))
+            lease = None
     chunks: list[bytes] = []
     size = 0
     async for chunk in request.stream():
         size += len(chunk)
         if size > max_bytes:
             raise PayloadTooLarge(f"Request body exceeds {max_bytes} bytes.")
+        if lease is not None:
+            lease.take(len(chunk))
         chunks.append(chunk)
     try:
         return loads(b"".join(chunks))
@@ -71,9 +88,11 @@ CompletionsDep = Annotated[CompletionService, Depends(_completions)]
 M = TypeVar("M", bound=BaseModel)
 
 
-async def read_model(request: Request, model: type[M], max_bytes: int) -> tuple[Any, M]:
+async def read_model(
+    request: Request, model: type[M], max_bytes: int, lease: Lease | None = None
+) -> tuple[Any, M]:
     """The JSON body and its validation as ``model``; FastAPI's 422 when it is not one."""
-    body = await read_json_body(request, max_bytes)
+    body = await read_json_body(request, max_bytes, lease)
     try:
         return body, model.model_validate(body)
     except ValidationError as exc:
@@ -93,10 +112,21 @@ async def create_completion(
 
 @router.post("/v1/chat/completions/register", response_model=RegisterRes)
 async def register(
-    request: Request, project: ProjectDep, publisher: PublisherDep, settings: SettingsDep
+    request: Request,
+    project: ProjectDep,
+    publisher: PublisherDep,
+    settings: SettingsDep,
+    budget: BudgetDep,
 ) -> JSONResponse:
     """Register completed chat examples for evaluation and analytics."""
-    _, envelope = await read_model(request, RegisterEnvelope, settings.max_body_bytes)
+    with budget.lease() as lease:  # the body's bytes count until the broker has its items
+        return await _register(request, project, publisher, settings, lease)
+
+
+async def _register(
+    request: Request, project: str, publisher: Publisher, settings: GatewaySettings, lease: Lease
+) -> JSONResponse:
+    _, envelope = await read_model(request, RegisterEnvelope, settings.max_body_bytes, lease)
     if len(envelope.items) > settings.max_items_per_request:
         raise RequestValidationError(
             [

@@ -9,6 +9,7 @@ from services.common.clickhouse import ClickHouse
 from services.common.kafka import create_producer
 from services.common.losses import LossRepository
 from services.common.settings import GatewaySettings
+from services.gateway.budget import BodyBudget
 from services.gateway.completions import CompletionService
 from services.gateway.dead_letters import DeadLetterReplayer
 from services.gateway.drops import DropRecorder
@@ -25,6 +26,7 @@ class Gateway:
     completions: CompletionService
     drops: DropRecorder
     replayer: DeadLetterReplayer
+    budget: BodyBudget
 
     @classmethod
     async def start(
@@ -50,13 +52,15 @@ class Gateway:
         upstream = UpstreamClient(settings.upstream_max_connections)
         completions = CompletionService(catalog, upstream, publisher)
         replayer = DeadLetterReplayer(settings, bootstrap, publisher, losses)
-        return cls(producer, publisher, upstream, completions, drops, replayer)
+        budget = BodyBudget(settings.max_inflight_body_bytes)
+        return cls(producer, publisher, upstream, completions, drops, replayer, budget)
 
     def state(self) -> dict[str, Any]:
         return {
             "publisher": self.publisher,
             "completion_service": self.completions,
             "dead_letter_replayer": self.replayer,
+            "body_budget": self.budget,
         }
 
     async def stop(self) -> None:

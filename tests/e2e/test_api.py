@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
 import copy
 import json
+from collections.abc import AsyncIterator
 from typing import Any
 
 import httpx
@@ -256,6 +258,40 @@ async def test_limits_on_body_size_and_item_count(start_stack: StackFactory) -> 
         response = await client.post("/v1/chat/completions/register", json=many)
         assert response.status_code == 422
         assert response.json()["detail"][0]["loc"] == ["body", "items"]
+
+
+async def test_bytes_held_across_requests_are_bounded(start_stack: StackFactory) -> None:
+    running = await start_stack(max_body_bytes=4096, max_inflight_body_bytes=4096)
+    body = json.dumps({"container": "c", "items": [_item(1, filler="x" * 3500)]}).encode()
+    assert 3000 < len(body) <= 4096
+    release = asyncio.Event()
+
+    async def slow_upload() -> AsyncIterator[bytes]:  # chunked: no length declared
+        yield body[:3000]
+        await release.wait()
+        yield body[3000:]
+
+    async with running.client(KEY_A) as client:
+        held = asyncio.create_task(
+            client.post("/v1/chat/completions/register", content=slow_upload())
+        )
+
+        async def holding() -> bool:
+            metrics = (await client.get("/metrics")).text
+            return "maniac_gateway_inflight_body_bytes 3000.0" in metrics
+
+        await eventually(holding)
+        refused = await client.post("/v1/chat/completions/register", content=body)
+        _error(refused, 503, "service_unavailable")
+        assert refused.headers["retry-after"] == "1"
+        assert refused.json()["error"]["details"]["reason"] == "overloaded"
+
+        release.set()
+        assert (await held).json()["summary"]["accepted"] == 1
+        accepted = await client.post("/v1/chat/completions/register", content=body)
+        assert accepted.json()["summary"]["accepted"] == 1
+        metrics = (await client.get("/metrics")).text
+        assert "maniac_gateway_inflight_body_bytes 0.0" in metrics
 
 
 async def test_health_readiness_and_spec(api: RunningStack) -> None:
