@@ -16,6 +16,7 @@ from services.common.records import (
     RecordError,
     content_completion_id,
     parse_created,
+    parse_spend,
     usage_counts,
 )
 
@@ -53,6 +54,7 @@ def check_item(raw: Any) -> None:
     output = raw.get("output") or {}
     parse_created(output.get("created"))
     usage_counts(output.get("usage"))
+    parse_spend(output.get("spend"))
 
 
 def build_events(envelope: RegisterEnvelope, *, project: str, received_at_ms: int) -> Validated:

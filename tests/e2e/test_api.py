@@ -98,6 +98,32 @@ async def test_invalid_items_are_reported_and_valid_ones_kept(api: RunningStack)
         assert {r["id"] for r in listed["data"]} == {"cmpl-1", "cmpl-2"}
 
 
+async def test_values_storage_cannot_hold_are_reported_and_later_items_still_stored(
+    api: RunningStack,
+) -> None:
+    # Found by fuzzing: a spend beyond Decimal(38, 12) was accepted, and its insert then failed
+    # on every retry, so nothing registered after it was ever stored.
+    huge_tokens = {"prompt_tokens": 1e30, "completion_tokens": 1, "total_tokens": 1}
+    items = [_item(1, spend=1e30), _item(2, usage=huge_tokens), _item(3, spend=0.5)]
+    async with api.client(KEY_A) as client:
+        response = await client.post(
+            "/v1/chat/completions/register", json={"container": "c", "items": items}
+        )
+        assert response.status_code == 200, response.text
+        body = response.json()
+        assert body["summary"] == {"received": 3, "accepted": 1, "rejected": 2}
+        assert [e["loc"] for e in body["errors"]] == [
+            ["items", 0, "output", "spend"],
+            ["items", 1, "output", "usage", "prompt_tokens"],
+        ]
+        listed = await _visible(client, 1)
+        assert [(r["id"], r["spend"]) for r in listed["data"]] == [("cmpl-3", 0.5)]
+        for later in (4, 5):
+            payload = {"container": "c", "items": [_item(later)]}
+            assert (await client.post("/v1/chat/completions/register", json=payload)).is_success
+        await _visible(client, 3)
+
+
 async def test_same_completion_twice_is_listed_once(api: RunningStack) -> None:
     payload = {"container": "c", "items": [_item(1), _item(1), _item(2)]}
     input_only = {"container": "c", "items": [{"input": {"messages": []}, "tags": ["x"]}]}
