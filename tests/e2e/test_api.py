@@ -124,6 +124,23 @@ async def test_values_storage_cannot_hold_are_reported_and_later_items_still_sto
         await _visible(client, 3)
 
 
+async def test_values_of_another_json_type_are_reported_not_stored(api: RunningStack) -> None:
+    # Found by fuzzing: `"index": false` was accepted, stored as given, and every list or get
+    # that returned it broke the spec's `integer | null`.
+    bad_choice = {"index": False, "message": {"role": "assistant", "content": "a"}}
+    items = [_item(1, choices=[bad_choice]), _item(2)]
+    async with api.client(KEY_A) as client:
+        response = await client.post(
+            "/v1/chat/completions/register", json={"container": "c", "items": items}
+        )
+        assert response.status_code == 200, response.text
+        body = response.json()
+        assert body["summary"] == {"received": 2, "accepted": 1, "rejected": 1}
+        assert body["errors"][0]["loc"] == ["items", 0, "output", "choices", 0, "index"]
+        listed = await _visible(client, 1)
+        assert [r["id"] for r in listed["data"]] == ["cmpl-2"]
+
+
 async def test_same_completion_twice_is_listed_once(api: RunningStack) -> None:
     payload = {"container": "c", "items": [_item(1), _item(1), _item(2)]}
     input_only = {"container": "c", "items": [{"input": {"messages": []}, "tags": ["x"]}]}

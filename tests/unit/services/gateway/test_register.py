@@ -71,6 +71,20 @@ def test_valid_items_become_events_keyed_by_completion() -> None:
             "value_error",
             id="too-many-tokens",
         ),
+        # Found by fuzzing: lax validation let `false` through as an index; stored as given,
+        # the record then broke the spec whenever it was listed or fetched.
+        pytest.param(
+            {**GOOD, "output": {"choices": [{"index": False, "message": {"role": "assistant"}}]}},
+            ["items", 0, "output", "choices", 0, "index"],
+            "int_type",
+            id="bool-index",
+        ),
+        pytest.param(
+            {**GOOD, "output": {"choices": [], "spend": "0.5"}},
+            ["items", 0, "output", "spend"],
+            "float_type",
+            id="string-spend",
+        ),
         pytest.param(
             {**GOOD, "output": {"choices": [], "spend": 1e30}},
             ["items", 0, "output", "spend"],
