@@ -38,7 +38,10 @@ async def _visible(client: httpx.AsyncClient, total: int, **params: Any) -> dict
         response = await client.get("/v1/chat/completions", params=params)
         assert response.status_code == 200, response.text
         body = response.json()
-        return bool(body["total"] == total)
+        # The page and the total are two queries: a row stored between them can be counted
+        # before the page shows it, so wait for both.
+        shown = min(total, int(params.get("limit", 20)))
+        return bool(body["total"] == total and len(body["data"]) == shown)
 
     await eventually(check)
     return body
