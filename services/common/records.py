@@ -6,6 +6,7 @@ import hashlib
 import math
 import uuid
 from datetime import UTC, datetime
+from decimal import Decimal, InvalidOperation
 from typing import Any
 
 from services.common.codec import dumps_canonical
@@ -72,18 +73,42 @@ def parse_created(value: Any) -> float | None:
     return seconds
 
 
+# What one record may carry, so that every row can be inserted and the aggregates summing
+# many rows (Int64 token sums, Decimal(38, 12) spend sums) cannot overflow.
+MAX_TOKENS = 10**12
+MAX_SPEND = Decimal(10**15)
+
 TOKEN_FIELDS = ("prompt_tokens", "completion_tokens", "total_tokens")
 
 
 def token_count(value: Any, loc: tuple[str | int, ...]) -> int:
-    """A token count as a non-negative integer."""
+    """A token count as a non-negative integer, at most ``MAX_TOKENS``."""
     if value is None:
         return 0
     if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
         raise RecordError(loc, "token counts must be finite numbers")
     if value < 0:
         raise RecordError(loc, "token counts must not be negative")
+    if value > MAX_TOKENS:
+        raise RecordError(loc, f"token counts must be at most {MAX_TOKENS}")
     return round(value)
+
+
+def parse_spend(value: Any) -> Decimal | None:
+    """A caller-given spend as an exact Decimal (None when absent), at most ``MAX_SPEND``."""
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int | float | str):
+        raise RecordError(("output", "spend"), "spend must be a number")
+    try:
+        spend = Decimal(str(value))
+    except InvalidOperation as exc:
+        raise RecordError(("output", "spend"), "spend must be a number") from exc
+    if not spend.is_finite():
+        raise RecordError(("output", "spend"), "spend must be finite")
+    if abs(spend) > MAX_SPEND:
+        raise RecordError(("output", "spend"), f"spend must be at most {MAX_SPEND} in magnitude")
+    return spend
 
 
 def usage_counts(usage: dict[str, Any] | None) -> dict[str, int]:

@@ -16,6 +16,7 @@ from services.common.records import (
     RecordError,
     content_completion_id,
     parse_created,
+    parse_spend,
     usage_counts,
 )
 
@@ -48,11 +49,16 @@ class Validated:
 
 
 def check_item(raw: Any) -> None:
-    """Raise ValidationError or RecordError when ``raw`` cannot be stored."""
-    _ITEM.validate_python(raw)
+    """Raise ValidationError or RecordError when ``raw`` cannot be stored.
+
+    Strict: the item is stored as given and read back through the spec, so its values must
+    already have the spec's JSON types (``false`` is no choice index, ``"1"`` no number).
+    """
+    _ITEM.validate_python(raw, strict=True)
     output = raw.get("output") or {}
     parse_created(output.get("created"))
     usage_counts(output.get("usage"))
+    parse_spend(output.get("spend"))
 
 
 def build_events(envelope: RegisterEnvelope, *, project: str, received_at_ms: int) -> Validated:

@@ -40,7 +40,10 @@ async def _visible(client: httpx.AsyncClient, total: int, **params: Any) -> dict
         response = await client.get("/v1/chat/completions", params=params)
         assert response.status_code == 200, response.text
         body = response.json()
-        return bool(body["total"] == total)
+        # The page and the total are two queries: a row stored between them can be counted
+        # before the page shows it, so wait for both.
+        shown = min(total, int(params.get("limit", 20)))
+        return bool(body["total"] == total and len(body["data"]) == shown)
 
     await eventually(check)
     return body
@@ -98,6 +101,49 @@ async def test_invalid_items_are_reported_and_valid_ones_kept(api: RunningStack)
         assert body["errors"][1]["loc"] == ["items", 3, "input"]
         listed = await _visible(client, 2)
         assert {r["id"] for r in listed["data"]} == {"cmpl-1", "cmpl-2"}
+
+
+async def test_values_storage_cannot_hold_are_reported_and_later_items_still_stored(
+    api: RunningStack,
+) -> None:
+    # Found by fuzzing: a spend beyond Decimal(38, 12) was accepted, and its insert then failed
+    # on every retry, so nothing registered after it was ever stored.
+    huge_tokens = {"prompt_tokens": 1e30, "completion_tokens": 1, "total_tokens": 1}
+    items = [_item(1, spend=1e30), _item(2, usage=huge_tokens), _item(3, spend=0.5)]
+    async with api.client(KEY_A) as client:
+        response = await client.post(
+            "/v1/chat/completions/register", json={"container": "c", "items": items}
+        )
+        assert response.status_code == 200, response.text
+        body = response.json()
+        assert body["summary"] == {"received": 3, "accepted": 1, "rejected": 2}
+        assert [e["loc"] for e in body["errors"]] == [
+            ["items", 0, "output", "spend"],
+            ["items", 1, "output", "usage", "prompt_tokens"],
+        ]
+        listed = await _visible(client, 1)
+        assert [(r["id"], r["spend"]) for r in listed["data"]] == [("cmpl-3", 0.5)]
+        for later in (4, 5):
+            payload = {"container": "c", "items": [_item(later)]}
+            assert (await client.post("/v1/chat/completions/register", json=payload)).is_success
+        await _visible(client, 3)
+
+
+async def test_values_of_another_json_type_are_reported_not_stored(api: RunningStack) -> None:
+    # Found by fuzzing: `"index": false` was accepted, stored as given, and every list or get
+    # that returned it broke the spec's `integer | null`.
+    bad_choice = {"index": False, "message": {"role": "assistant", "content": "a"}}
+    items = [_item(1, choices=[bad_choice]), _item(2)]
+    async with api.client(KEY_A) as client:
+        response = await client.post(
+            "/v1/chat/completions/register", json={"container": "c", "items": items}
+        )
+        assert response.status_code == 200, response.text
+        body = response.json()
+        assert body["summary"] == {"received": 2, "accepted": 1, "rejected": 1}
+        assert body["errors"][0]["loc"] == ["items", 0, "output", "choices", 0, "index"]
+        listed = await _visible(client, 1)
+        assert [r["id"] for r in listed["data"]] == ["cmpl-2"]
 
 
 async def test_same_completion_twice_is_listed_once(api: RunningStack) -> None:

@@ -77,7 +77,13 @@ class ProcessAndBatch:
         batch = self._batch
         if not batch.offsets:
             batch.first_ms = time.monotonic()
-        result = self._process(message.value)
+        try:
+            result = self._process(message.value)
+        except Exception as exc:
+            # The step is pure: the same message would fail the same way on every retry, and
+            # letting it escape would stop the worker. It goes to the dead-letter topic.
+            log.exception("process_failed", partition=message.partition.partition)
+            result = Invalid(f"unprocessable: {exc!r}")
         if isinstance(result, Row):
             batch.rows.append(result)
         else:

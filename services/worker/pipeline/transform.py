@@ -7,7 +7,7 @@ response exactly as list/get return it (``ChatResRelaxed``), so reads never rebu
 from __future__ import annotations
 
 from datetime import UTC, datetime
-from decimal import Decimal, InvalidOperation
+from decimal import Decimal
 from typing import Any
 
 from schemas.events import CompletionEvent
@@ -17,6 +17,7 @@ from services.common.records import (
     RecordError,
     normalize_slug,
     parse_created,
+    parse_spend,
     usage_counts,
     usage_flags,
 )
@@ -33,20 +34,6 @@ def _merge_metadata(*parts: Any) -> dict[str, Any] | None:
         if isinstance(part, dict):
             merged.update(part)
     return merged or None
-
-
-def _spend(value: Any) -> Decimal | None:
-    if value is None:
-        return None
-    if isinstance(value, bool) or not isinstance(value, int | float | str):
-        raise RecordError(("output", "spend"), "spend must be a number")
-    try:
-        spend = Decimal(str(value))
-    except InvalidOperation as exc:
-        raise RecordError(("output", "spend"), "spend must be a number") from exc
-    if not spend.is_finite():
-        raise RecordError(("output", "spend"), "spend must be finite")
-    return spend
 
 
 def _datetime64(seconds: float) -> str:
@@ -110,7 +97,7 @@ def to_row(event: CompletionEvent, prices: PriceCatalog | None = None) -> Row | 
         created = parse_created(output.get("created"))
         usage = output.get("usage") if isinstance(output.get("usage"), dict) else None
         counts = usage_counts(usage)
-        spend = _spend(output.get("spend"))
+        spend = parse_spend(output.get("spend"))
     except RecordError as exc:
         return Invalid(f"{'.'.join(str(p) for p in exc.loc)}: {exc.message}")
     if created is None:

@@ -59,6 +59,26 @@ async def test_poison_message_goes_to_dead_letter_and_partition_moves_on(
     assert all(dict(r.headers)["source_topic"].decode() == settings.topic for r in dead)
 
 
+async def test_values_clickhouse_cannot_hold_are_dead_lettered_not_retried_forever(
+    settings: ServeSettings, broker: Broker, clickhouse: ClickHouse, producer: Any
+) -> None:
+    # Before: a spend beyond Decimal(38, 12) failed the insert on every retry (the partition
+    # stalled), and a token count beyond 64 bits raised in the worker and stopped it.
+    huge_tokens = {"prompt_tokens": 1e30, "completion_tokens": 0, "total_tokens": 0}
+    messages = [
+        event("before"),
+        event("huge-spend", spend=1e30),
+        event("huge-tokens", usage=huge_tokens),
+        event("after"),
+    ]
+    await produce(producer, settings.topic, messages)
+    async with RunningWorker(settings, broker, clickhouse) as worker:
+        await eventually(lambda: count_is(clickhouse, 2))
+        await eventually(lambda: all_committed(worker, 4))
+    ids = {r[0] for r in await clickhouse.rows("SELECT completion_id FROM {database}.completions")}
+    assert ids == {"before", "after"}
+
+
 async def test_a_new_worker_resumes_from_committed_offsets(
     settings: ServeSettings, broker: Broker, clickhouse: ClickHouse, producer: Any
 ) -> None:

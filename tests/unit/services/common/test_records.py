@@ -1,14 +1,18 @@
 from __future__ import annotations
 
+from decimal import Decimal
 from typing import Any
 
 import pytest
 
 from services.common.records import (
+    MAX_SPEND,
+    MAX_TOKENS,
     RecordError,
     content_completion_id,
     normalize_slug,
     parse_created,
+    parse_spend,
     usage_counts,
 )
 
@@ -96,11 +100,62 @@ def test_usage_counts_absent_is_zero() -> None:
             },
             id="neg-cached",
         ),
+        pytest.param(
+            {"prompt_tokens": 1e30, "completion_tokens": 0, "total_tokens": 0}, id="too-many"
+        ),
+        pytest.param(
+            {
+                "prompt_tokens": 1,
+                "completion_tokens": 0,
+                "total_tokens": 1,
+                "completion_tokens_details": {"reasoning_tokens": MAX_TOKENS + 1},
+            },
+            id="too-many-reasoning",
+        ),
     ],
 )
 def test_usage_counts_refuses(usage: dict[str, Any]) -> None:
     with pytest.raises(RecordError):
         usage_counts(usage)
+
+
+def test_usage_counts_keeps_the_largest_allowed_count() -> None:
+    usage = {"prompt_tokens": MAX_TOKENS, "completion_tokens": 0, "total_tokens": MAX_TOKENS}
+    assert usage_counts(usage)["prompt_tokens"] == MAX_TOKENS
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [
+        (None, None),
+        (0.0000535, Decimal("0.0000535")),
+        ("1.25", Decimal("1.25")),
+        (-2, Decimal("-2")),
+        (1e-300, Decimal("1e-300")),
+        (10**15, MAX_SPEND),
+    ],
+)
+def test_parse_spend(value: Any, expected: Decimal | None) -> None:
+    assert parse_spend(value) == expected
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        pytest.param("lots", id="not-a-number"),
+        pytest.param(True, id="bool"),
+        pytest.param([1], id="list"),
+        pytest.param("NaN", id="nan"),
+        pytest.param("Infinity", id="infinite"),
+        # Decimal(38, 12) holds less than 10^26: a larger spend could never be inserted.
+        pytest.param(1e30, id="beyond-the-column"),
+        pytest.param(-1e16, id="beyond-the-limit"),
+    ],
+)
+def test_parse_spend_refuses(value: Any) -> None:
+    with pytest.raises(RecordError) as raised:
+        parse_spend(value)
+    assert raised.value.loc == ("output", "spend")
 
 
 @pytest.mark.parametrize(

@@ -59,6 +59,38 @@ def test_valid_items_become_events_keyed_by_completion() -> None:
             "value_error",
             id="negative-tokens",
         ),
+        pytest.param(
+            {
+                **GOOD,
+                "output": {
+                    "choices": [],
+                    "usage": {"prompt_tokens": 1e30, "completion_tokens": 0, "total_tokens": 0},
+                },
+            },
+            ["items", 0, "output", "usage", "prompt_tokens"],
+            "value_error",
+            id="too-many-tokens",
+        ),
+        # Found by fuzzing: lax validation let `false` through as an index; stored as given,
+        # the record then broke the spec whenever it was listed or fetched.
+        pytest.param(
+            {**GOOD, "output": {"choices": [{"index": False, "message": {"role": "assistant"}}]}},
+            ["items", 0, "output", "choices", 0, "index"],
+            "int_type",
+            id="bool-index",
+        ),
+        pytest.param(
+            {**GOOD, "output": {"choices": [], "spend": "0.5"}},
+            ["items", 0, "output", "spend"],
+            "float_type",
+            id="string-spend",
+        ),
+        pytest.param(
+            {**GOOD, "output": {"choices": [], "spend": 1e30}},
+            ["items", 0, "output", "spend"],
+            "value_error",
+            id="spend-too-large",
+        ),
     ],
 )
 def test_invalid_item_is_reported_with_location(item: Any, loc: list[Any], kind: str) -> None:

@@ -105,6 +105,23 @@ def test_spend_is_written_as_an_exact_decimal() -> None:
         pytest.param(
             _event({"input": {}, "output": {"spend": "lots"}}), "output.spend", id="bad-spend"
         ),
+        # Beyond Decimal(38, 12): the insert would fail on every retry and stall the partition.
+        pytest.param(
+            _event({"input": {}, "output": {"spend": 1e30}}), "output.spend", id="huge-spend"
+        ),
+        # Beyond 64 bits: the row could not even be encoded.
+        pytest.param(
+            _event(
+                {
+                    "input": {},
+                    "output": {
+                        "usage": {"prompt_tokens": 1e30, "completion_tokens": 0, "total_tokens": 0}
+                    },
+                }
+            ),
+            "output.usage.prompt_tokens",
+            id="huge-tokens",
+        ),
     ],
 )
 def test_poison_messages_are_invalid_with_a_reason(value: bytes | None, reason: str) -> None:

@@ -7,7 +7,8 @@ import asyncio
 import pytest
 
 from services.worker.pipeline import Pipeline, build_pipeline
-from services.worker.pipeline.types import Message, Partition, Processed
+from services.worker.pipeline.steps import CommitOffsets, ProcessAndBatch, Retrying, WriteBatch
+from services.worker.pipeline.types import Invalid, Message, Partition, Processed, Row
 
 P0 = Partition("t", 0)
 P1 = Partition("t", 1)
@@ -128,6 +129,34 @@ async def test_failed_dead_letter_record_is_retried_alone_before_commit() -> Non
         ("record_dead", [4]),
         ("commit", {P0: 5}),
     ]
+
+
+async def test_a_message_the_process_step_fails_on_is_dead_lettered_not_raised() -> None:
+    rec = Recorder()
+    reasons: list[str] = []
+
+    async def dead_letter(dead: list[Processed]) -> None:
+        reasons.extend(d.result.reason for d in dead if isinstance(d.result, Invalid))
+        await rec.dead_letter(dead)
+
+    def process(value: bytes | None) -> Row | Invalid:
+        if value == b"boom":
+            raise TypeError("Integer exceeds 64-bit range")
+        return Row(value or b"")
+
+    retrying = Retrying(0.001, 0.002, asyncio.Event())
+    commit = CommitOffsets(rec.commit, retrying)
+    write = WriteBatch(rec.insert, dead_letter, rec.record_dead, retrying, next_step=commit)
+    first = ProcessAndBatch(process, next_step=write, max_rows=3, max_ms=10_000)
+    for offset, value in enumerate([b"{}", b"boom", b"{}"]):
+        await first.submit(Message(P0, offset, b"k", value))
+    assert rec.calls == [
+        ("insert", 2),
+        ("dead_letter", [1]),
+        ("record_dead", [1]),
+        ("commit", {P0: 3}),
+    ]
+    assert reasons == ["unprocessable: TypeError('Integer exceeds 64-bit range')"]
 
 
 async def test_failed_insert_is_retried_and_nothing_committed_before_it_succeeds() -> None:
