@@ -8,12 +8,16 @@ Figures per configuration:
 
 * throughput: items / (last item visible - first request sent), and the acknowledged rate;
 * freshness: for each request, from its acknowledgement to the moment ``total`` of
-  ``GET /v1/chat/completions`` (polled every ``--poll-ms``) covers every item acknowledged up
-  to it. Items become visible in roughly the order they were acknowledged (four partitions,
-  one worker), so this is the time the request's items waited, give or take one poll;
+  ``GET /v1/chat/completions?limit=1`` (polled every ``--poll-ms``, 500 ms by default) covers
+  every item acknowledged up to it. Items become visible in roughly the order they were
+  acknowledged (four partitions, one worker), so this is the time the request's items waited,
+  give or take one poll. The poll is a list with ``FINAL`` over the growing table: its own
+  cost is reported (``list_poll_*``);
 * request latency p50/p99;
 * RSS of `maniac serve` (gateway, worker and query service in one process) and of the broker,
-  sampled every 0.5 s from /proc: at start, peak and end.
+  sampled every 0.5 s from /proc: at start, peak and end;
+* CPU time per item of `maniac serve`, the broker and the clients (from /proc): on a shared
+  machine this moves far less with other load than the throughput does.
 
 Against real infrastructure: ``--url`` and ``--key`` point the clients at a running gateway
 (with its own workers and query service) instead of starting one.
@@ -201,13 +205,21 @@ def _children(pid: int) -> list[int]:
     return found
 
 
+def _comm(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/comm").read_text().strip()
+    except OSError:
+        return ""
+
+
 @dataclass
 class MemorySampler:
-    """RSS of a process and of its children (the broker), every ``interval_s``."""
+    """RSS and CPU of `maniac serve`, of its broker child, and of its other children (the
+    worker's processes, when ``MANIAC_WORKER_PROCESSES`` is set), every ``interval_s``."""
 
     pid: int
     interval_s: float = 0.5
-    samples: list[tuple[float, int, int]] = field(default_factory=list)
+    samples: list[tuple[float, int, int, int]] = field(default_factory=list)
     cpu: dict[str, float] = field(default_factory=dict)
     _stop: threading.Event = field(default_factory=threading.Event)
     _thread: threading.Thread | None = None
@@ -216,19 +228,34 @@ class MemorySampler:
         self._thread = threading.Thread(target=self._run, daemon=True)
         self._thread.start()
 
-    def _run(self) -> None:
+    def _groups(self) -> tuple[list[int], list[int]]:
         children = _children(self.pid)
+        broker = [c for c in children if _comm(c) == "tansu"]
+        return broker, [c for c in children if c not in broker]
+
+    def _run(self) -> None:
         started = time.perf_counter()
-        cpu = (_cpu_s(self.pid), sum(_cpu_s(c) for c in children), time.process_time())
+        broker, others = self._groups()
+        first = {c: _cpu_s(c) for c in broker + others}
+        cpu = (_cpu_s(self.pid), time.process_time())
         while not self._stop.is_set():
-            own = _rss_kib(self.pid) or 0
-            kids = sum(_rss_kib(c) or 0 for c in children)
-            self.samples.append((time.perf_counter() - started, own, kids))
+            broker, others = self._groups()
+            for c in broker + others:
+                first.setdefault(c, 0.0)  # started during the run: all its CPU counts
+            self.samples.append(
+                (
+                    time.perf_counter() - started,
+                    _rss_kib(self.pid) or 0,
+                    sum(_rss_kib(c) or 0 for c in broker),
+                    sum(_rss_kib(c) or 0 for c in others),
+                )
+            )
             self._stop.wait(self.interval_s)
         self.cpu = {
             "serve": round(_cpu_s(self.pid) - cpu[0], 2),
-            "broker": round(sum(_cpu_s(c) for c in children) - cpu[1], 2),
-            "clients": round(time.process_time() - cpu[2], 2),
+            "broker": round(sum(_cpu_s(c) - first[c] for c in broker), 2),
+            "worker_processes": round(sum(_cpu_s(c) - first[c] for c in others), 2),
+            "clients": round(time.process_time() - cpu[1], 2),
         }
 
     def stop(self) -> dict[str, Any]:
@@ -246,7 +273,11 @@ class MemorySampler:
                 "end_mb": round(values[-1], 1),
             }
 
-        return {"serve": summary(1), "broker": summary(2), "cpu_s": self.cpu}
+        result: dict[str, Any] = {"serve": summary(1), "broker": summary(2)}
+        if any(s[3] for s in self.samples):
+            result["worker_processes"] = summary(3)
+        result["cpu_s"] = self.cpu
+        return result
 
 
 # -- one run ---------------------------------------------------------------------------------
@@ -279,6 +310,7 @@ async def _ingest(
     limits = httpx.Limits(max_connections=clients + 2, max_keepalive_connections=clients + 2)
     acks = Acks()
     polls: list[tuple[float, int]] = []
+    poll_ms: list[float] = []
     next_batch = 0
     async with httpx.AsyncClient(headers=headers, limits=limits, timeout=300) as client:
         before = await _visible(client, listing)
@@ -305,8 +337,10 @@ async def _ingest(
 
         async def poll() -> None:
             while True:
+                asked = time.perf_counter()
                 seen = await _visible(client, listing) - before
                 polls.append((time.perf_counter() - started, seen))
+                poll_ms.append((time.perf_counter() - asked) * 1000)
                 if seen >= items:
                     return
                 await asyncio.sleep(poll_s)
@@ -337,6 +371,9 @@ async def _ingest(
         "freshness_max_s": round(max(freshness), 3),
         "request_p50_ms": round(percentile(acks.latencies, 50), 1),
         "request_p99_ms": round(percentile(acks.latencies, 99), 1),
+        "list_polls": len(poll_ms),
+        "list_poll_p50_ms": round(percentile(poll_ms, 50), 1),
+        "list_poll_max_ms": round(max(poll_ms), 1),
     }
 
 
@@ -399,11 +436,17 @@ def _print(row: dict[str, Any]) -> None:
             f"{serve['end_mb']:.0f} MB, broker {broker['start_mb']:.0f}/{broker['peak_mb']:.0f}/"
             f"{broker['end_mb']:.0f} MB; load {row['load_before']} -> {row['load_after']}"
         )
+    if "worker_processes" in rss:
+        pool = rss["worker_processes"]
+        print(
+            f"    RSS worker processes start/peak/end {pool['start_mb']:.0f}/"
+            f"{pool['peak_mb']:.0f}/{pool['end_mb']:.0f} MB"
+        )
     if row.get("cpu_us_per_item"):
         cpu = row["cpu_us_per_item"]
         print(
-            f"    CPU per item: serve {cpu['serve']} us, broker {cpu['broker']} us, "
-            f"clients {cpu['clients']} us"
+            f"    CPU per item: serve {cpu['serve']} us, worker processes "
+            f"{cpu['worker_processes']} us, broker {cpu['broker']} us, clients {cpu['clients']} us"
         )
 
 
@@ -413,7 +456,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--batches", default="100,1000", help="items per request")
     parser.add_argument("--clients", default="1,8", help="concurrent clients")
     parser.add_argument("--item-bytes", type=int, default=2048)
-    parser.add_argument("--poll-ms", type=int, default=250)
+    parser.add_argument("--poll-ms", type=int, default=500, help="list poll interval")
     parser.add_argument("--url", default=None, help="a running gateway instead of `maniac serve`")
     parser.add_argument("--key", default=KEY)
     parser.add_argument("--name", default="ingest", help="result file: bench/results/NAME.json")
