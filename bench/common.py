@@ -38,6 +38,12 @@ def machine() -> dict[str, Any]:
     }
 
 
+def load_average() -> str:
+    """The 1/5/15-minute load averages (the machine is shared; figures are noisy under load)."""
+    one, five, fifteen = os.getloadavg()
+    return f"{one:.2f} {five:.2f} {fifteen:.2f}"
+
+
 def write_result(name: str, figures: dict[str, Any]) -> Path:
     RESULTS.mkdir(parents=True, exist_ok=True)
     path = RESULTS / f"{name}.json"

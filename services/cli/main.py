@@ -61,7 +61,10 @@ def _serve_uvicorn(app: Any, host: str, port: int) -> None:
                 for sig, handler in previous.items():
                     signal.signal(sig, handler)
 
+    from services.common.runtime import tune_gc
+
     config = uvicorn.Config(app, host=host, port=port, log_config=None, access_log=False)
+    tune_gc()
     Server(config).run()
 
 
@@ -109,9 +112,11 @@ def cmd_query(args: argparse.Namespace) -> int:
 
 
 def cmd_worker(args: argparse.Namespace) -> int:
+    from services.common.runtime import tune_gc
     from services.worker.main import run
 
     settings: WorkerSettings = _settings(WorkerSettings, args)
+    tune_gc()
     asyncio.run(run(settings))
     return 0
 

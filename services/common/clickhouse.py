@@ -16,6 +16,8 @@ from urllib.parse import unquote, urlsplit
 
 import clickhouse_connect
 
+_JSON_INSERT_SETTINGS = {"input_format_json_read_objects_as_strings": 1}
+
 _IDENTIFIER = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,63}$")
 
 
@@ -127,11 +129,16 @@ class ClickHouse:
         return bytes(result)
 
     async def insert_json_each_row(self, table: str, body: bytes) -> None:
-        """Bulk-insert newline-delimited JSON rows in one request."""
+        """Bulk-insert newline-delimited JSON rows in one request.
+
+        A JSON object given for a ``String`` column is stored as its text, exactly as written
+        (so rows can carry a JSON document without encoding it a second time as a string).
+        """
         await asyncio.to_thread(
             self._client.raw_insert,
             f"{self.database}.{check_identifier(table)}",
             insert_block=body,
+            settings=_JSON_INSERT_SETTINGS,
             fmt="JSONEachRow",
         )
 

@@ -11,6 +11,7 @@ import tomllib
 from dataclasses import dataclass
 from datetime import UTC, date, datetime
 from decimal import Decimal
+from functools import cache
 from pathlib import Path
 from typing import Any
 
@@ -135,18 +136,47 @@ def split_model(provider: str, model: str) -> tuple[str, str]:
     return provider, model
 
 
+@cache
+def _per_token(price: Price) -> tuple[Decimal, Decimal, Decimal, Decimal, Decimal, str]:
+    """A price's USD per token of each class (exact: per million / 10^6), and its version."""
+    return (
+        price.prompt / MILLION,
+        price.cached_prompt / MILLION,
+        price.cache_write / MILLION,
+        price.reasoning / MILLION,
+        price.completion / MILLION,
+        price.version,
+    )
+
+
 def compute_spend(price: Price, counts: dict[str, int]) -> Spend:
     """Spend from token counts (as :func:`services.common.records.usage_counts` gives them)."""
     prompt, cached = counts["prompt_tokens"], counts["cached_tokens"]
     cache_write = counts.get("cache_write_tokens", 0)
     completion, reasoning = counts["completion_tokens"], counts["reasoning_tokens"]
-    uncached = max(prompt - cached - cache_write, 0)
-    parts = {
-        "input": uncached * price.prompt,
-        "cache_read": min(cached, prompt) * price.cached_prompt,
-        "cache_write": cache_write * price.cache_write,
-        "reasoning": min(reasoning, completion) * price.reasoning,
-        "output": max(completion - reasoning, 0) * price.completion,
-    }
-    charged = {k: (v / MILLION).quantize(QUANTUM) for k, v in parts.items()}
-    return Spend(total=sum(charged.values(), Decimal(0)), price_version=price.version, **charged)
+    per_input, per_cache_read, per_cache_write, per_reasoning, per_output, version = _per_token(
+        price
+    )
+    # tokens x (price / 10^6) is exact, as (tokens x price) / 10^6 was: the same quantised value
+    charged_input = (max(prompt - cached - cache_write, 0) * per_input).quantize(QUANTUM)
+    charged_cache_read = (min(cached, prompt) * per_cache_read).quantize(QUANTUM)
+    charged_cache_write = (cache_write * per_cache_write).quantize(QUANTUM)
+    charged_reasoning = (min(reasoning, completion) * per_reasoning).quantize(QUANTUM)
+    charged_output = (max(completion - reasoning, 0) * per_output).quantize(QUANTUM)
+    total = (
+        Decimal(0)
+        + charged_input
+        + charged_cache_read
+        + charged_cache_write
+        + charged_reasoning
+        + charged_output
+    )
+    return Spend(
+        total=total,
+        input=charged_input,
+        cache_read=charged_cache_read,
+        cache_write=charged_cache_write,
+        reasoning=charged_reasoning,
+        output=charged_output,
+        price_version=version,
+    )

@@ -72,6 +72,12 @@ class WorkerSettings(CommonSettings):
     batch_max_rows: int = Field(default=5_000, ge=1)
     batch_max_ms: int = Field(default=250, ge=1)
     fetch_max_records: int = Field(default=5_000, ge=1)
+    worker_processes: int = Field(
+        default=0,
+        ge=0,
+        description="Child processes that decode messages and build rows; 0: in the worker's "
+        "own process.",
+    )
     session_timeout_ms: int = Field(default=6_000, ge=1_000)
     heartbeat_interval_ms: int = Field(default=1_000, ge=100)
     insert_retry_initial_s: float = Field(default=0.2, gt=0)

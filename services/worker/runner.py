@@ -22,7 +22,7 @@ from services.common.losses import LossRepository
 from services.common.metrics import CONSUMER_LAG, WORKER_INSERT_SECONDS
 from services.common.pricing import PriceCatalog
 from services.common.settings import WorkerSettings
-from services.worker.pipeline import Pipeline, build_pipeline
+from services.worker.pipeline import Pipeline, ProcessPool, build_pipeline
 from services.worker.pipeline.dead import dead_letter_headers, dead_letter_record
 from services.worker.pipeline.types import Message, Partition, Processed
 
@@ -65,6 +65,9 @@ class Worker:
         self._stopping = asyncio.Event()
         self._lock = asyncio.Lock()
         self._first_offsets: dict[int, int] = {}
+        self._pool = (
+            ProcessPool(settings.worker_processes, prices) if settings.worker_processes else None
+        )
         self.pipeline: Pipeline = build_pipeline(
             insert=self._insert,
             dead_letter=self._dead_letter,
@@ -78,6 +81,7 @@ class Worker:
             retry_initial_s=settings.insert_retry_initial_s,
             retry_max_s=settings.insert_retry_max_s,
             stopping=self._stopping,
+            offload=self._pool,
         )
 
     # -- I/O the pipeline calls ------------------------------------------------------------
@@ -144,7 +148,14 @@ class Worker:
     async def run(self) -> None:
         """Consume until :meth:`stop`; then flush and commit what was fetched."""
         self._consumer.subscribe([self.topic], listener=_FlushOnRevoke(self))
-        log.info("worker_started", topic=self.topic, group=self.settings.consumer_group)
+        if self._pool is not None:
+            await self._pool.start()
+        log.info(
+            "worker_started",
+            topic=self.topic,
+            group=self.settings.consumer_group,
+            processes=self.settings.worker_processes,
+        )
         stopping = asyncio.create_task(self._stopping.wait())
         try:
             while not self._stopping.is_set():
@@ -182,6 +193,8 @@ class Worker:
             with contextlib.suppress(Exception):
                 await self.flush()
             stopping.cancel()
+            if self._pool is not None:
+                await asyncio.to_thread(self._pool.close)
             log.info("worker_stopped", committed=self.committed_offsets())
 
     def _observe_lag(self) -> None:

@@ -51,12 +51,33 @@ class OffsetSink(Protocol):
     async def submit(self, offsets: dict[Partition, int]) -> None: ...
 
 
+def process_safely(
+    process: Callable[[bytes | None], Row | Invalid], value: bytes | None
+) -> Row | Invalid:
+    """``process(value)``, with an exception turned into a dead letter.
+
+    The step is pure: the same message would fail the same way on every retry, and letting
+    the exception escape would stop the worker and the partition with it.
+    """
+    try:
+        return process(value)
+    except Exception as exc:
+        log.exception("process_failed")
+        return Invalid(f"unprocessable: {exc!r}")
+
+
 class ProcessAndBatch:
     """Runs the pure per-message function and gathers results into batches.
 
     A batch is handed on when it holds ``max_rows`` messages or its first message is
     ``max_ms`` old. ``submit`` waits while the batch is written: that wait is the backpressure
     that stops the runner from fetching more than it can store.
+
+    With ``offload``, messages are held as they come and the whole batch is processed by it
+    (in child processes) when the batch is handed on; the batch is the same. The batch is then
+    written while the next one is fetched and processed: at most one batch is in flight, the
+    steps after this one see batches in order, and ``join`` waits for it (as does the next
+    hand-over, which also raises what writing the previous batch raised).
     """
 
     def __init__(
@@ -66,31 +87,35 @@ class ProcessAndBatch:
         *,
         max_rows: int,
         max_ms: int,
+        offload: Callable[[list[bytes | None]], Awaitable[list[Row | Invalid]]] | None = None,
     ) -> None:
         self._process = process
+        self._offload = offload
         self._next = next_step
         self._max_rows = max_rows
         self._max_s = max_ms / 1000.0
         self._batch = Batch()
+        self._held: list[Message] = []
+        self._writing: asyncio.Future[None] | None = None
 
     async def submit(self, message: Message) -> None:
         batch = self._batch
         if not batch.offsets:
             batch.first_ms = time.monotonic()
-        try:
-            result = self._process(message.value)
-        except Exception as exc:
-            # The step is pure: the same message would fail the same way on every retry, and
-            # letting it escape would stop the worker. It goes to the dead-letter topic.
-            log.exception("process_failed", partition=message.partition.partition)
-            result = Invalid(f"unprocessable: {exc!r}")
+        if self._offload is not None:
+            self._held.append(message)
+        else:
+            self._add(batch, message, process_safely(self._process, message.value))
+        batch.offsets[message.partition] = message.offset + 1
+        if len(batch) + len(self._held) >= self._max_rows:
+            await self._flush()
+
+    @staticmethod
+    def _add(batch: Batch, message: Message, result: Row | Invalid) -> None:
         if isinstance(result, Row):
             batch.rows.append(result)
         else:
             batch.dead.append(Processed(message, result))
-        batch.offsets[message.partition] = message.offset + 1
-        if len(batch) >= self._max_rows:
-            await self._flush()
 
     async def poll(self) -> None:
         if self._batch.offsets and time.monotonic() - self._batch.first_ms >= self._max_s:
@@ -99,10 +124,25 @@ class ProcessAndBatch:
     async def join(self) -> None:
         if self._batch.offsets:
             await self._flush()
+        await self._written()
+
+    async def _written(self) -> None:
+        writing, self._writing = self._writing, None
+        if writing is not None:
+            await writing
 
     async def _flush(self) -> None:
         batch, self._batch = self._batch, Batch()
-        await self._next.submit(batch)
+        held, self._held = self._held, []
+        if self._offload is None:
+            await self._next.submit(batch)
+            return
+        if held:
+            results = await self._offload([m.value for m in held])
+            for message, result in zip(held, results, strict=True):
+                self._add(batch, message, result)
+        await self._written()
+        self._writing = asyncio.ensure_future(self._next.submit(batch))
 
 
 class Retrying:

@@ -2,13 +2,19 @@
 
 The row carries the columns list queries and dashboards filter on, the full request, and the
 response exactly as list/get return it (``ChatResRelaxed``), so reads never rebuild it.
+``response`` and ``request`` are written into the row as JSON objects (``orjson.Fragment``),
+not as escaped strings: the insert stores an object given for a ``String`` column as its text
+(``input_format_json_read_objects_as_strings``), which is byte for byte what they encode to.
 """
 
 from __future__ import annotations
 
 from datetime import UTC, datetime
 from decimal import Decimal
+from functools import lru_cache
 from typing import Any
+
+from orjson import Fragment
 
 from schemas.events import CompletionEvent
 from services.common.codec import dumps
@@ -36,6 +42,7 @@ def _merge_metadata(*parts: Any) -> dict[str, Any] | None:
     return merged or None
 
 
+@lru_cache(maxsize=4096)  # a request's items share received_at, often created too
 def _datetime64(seconds: float) -> str:
     """ClickHouse DateTime64(3) text; bare numbers are ambiguous to its parser."""
     moment = datetime.fromtimestamp(round(seconds, 3), UTC).replace(tzinfo=None)
@@ -157,8 +164,8 @@ def to_row(event: CompletionEvent, prices: PriceCatalog | None = None) -> Row | 
         "usage_flags": usage_flags(counts, usage is not None),
         "tags": tags,
         "trace_id": _dict(trace).get("id") or "",
-        "response": dumps(response).decode(),
-        "request": dumps(request).decode(),
+        "response": Fragment(dumps(response)),
+        "request": Fragment(dumps(request)),
         **_operation_columns(operation),
     }
     return Row(dumps(row), event.project, event.completion_id, event.received_at_ms)

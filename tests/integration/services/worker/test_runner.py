@@ -159,3 +159,16 @@ async def test_dead_letters_are_recorded_by_project_and_counted_once_when_redeli
     async with RunningWorker(again, broker, clickhouse) as worker:
         await eventually(lambda: all_committed(worker, 3))
     assert await _dead_letters(clickhouse) == first
+
+
+async def test_with_worker_processes_rows_and_dead_letters_are_the_same(
+    settings: ServeSettings, broker: Broker, clickhouse: ClickHouse, producer: Any
+) -> None:
+    pooled = settings.model_copy(update={"worker_processes": 1})
+    messages = [event(f"id-{i}") for i in range(30)] + [(b"p/poison", b"{not json")]
+    await produce(producer, settings.topic, messages + messages[:5])  # 5 delivered twice
+    async with RunningWorker(pooled, broker, clickhouse) as worker:
+        await eventually(lambda: count_is(clickhouse, 30))
+        await eventually(lambda: all_committed(worker, 36))
+    ids = {r[0] for r in await clickhouse.rows("SELECT completion_id FROM {database}.completions")}
+    assert ids == {f"id-{i}" for i in range(30)}

@@ -11,9 +11,10 @@ import pytest
 
 from schemas import SCHEMAS_DIR
 from schemas.api import ChatResRelaxed
-from schemas.events import encode_event
+from schemas.events import CompletionEvent, encode_event
 from services.gateway.register import RegisterEnvelope, build_events
 from services.worker.pipeline import process
+from services.worker.pipeline.decode import decode
 from services.worker.pipeline.types import Invalid, Row
 
 EXAMPLES = sorted((SCHEMAS_DIR / "examples").glob("*.json"))
@@ -33,9 +34,13 @@ def _event(item: dict[str, Any], **overrides: Any) -> bytes:
 
 
 def _row(value: bytes) -> dict[str, Any]:
+    """The row as ClickHouse stores it: ``response`` and ``request`` as their JSON text."""
     result = process(value)
     assert isinstance(result, Row), result
     row: dict[str, Any] = orjson.loads(result.json)
+    for column in ("response", "request"):
+        assert isinstance(row[column], dict)  # written as an object, stored as its text
+        row[column] = orjson.dumps(row[column]).decode()
     return row
 
 
@@ -85,8 +90,8 @@ def test_spend_is_written_as_an_exact_decimal() -> None:
     item = {"input": {"messages": []}, "output": {"choices": [], "spend": 0.000000000123}}
     result = process(_event(item))
     assert isinstance(result, Row)
-    assert b'"spend":0.000000000123,' in result.json
-    assert '"spend":0.000000000123,' in orjson.loads(result.json)["response"]
+    # the spend column and the response's spend, both exact
+    assert result.json.count(b'"spend":0.000000000123,') == 2
 
 
 @pytest.mark.parametrize(
@@ -126,5 +131,47 @@ def test_spend_is_written_as_an_exact_decimal() -> None:
 )
 def test_poison_messages_are_invalid_with_a_reason(value: bytes | None, reason: str) -> None:
     result = process(value)
+    assert isinstance(result, Invalid)
+    assert reason in result.reason
+
+
+def test_an_event_as_the_gateway_writes_it_decodes_as_the_model_validates_it() -> None:
+    body = json.loads((SCHEMAS_DIR / "examples" / "register_full.json").read_text())
+    value = _event(body["items"][0])
+    event = decode(value)
+    assert isinstance(event, CompletionEvent)
+    assert event == CompletionEvent.model_validate(orjson.loads(value))
+
+
+@pytest.mark.parametrize(
+    ("overrides", "expected"),
+    [
+        pytest.param({"received_at_ms": "1700000000000"}, 1_700_000_000_000, id="numeric-string"),
+        pytest.param({"received_at_ms": 1_700_000_000_000.0}, 1_700_000_000_000, id="whole-float"),
+    ],
+)
+def test_other_events_the_model_accepts_are_still_accepted(
+    overrides: dict[str, Any], expected: int
+) -> None:
+    raw = orjson.loads(_event({"input": {"messages": []}}))
+    event = decode(orjson.dumps({**raw, **overrides}))
+    assert isinstance(event, CompletionEvent)
+    assert event.received_at_ms == expected
+
+
+@pytest.mark.parametrize(
+    ("overrides", "reason"),
+    [
+        pytest.param({"project": ""}, "invalid event at project", id="empty-project"),
+        pytest.param({"container": 3}, "invalid event at container", id="container-number"),
+        pytest.param({"received_at_ms": -1}, "invalid event at received_at_ms", id="negative"),
+        pytest.param({"item": []}, "invalid event at item", id="item-list"),
+        pytest.param({"kind": "other"}, "invalid event at kind", id="kind"),
+        pytest.param({"extra": 1}, "invalid event at extra", id="extra-field"),
+    ],
+)
+def test_envelopes_the_model_refuses_are_refused(overrides: dict[str, Any], reason: str) -> None:
+    raw = orjson.loads(_event({"input": {"messages": []}}))
+    result = process(orjson.dumps({**raw, **overrides}))
     assert isinstance(result, Invalid)
     assert reason in result.reason

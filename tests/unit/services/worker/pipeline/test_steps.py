@@ -6,7 +6,15 @@ import asyncio
 
 import pytest
 
-from services.worker.pipeline import Pipeline, build_pipeline
+from services.common.pricing import PriceCatalog
+from services.worker.pipeline import (
+    Offload,
+    Pipeline,
+    ProcessPool,
+    build_pipeline,
+    process,
+    processor,
+)
 from services.worker.pipeline.steps import CommitOffsets, ProcessAndBatch, Retrying, WriteBatch
 from services.worker.pipeline.types import Invalid, Message, Partition, Processed, Row
 
@@ -217,3 +225,77 @@ async def test_a_newer_version_is_written_with_a_retraction_of_the_stored_one() 
     assert rec.calls == [("retract", ["changed"]), ("insert", 2), ("commit", {P0: 2})]
     assert rec.inserted[0] == b'{"completion_id":"changed","agg_sign":-1}'
     assert b'"received_at":"1970-01-01 00:00:00.007"' in rec.inserted[1]
+
+
+async def _offloaded(values: list[bytes | None]) -> list[Row | Invalid]:
+    await asyncio.sleep(0)  # as a process pool would: the loop runs meanwhile
+    return [process(v) for v in values]
+
+
+@pytest.mark.parametrize("offload", [None, _offloaded], ids=["in-process", "offloaded"])
+async def test_processing_elsewhere_gives_the_same_batches(offload: Offload | None) -> None:
+    rec = Recorder()
+    pipeline = build_pipeline(
+        insert=rec.insert,
+        dead_letter=rec.dead_letter,
+        record_dead=rec.record_dead,
+        commit=rec.commit,
+        lookup=rec.lookup,
+        retract=rec.retract,
+        prices=None,
+        max_rows=3,
+        max_ms=10_000,
+        retry_initial_s=0.001,
+        retry_max_s=0.002,
+        stopping=asyncio.Event(),
+        offload=offload,
+    )
+    for message in [_valid(P0, 0), _poison(P0, 1), _valid(P1, 5), _valid(P0, 2)]:
+        await pipeline.first.submit(message)
+    await pipeline.first.join()
+    assert rec.calls == [
+        ("insert", 2),
+        ("dead_letter", [1]),
+        ("record_dead", [1]),
+        ("commit", {P0: 2, P1: 6}),
+        ("insert", 1),
+        ("commit", {P0: 3}),
+    ]
+
+
+async def test_a_process_pool_builds_the_rows_the_worker_would() -> None:
+    values: list[bytes | None] = [_valid(P0, n).value for n in range(5)]
+    values += [_poison(P0, 5).value, None]
+    pool = ProcessPool(2, PriceCatalog.load())
+    try:
+        await pool.start()
+        assert await pool(values) == [processor(PriceCatalog.load())(v) for v in values]
+        assert await pool([]) == []
+    finally:
+        pool.close()
+
+
+async def test_an_offloaded_batch_that_cannot_be_written_raises_at_join() -> None:
+    rec = Recorder(failures=100)
+    stopping = asyncio.Event()
+    stopping.set()
+    pipeline = build_pipeline(
+        insert=rec.insert,
+        dead_letter=rec.dead_letter,
+        record_dead=rec.record_dead,
+        commit=rec.commit,
+        lookup=rec.lookup,
+        retract=rec.retract,
+        prices=None,
+        max_rows=1,
+        max_ms=10,
+        retry_initial_s=0.001,
+        retry_max_s=0.001,
+        stopping=stopping,
+        offload=_offloaded,
+    )
+    await pipeline.first.submit(_valid(P0, 0))
+    with pytest.raises(ConnectionError):
+        await pipeline.first.join()
+    assert [c[0] for c in rec.calls] == ["insert_failed"]
+    assert pipeline.commit.committed == {}

@@ -1,0 +1,18 @@
+"""Start-up steps that need no broker or ClickHouse."""
+
+from __future__ import annotations
+
+import gc
+
+from services.common.runtime import GC_THRESHOLDS, tune_gc
+
+
+def test_tune_gc_freezes_start_up_objects_and_raises_thresholds() -> None:
+    before = gc.get_threshold()
+    try:
+        tune_gc()
+        assert gc.get_threshold() == GC_THRESHOLDS
+        assert gc.get_freeze_count() > 0
+    finally:
+        gc.unfreeze()
+        gc.set_threshold(*before)
