@@ -162,3 +162,18 @@ class ClickHouse:
 
     def close(self) -> None:
         self._client.close()
+
+
+# ClickHouse error codes that say the data is wrong, not that ClickHouse is unavailable: the same
+# rows would be refused on every retry. CANNOT_PARSE_TEXT, CANNOT_PARSE_QUOTED_STRING,
+# CANNOT_PARSE_INPUT_ASSERTION_FAILED, CANNOT_PARSE_DATE, CANNOT_PARSE_DATETIME, TYPE_MISMATCH,
+# ARGUMENT_OUT_OF_BOUND, CANNOT_CONVERT_TYPE, CANNOT_PARSE_NUMBER, INCORRECT_DATA,
+# TOO_LARGE_STRING_SIZE, VALUE_IS_OUT_OF_RANGE_OF_DATA_TYPE, DECIMAL_OVERFLOW.
+DATA_ERROR_CODES = frozenset({6, 26, 27, 38, 41, 53, 69, 70, 72, 117, 131, 321, 407})
+_ERROR_CODE = re.compile(r"Code: (\d+)\.")
+
+
+def rejects_data(exc: BaseException) -> bool:
+    """True when ClickHouse refused an insert because of what is in it (never worth a retry)."""
+    found = _ERROR_CODE.search(str(exc))
+    return found is not None and int(found.group(1)) in DATA_ERROR_CODES

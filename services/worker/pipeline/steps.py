@@ -17,6 +17,8 @@ from typing import Protocol, TypeVar
 import structlog
 
 from schemas.events import split_key
+from services.common.clickhouse import rejects_data
+from services.common.codec import loads
 from services.common.metrics import (
     INGESTION_LAG,
     PROJECT_DEAD,
@@ -114,6 +116,7 @@ class ProcessAndBatch:
     def _add(batch: Batch, message: Message, result: Row | Invalid) -> None:
         if isinstance(result, Row):
             batch.rows.append(result)
+            batch.sources[(result.project, result.completion_id)] = message
         else:
             batch.dead.append(Processed(message, result))
 
@@ -153,7 +156,14 @@ class Retrying:
         self.max_s = max_s
         self.stopping = stopping
 
-    async def run(self, what: str, call: Callable[[], Awaitable[T]]) -> T:
+    async def run(
+        self,
+        what: str,
+        call: Callable[[], Awaitable[T]],
+        *,
+        permanent: Callable[[Exception], bool] | None = None,
+    ) -> T:
+        """``call()`` until it succeeds; an error ``permanent`` recognises is raised at once."""
         delay = self.initial_s
         attempt = 0
         while True:
@@ -161,6 +171,8 @@ class Retrying:
             try:
                 return await call()
             except Exception as exc:
+                if permanent is not None and permanent(exc):
+                    raise
                 if self.stopping.is_set():
                     log.error("gave_up_on_shutdown", what=what, attempts=attempt, error=repr(exc))
                     raise
@@ -222,7 +234,7 @@ class Deduplicate:
                 old = await self._retrying.run(
                     "dedup_retract", partial(self._retract, project, replaced)
                 )
-                retractions += [Row(line) for line in old]
+                retractions += [Row(line, project, loads(line)["completion_id"]) for line in old]
         skipped = len(batch.rows) - len(kept)
         if skipped:
             WORKER_DUPLICATES.inc(skipped)
@@ -285,11 +297,17 @@ class WriteBatch:
     async def submit(self, batch: Batch) -> None:
         started = time.perf_counter()
         if batch.rows:
-            body = b"\n".join(row.json for row in batch.rows)
-            await self._retrying.run("insert", lambda: self._insert(body))
-            WORKER_ROWS.inc(len(batch.rows))
-            WORKER_BATCH_ROWS.observe(len(batch.rows))
-            observe_stored(batch.rows, time.time())
+            try:
+                await self._insert_rows(batch.rows)
+                stored = batch.rows
+            except Exception as exc:
+                if not rejects_data(exc):
+                    raise
+                log.warning("batch_rejected", rows=len(batch.rows), error=_first_line(exc))
+                stored = await self._isolate(_by_completion(batch.rows), batch, exc)
+            WORKER_ROWS.inc(len(stored))
+            WORKER_BATCH_ROWS.observe(len(stored))
+            observe_stored(stored, time.time())
         if batch.dead:
             await self._retrying.run("dead_letter", lambda: self._dead_letter(batch.dead))
             await self._retrying.run("dead_letter_record", lambda: self._record_dead(batch.dead))
@@ -301,6 +319,51 @@ class WriteBatch:
             ms=round((time.perf_counter() - started) * 1000, 1),
         )
         await self._next.submit(batch.offsets)
+
+    async def _insert_rows(self, rows: list[Row]) -> None:
+        body = b"\n".join(row.json for row in rows)
+        await self._retrying.run("insert", lambda: self._insert(body), permanent=rejects_data)
+
+    async def _isolate(
+        self, completions: list[list[Row]], batch: Batch, error: Exception
+    ) -> list[Row]:
+        """Store what ClickHouse accepts, halving on every refusal; return the rows stored.
+
+        A completion refused on its own becomes a dead letter (its message, with ClickHouse's
+        reason), so one bad row never blocks its partition. A completion's rows (a retraction
+        and its new version) stay in one insert: both are stored or neither.
+        """
+        if len(completions) == 1:
+            rows = completions[0]
+            source = batch.sources.get((rows[-1].project, rows[-1].completion_id))
+            if source is None:  # no message to dead-letter: never drop a row silently
+                raise error
+            reason = f"rejected by ClickHouse: {_first_line(error)}"
+            batch.dead.append(Processed(source, Invalid(reason)))
+            return []
+        half = len(completions) // 2
+        stored: list[Row] = []
+        for part in (completions[:half], completions[half:]):
+            rows = [row for completion in part for row in completion]
+            try:
+                await self._insert_rows(rows)
+                stored += rows
+            except Exception as exc:
+                if not rejects_data(exc):
+                    raise
+                stored += await self._isolate(part, batch, exc)
+        return stored
+
+
+def _by_completion(rows: list[Row]) -> list[list[Row]]:
+    grouped: dict[tuple[str, str], list[Row]] = {}
+    for row in rows:
+        grouped.setdefault((row.project, row.completion_id), []).append(row)
+    return list(grouped.values())
+
+
+def _first_line(exc: Exception) -> str:
+    return str(exc).strip().splitlines()[0][:300] if str(exc).strip() else repr(exc)
 
 
 class CommitOffsets:

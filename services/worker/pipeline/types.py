@@ -52,6 +52,9 @@ class Batch:
 
     rows: list[Row] = field(default_factory=list)
     dead: list[Processed] = field(default_factory=list)
+    sources: dict[tuple[str, str], Message] = field(default_factory=dict)
+    """The message each row came from, by (project, completion_id): a row ClickHouse rejects
+    goes to the dead-letter topic as that message."""
     offsets: dict[Partition, int] = field(default_factory=dict)
     first_ms: float = 0.0
 

@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 
-from services.common.clickhouse import ClickHouseTarget, check_identifier
+from services.common.clickhouse import ClickHouseTarget, check_identifier, rejects_data
 
 
 @pytest.mark.parametrize(
@@ -46,3 +46,19 @@ def test_parse_refuses(url: str) -> None:
 def test_identifier_refuses(name: str) -> None:
     with pytest.raises(ValueError, match="identifier"):
         check_identifier(name)
+
+
+@pytest.mark.parametrize(
+    ("message", "rejected"),
+    [
+        pytest.param("Code: 41. DB::Exception: Cannot read DateTime", True, id="bad-datetime"),
+        pytest.param("Code: 72. DB::Exception: Unsigned type must not contain '-'", True, id="neg"),
+        pytest.param("Code: 69. DB::Exception: Decimal value is too big", True, id="decimal"),
+        pytest.param("Code: 26. DB::Exception: Cannot parse JSON string", True, id="json"),
+        pytest.param("Code: 60. DB::Exception: Table x does not exist", False, id="no-table"),
+        pytest.param("Code: 241. DB::Exception: Memory limit exceeded", False, id="memory"),
+        pytest.param("HTTPConnectionPool: Max retries exceeded", False, id="connection"),
+    ],
+)
+def test_only_data_errors_are_rejections(message: str, rejected: bool) -> None:
+    assert rejects_data(Exception(message)) is rejected

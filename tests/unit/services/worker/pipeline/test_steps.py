@@ -299,3 +299,44 @@ async def test_an_offloaded_batch_that_cannot_be_written_raises_at_join() -> Non
         await pipeline.first.join()
     assert [c[0] for c in rec.calls] == ["insert_failed"]
     assert pipeline.commit.committed == {}
+
+
+class Rejecting(Recorder):
+    """ClickHouse as it answers an insert holding a row it cannot parse: all refused."""
+
+    async def insert(self, body: bytes) -> None:
+        if b'"completion_id":"bad' in body:
+            self.calls.append(("insert_rejected", body.count(b"\n") + 1))
+            raise RuntimeError("Code: 41. DB::Exception: Cannot read DateTime: (at row 1)")
+        await super().insert(body)
+
+
+async def test_rows_clickhouse_rejects_are_isolated_and_dead_lettered() -> None:
+    rec = Rejecting()
+    pipeline = _pipeline(rec, max_rows=4)
+    for offset, cid in enumerate(["a", "bad", "c", "d"]):
+        await pipeline.first.submit(_valid(P0, offset, cid))
+    assert rec.calls == [
+        ("insert_rejected", 4),  # not retried: the same rows would be refused again
+        ("insert_rejected", 2),  # halves: [a, bad] and [c, d]
+        ("insert", 1),  # a
+        ("insert_rejected", 1),  # bad, alone: a dead letter
+        ("insert", 2),  # c, d
+        ("dead_letter", [1]),
+        ("record_dead", [1]),
+        ("commit", {P0: 4}),
+    ]
+
+
+async def test_a_retraction_is_never_split_from_its_new_version() -> None:
+    rec = Rejecting()
+    rec.stored[("p", "bad-changed")] = 1  # stored before with version 1: retracted now
+    pipeline = _pipeline(rec, max_rows=2)
+    await pipeline.first.submit(_valid(P0, 0, "bad-changed", version=2))
+    await pipeline.first.submit(_valid(P0, 1, "ok"))
+    inserts = [c for c in rec.calls if c[0].startswith("insert")]
+    # the retraction and the new version are refused together, and neither is stored
+    assert inserts == [("insert_rejected", 3), ("insert_rejected", 2), ("insert", 1)]
+    assert len(rec.inserted) == 1
+    assert b'"completion_id":"ok"' in rec.inserted[0]
+    assert rec.calls[-3:] == [("dead_letter", [0]), ("record_dead", [0]), ("commit", {P0: 2})]
