@@ -61,7 +61,14 @@ class Recorder:
         return [b'{"completion_id":"%s","agg_sign":-1}' % i.encode() for i in sorted(ids)]
 
 
-def _pipeline(recorder: Recorder, max_rows: int = 3, max_ms: int = 10_000) -> Pipeline:
+def _pipeline(
+    recorder: Recorder,
+    max_rows: int = 3,
+    max_ms: int = 10_000,
+    *,
+    offload: Offload | None = None,
+    stopping: asyncio.Event | None = None,
+) -> Pipeline:
     return build_pipeline(
         insert=recorder.insert,
         dead_letter=recorder.dead_letter,
@@ -74,7 +81,8 @@ def _pipeline(recorder: Recorder, max_rows: int = 3, max_ms: int = 10_000) -> Pi
         max_ms=max_ms,
         retry_initial_s=0.001,
         retry_max_s=0.002,
-        stopping=asyncio.Event(),
+        stopping=stopping or asyncio.Event(),
+        offload=offload,
     )
 
 
@@ -183,20 +191,7 @@ async def test_failure_while_stopping_is_raised_not_committed() -> None:
     rec = Recorder(failures=100)
     stopping = asyncio.Event()
     stopping.set()
-    pipeline = build_pipeline(
-        insert=rec.insert,
-        dead_letter=rec.dead_letter,
-        record_dead=rec.record_dead,
-        commit=rec.commit,
-        lookup=rec.lookup,
-        retract=rec.retract,
-        prices=None,
-        max_rows=1,
-        max_ms=10,
-        retry_initial_s=0.001,
-        retry_max_s=0.001,
-        stopping=stopping,
-    )
+    pipeline = _pipeline(rec, max_rows=1, max_ms=10, stopping=stopping)
     with pytest.raises(ConnectionError):
         await pipeline.first.submit(_valid(P0, 0))
     assert [c[0] for c in rec.calls] == ["insert_failed"]
@@ -235,21 +230,7 @@ async def _offloaded(values: list[bytes | None]) -> list[Row | Invalid]:
 @pytest.mark.parametrize("offload", [None, _offloaded], ids=["in-process", "offloaded"])
 async def test_processing_elsewhere_gives_the_same_batches(offload: Offload | None) -> None:
     rec = Recorder()
-    pipeline = build_pipeline(
-        insert=rec.insert,
-        dead_letter=rec.dead_letter,
-        record_dead=rec.record_dead,
-        commit=rec.commit,
-        lookup=rec.lookup,
-        retract=rec.retract,
-        prices=None,
-        max_rows=3,
-        max_ms=10_000,
-        retry_initial_s=0.001,
-        retry_max_s=0.002,
-        stopping=asyncio.Event(),
-        offload=offload,
-    )
+    pipeline = _pipeline(rec, offload=offload)
     for message in [_valid(P0, 0), _poison(P0, 1), _valid(P1, 5), _valid(P0, 2)]:
         await pipeline.first.submit(message)
     await pipeline.first.join()
@@ -279,21 +260,7 @@ async def test_an_offloaded_batch_that_cannot_be_written_raises_at_join() -> Non
     rec = Recorder(failures=100)
     stopping = asyncio.Event()
     stopping.set()
-    pipeline = build_pipeline(
-        insert=rec.insert,
-        dead_letter=rec.dead_letter,
-        record_dead=rec.record_dead,
-        commit=rec.commit,
-        lookup=rec.lookup,
-        retract=rec.retract,
-        prices=None,
-        max_rows=1,
-        max_ms=10,
-        retry_initial_s=0.001,
-        retry_max_s=0.001,
-        stopping=stopping,
-        offload=_offloaded,
-    )
+    pipeline = _pipeline(rec, max_rows=1, max_ms=10, offload=_offloaded, stopping=stopping)
     await pipeline.first.submit(_valid(P0, 0))
     with pytest.raises(ConnectionError):
         await pipeline.first.join()
