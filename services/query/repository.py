@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Literal
 
 from services.common.clickhouse import ClickHouse
@@ -36,8 +37,9 @@ class CompletionsRepository:
             params["container"] = container
         condition = " AND ".join(where)
         direction = "ASC" if order == "asc" else "DESC"
-        page = await self._ch.rows(
-            f"SELECT response FROM {{database}}.completions FINAL WHERE {condition} "
+        # The page's ids first (narrow columns only), then their bodies by primary key.
+        ids = await self._ch.rows(
+            f"SELECT completion_id FROM {{database}}.completions FINAL WHERE {condition} "
             f"ORDER BY created {direction}, completion_id {direction} "
             "LIMIT {limit:UInt32} OFFSET {offset:UInt64}",
             params,
@@ -45,12 +47,26 @@ class CompletionsRepository:
         total = await self._ch.rows(
             f"SELECT count() FROM {{database}}.completions FINAL WHERE {condition}", params
         )
-        return [row[0] for row in page], int(total[0][0])
+        page = [str(row[0]) for row in ids]
+        bodies = await self._bodies(project, page)
+        return [bodies[i] for i in page if i in bodies], int(total[0][0])
 
     async def get(self, project: str, completion_id: str) -> str | None:
-        rows = await self._ch.rows(
-            "SELECT response FROM {database}.completions FINAL "
-            "WHERE project = {project:String} AND completion_id = {id:String} LIMIT 1",
-            {"project": project, "id": completion_id},
+        return (await self._bodies(project, [completion_id])).get(completion_id)
+
+    async def _bodies(self, project: str, ids: Sequence[str]) -> dict[str, str]:
+        """Stored responses by id, from ``completion_bodies`` (small granules)."""
+        if not ids:
+            return {}
+        sql = (
+            "SELECT completion_id, response FROM {database}.%s FINAL "
+            "WHERE project = {project:String} AND completion_id IN {ids:Array(String)}"
         )
-        return rows[0][0] if rows else None
+        params = {"project": project, "ids": ids}
+        found = {str(r[0]): r[1] for r in await self._ch.rows(sql % "completion_bodies", params)}
+        missing = [i for i in ids if i not in found]
+        if missing:  # stored by an insert whose view write has not landed yet: rare, still exact
+            params["ids"] = missing
+            rows = await self._ch.rows(sql % "completions", params)
+            found |= {str(r[0]): r[1] for r in rows}
+        return found

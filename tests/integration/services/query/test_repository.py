@@ -144,3 +144,32 @@ async def test_filters_are_parameters_not_sql(
     assert (await repo.list("p", limit=20, offset=0, model=None, container=None, order="desc"))[
         1
     ] == 1
+
+
+async def test_bodies_are_read_from_their_table_and_the_newest_version_wins(
+    clickhouse: ClickHouse, repo: CompletionsRepository
+) -> None:
+    await _store(clickhouse, {"id": "x", "created": 100, "model": "old"})
+    await _store(clickhouse, {"id": "x", "created": 100, "model": "new", "received_at_ms": 2_000})
+    bodies = await clickhouse.rows(
+        "SELECT count() FROM {database}.completion_bodies WHERE completion_id = 'x'"
+    )
+    assert bodies[0][0] == 2  # both versions written by the view; FINAL keeps the newest
+    page, total = await repo.list("p", limit=20, offset=0, model=None, container=None, order="desc")
+    assert [orjson.loads(p)["model"] for p in page] == ["new"]
+    assert total == 1
+    got = await repo.get("p", "x")
+    assert got is not None
+    assert orjson.loads(got)["model"] == "new"
+
+
+async def test_a_body_missing_from_its_table_is_read_from_completions(
+    clickhouse: ClickHouse, repo: CompletionsRepository
+) -> None:
+    await _store(clickhouse, {"id": "a", "created": 100}, {"id": "b", "created": 200})
+    await clickhouse.command("TRUNCATE TABLE {database}.completion_bodies")
+    page, total = await repo.list("p", limit=20, offset=0, model=None, container=None, order="desc")
+    assert _ids(page) == ["b", "a"]
+    assert total == 2
+    assert await repo.get("p", "a") is not None
+    assert await repo.get("p", "missing") is None
