@@ -15,6 +15,7 @@ import pytest_asyncio
 from fastapi import FastAPI
 
 from services.common.clickhouse import ClickHouse
+from services.common.kafka import EmbeddedBroker
 from services.common.settings import ServeSettings
 from services.stack import Stack
 from tests.conftest import Broker
@@ -86,6 +87,17 @@ async def start_stack(
 @pytest_asyncio.fixture(loop_scope="session")
 async def api(start_stack: StackFactory) -> RunningStack:
     return await start_stack()
+
+
+@pytest_asyncio.fixture(loop_scope="session")
+async def api_broker_gone(start_stack: StackFactory) -> RunningStack:
+    """The stack on a broker of its own that died after start-up: it serves, it cannot record."""
+    own = EmbeddedBroker()
+    own.start()
+    try:
+        return await start_stack(bootstrap=own.bootstrap, publish_timeout_s=1.0)
+    finally:
+        own.kill()
 
 
 @pytest.fixture

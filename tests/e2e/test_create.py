@@ -10,9 +10,8 @@ import pytest
 from fastapi import FastAPI
 from prometheus_client import REGISTRY
 
-from services.common.kafka import EmbeddedBroker
 from tests.conftest import eventually
-from tests.e2e.conftest import KEY_A, RunningStack, StackFactory
+from tests.e2e.conftest import KEY_A, RunningStack
 from tests.support.upstream import ANSWER
 
 TOOLS: Any = [
@@ -326,12 +325,9 @@ def _dropped() -> float:
 
 
 async def test_broker_down_the_completion_still_returns_and_the_loss_is_counted(
-    start_stack: StackFactory,
+    api_broker_gone: RunningStack,
 ) -> None:
-    own = EmbeddedBroker()
-    own.start()
-    running = await start_stack(bootstrap=own.bootstrap, publish_timeout_s=1.0)
-    own.kill()
+    running = api_broker_gone
     before = _dropped()
     async with _sdk(running) as sdk:
         completion = await sdk.chat.completions.create(

@@ -7,10 +7,10 @@ from typing import Any
 import openai
 from prometheus_client import REGISTRY
 
-from services.common.kafka import EmbeddedBroker, create_producer
+from services.common.kafka import create_producer
 from services.common.settings import ServeSettings
 from tests.conftest import Broker, eventually
-from tests.e2e.conftest import KEY_A, KEY_B, RunningStack, StackFactory
+from tests.e2e.conftest import KEY_A, KEY_B, RunningStack
 from tests.support.upstream import ANSWER
 from tests.support.worker import produce
 
@@ -98,12 +98,9 @@ async def test_status_shows_lag_stored_and_dead_letters_of_the_callers_project_o
 
 
 async def test_dropped_telemetry_shows_in_metrics_and_in_status(
-    start_stack: StackFactory,
+    api_broker_gone: RunningStack,
 ) -> None:
-    own = EmbeddedBroker()
-    own.start()
-    running = await start_stack(bootstrap=own.bootstrap, publish_timeout_s=1.0)
-    own.kill()
+    running = api_broker_gone
     before = _sample("maniac_project_records_dropped_total", project="projA", reason="broker_error")
     sdk = openai.AsyncOpenAI(base_url=f"{running.base_url}/v1", api_key="key-a", max_retries=0)
     async with sdk:
