@@ -297,14 +297,7 @@ class WriteBatch:
     async def submit(self, batch: Batch) -> None:
         started = time.perf_counter()
         if batch.rows:
-            try:
-                await self._insert_rows(batch.rows)
-                stored = batch.rows
-            except Exception as exc:
-                if not rejects_data(exc):
-                    raise
-                log.warning("batch_rejected", rows=len(batch.rows), error=_first_line(exc))
-                stored = await self._isolate(_by_completion(batch.rows), batch, exc)
+            stored = await self._store(batch.rows, batch)
             WORKER_ROWS.inc(len(stored))
             WORKER_BATCH_ROWS.observe(len(stored))
             observe_stored(stored, time.time())
@@ -324,35 +317,34 @@ class WriteBatch:
         body = b"\n".join(row.json for row in rows)
         await self._retrying.run("insert", lambda: self._insert(body), permanent=rejects_data)
 
-    async def _isolate(
-        self, completions: list[list[Row]], batch: Batch, error: Exception
-    ) -> list[Row]:
-        """Store what ClickHouse accepts, halving on every refusal; return the rows stored.
+    async def _store(self, rows: list[Row], batch: Batch) -> list[Row]:
+        """Insert ``rows``; return those stored.
 
-        A completion refused on its own becomes a dead letter (its message, with ClickHouse's
-        reason), so one bad row never blocks its partition. A completion's rows (a retraction
-        and its new version) stay in one insert: both are stored or neither.
+        When ClickHouse refuses them for their data, the rows are halved (by completion) and
+        each half stored the same way; a completion refused on its own becomes a dead letter
+        (its message, with ClickHouse's reason), so one bad row never blocks its partition. A
+        completion's rows (a retraction and its new version) stay in one insert: both are
+        stored or neither.
         """
-        if len(completions) == 1:
-            rows = completions[0]
-            source = batch.sources.get((rows[-1].project, rows[-1].completion_id))
-            if source is None:  # no message to dead-letter: never drop a row silently
-                raise error
-            reason = f"rejected by ClickHouse: {_first_line(error)}"
-            batch.dead.append(Processed(source, Invalid(reason)))
-            return []
-        half = len(completions) // 2
-        stored: list[Row] = []
-        for part in (completions[:half], completions[half:]):
-            rows = [row for completion in part for row in completion]
-            try:
-                await self._insert_rows(rows)
-                stored += rows
-            except Exception as exc:
-                if not rejects_data(exc):
+        try:
+            await self._insert_rows(rows)
+        except Exception as exc:
+            if not rejects_data(exc):
+                raise
+            log.warning("insert_rejected", rows=len(rows), error=_first_line(exc))
+            completions = _by_completion(rows)
+            if len(completions) == 1:
+                source = batch.sources.get((rows[-1].project, rows[-1].completion_id))
+                if source is None:  # no message to dead-letter: never drop a row silently
                     raise
-                stored += await self._isolate(part, batch, exc)
-        return stored
+                reason = f"rejected by ClickHouse: {_first_line(exc)}"
+                batch.dead.append(Processed(source, Invalid(reason)))
+                return []
+            half = len(completions) // 2
+            first = [row for completion in completions[:half] for row in completion]
+            second = [row for completion in completions[half:] for row in completion]
+            return await self._store(first, batch) + await self._store(second, batch)
+        return rows
 
 
 def _by_completion(rows: list[Row]) -> list[list[Row]]:
@@ -363,7 +355,8 @@ def _by_completion(rows: list[Row]) -> list[list[Row]]:
 
 
 def _first_line(exc: Exception) -> str:
-    return str(exc).strip().splitlines()[0][:300] if str(exc).strip() else repr(exc)
+    text = str(exc).strip()
+    return text.splitlines()[0][:300] if text else repr(exc)
 
 
 class CommitOffsets:
