@@ -67,13 +67,22 @@ def murmur2(data: bytes) -> int:
     return h ^ (h >> 15)
 
 
+def partition_of(key: bytes, partitions: int) -> int:
+    """The partition of a keyed record in a topic of ``partitions`` (numbered 0..n-1)."""
+    return (murmur2(key) & 0x7FFFFFFF) % partitions
+
+
 def partition_for_key(
     key: bytes | None, all_partitions: Sequence[int], available: Sequence[int]
 ) -> int:
     """aiokafka's default partitioner (murmur2 of the key, as Java clients do), faster."""
     if key is None:
         return random.choice(available or all_partitions)
-    return all_partitions[(murmur2(key) & 0x7FFFFFFF) % len(all_partitions)]
+    return sorted(all_partitions)[partition_of(key, len(all_partitions))]
+
+
+MAX_BATCH_BYTES = 1_000_000
+"""A record batch's size before compression: under Kafka's default ``message.max.bytes``."""
 
 
 def create_producer(
@@ -86,7 +95,7 @@ def create_producer(
         partitioner=partition_for_key,
         compression_type=None if compression == "none" else compression,
         linger_ms=linger_ms,
-        max_batch_size=262_144,
+        max_batch_size=MAX_BATCH_BYTES,
         max_request_size=8 * 1024 * 1024,
         request_timeout_ms=int(timeout_s * 1000),
         retry_backoff_ms=100,

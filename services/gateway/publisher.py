@@ -21,6 +21,7 @@ import structlog
 
 from schemas.events import split_key
 from services.common.errors import ServiceUnavailable
+from services.common.kafka import partition_of
 from services.common.losses import Dropped
 from services.common.metrics import (
     PROJECT_ACKNOWLEDGED,
@@ -53,23 +54,27 @@ class Publisher:
         self._task: asyncio.Task[None] | None = None
 
     def _ack(self, meta: Any) -> None:
-        if meta.offset > self.acked.get(meta.partition, -1):
-            self.acked[meta.partition] = meta.offset
+        self._ack_offset(meta.partition, meta.offset)
+
+    def _ack_offset(self, partition: int, offset: int) -> None:
+        if offset > self.acked.get(partition, -1):
+            self.acked[partition] = offset
 
     async def publish(self, messages: list[tuple[bytes, bytes]]) -> None:
         """Send ``(key, value)`` pairs; return once the broker acknowledged every one.
 
-        Raises :class:`ServiceUnavailable` when the broker cannot take them in time.
+        Records are grouped into one record batch per partition (by key, as the producer's
+        partitioner does for single records) and handed to the producer whole: building
+        batches costs about a third of sending the records one by one. Each record is still
+        its own Kafka record. Raises :class:`ServiceUnavailable` when the broker cannot take
+        them in time.
         """
         if not messages:
             return
         try:
             async with asyncio.timeout(self._timeout_s):
-                futures = [
-                    await self._producer.send(self.topic, key=key, value=value)
-                    for key, value in messages
-                ]
-                metadata = await asyncio.gather(*futures)
+                sent = await self._send_batches(messages)
+                metadata = await asyncio.gather(*(future for future, _ in sent))
         except Exception as exc:
             log.error("publish_failed", messages=len(messages), error=repr(exc))
             raise ServiceUnavailable(
@@ -77,12 +82,37 @@ class Publisher:
                 "stored. Retry the request: completions are deduplicated by id.",
                 details={"reason": type(exc).__name__},
             ) from exc
-        for meta in metadata:
-            self._ack(meta)
-        TELEMETRY_PUBLISHED.inc(len(metadata))
+        for meta, (_, records) in zip(metadata, sent, strict=True):
+            self._ack_offset(meta.partition, meta.offset + records - 1)
+        TELEMETRY_PUBLISHED.inc(len(messages))
         by_project = Counter(split_key(key)[0] for key, _ in messages)
         for project, n in by_project.items():
             PROJECT_ACKNOWLEDGED.labels(project_label(project)).inc(n)
+
+    async def _send_batches(
+        self, messages: list[tuple[bytes, bytes]]
+    ) -> list[tuple[asyncio.Future[Any], int]]:
+        """Hand the records to the producer in full batches; (delivery, records) per batch."""
+        partitions = len(await self._producer.partitions_for(self.topic))
+        filling: dict[int, Any] = {}
+        sent: list[tuple[asyncio.Future[Any], int]] = []
+        for key, value in messages:
+            partition = partition_of(key, partitions)
+            batch = filling.get(partition)
+            if batch is not None:
+                if batch.append(key=key, value=value, timestamp=None) is not None:
+                    continue
+                sent.append(await self._send_batch(batch, partition))  # full (and closed)
+            batch = filling[partition] = self._producer.create_batch()
+            batch.append(key=key, value=value, timestamp=None)  # an empty batch takes any record
+        for partition, batch in filling.items():
+            sent.append(await self._send_batch(batch, partition))
+        return sent
+
+    async def _send_batch(self, batch: Any, partition: int) -> tuple[asyncio.Future[Any], int]:
+        batch.close()  # a closed batch is sent without lingering, and no other record joins it
+        future = await self._producer.send_batch(batch, self.topic, partition=partition)
+        return future, batch.record_count()
 
     # -- fire and forget, for created completions --------------------------------------------
 
