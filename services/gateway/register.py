@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
+from pydantic_core import ErrorDetails
 
 from schemas.api import Item
 from schemas.events import encode_event, message_key
@@ -22,7 +23,7 @@ from services.common.records import (
 
 MAX_ERRORS = 200
 
-_ITEM = TypeAdapter(Item)
+_ITEMS = TypeAdapter(list[Item])
 
 
 class RegisterEnvelope(BaseModel):
@@ -48,13 +49,27 @@ class Validated:
             )
 
 
-def check_item(raw: Any) -> None:
-    """Raise ValidationError or RecordError when ``raw`` cannot be stored.
+def item_errors(items: list[Any]) -> dict[int, list[ErrorDetails]]:
+    """Each invalid item's validation errors against the spec's ``Item``, by index.
 
     Strict: the item is stored as given and read back through the spec, so its values must
-    already have the spec's JSON types (``false`` is no choice index, ``"1"`` no number).
+    already have the spec's JSON types (``false`` is no choice index, ``"1"`` no number). The
+    list is validated in one call: the same errors as item by item, for less than the cost of
+    the calls.
     """
-    _ITEM.validate_python(raw, strict=True)
+    try:
+        _ITEMS.validate_python(items, strict=True)
+    except ValidationError as exc:
+        by_item: dict[int, list[ErrorDetails]] = {}
+        for error in exc.errors(include_url=False):
+            index, *loc = error["loc"]
+            by_item.setdefault(int(index), []).append({**error, "loc": tuple(loc)})
+        return by_item
+    return {}
+
+
+def check_record(raw: dict[str, Any]) -> None:
+    """Raise RecordError when a valid item still cannot be stored (timestamps, counts, spend)."""
     output = raw.get("output") or {}
     parse_created(output.get("created"))
     usage_counts(output.get("usage"))
@@ -63,15 +78,16 @@ def check_item(raw: Any) -> None:
 
 def build_events(envelope: RegisterEnvelope, *, project: str, received_at_ms: int) -> Validated:
     result = Validated()
+    invalid = item_errors(envelope.items)
     for index, raw in enumerate(envelope.items):
-        try:
-            check_item(raw)
-        except ValidationError as exc:
-            errors = exc.errors(include_url=False)
+        errors = invalid.get(index)
+        if errors is not None:
             first = errors[0]
             message = first["msg"] if len(errors) == 1 else f"{first['msg']} (+{len(errors) - 1})"
-            result.reject(index, tuple(first["loc"]), message, first["type"])
+            result.reject(index, first["loc"], message, first["type"])
             continue
+        try:
+            check_record(raw)
         except RecordError as exc:
             result.reject(index, exc.loc, exc.message, "value_error")
             continue

@@ -28,6 +28,10 @@ from services.worker.pipeline.types import Message, Partition, Processed
 
 log = structlog.get_logger(__name__)
 
+YIELD_EVERY = 256
+"""Records processed between two turns of the event loop: building a fetch's rows takes tens
+of milliseconds per thousand records, which a gateway in the same process must not wait for."""
+
 
 class _FlushOnRevoke(ConsumerRebalanceListener):  # type: ignore[misc]
     def __init__(self, worker: Worker) -> None:
@@ -178,7 +182,9 @@ class Worker:
                         partition = Partition(tp.topic, tp.partition)
                         if records:
                             self._first_offsets.setdefault(tp.partition, records[0].offset)
-                        for record in records:
+                        for n, record in enumerate(records, 1):
+                            if n % YIELD_EVERY == 0:
+                                await asyncio.sleep(0)  # let the gateway and queries run
                             await self.pipeline.first.submit(
                                 Message(
                                     partition,

@@ -72,14 +72,15 @@ class ProcessAndBatch:
     """Runs the pure per-message function and gathers results into batches.
 
     A batch is handed on when it holds ``max_rows`` messages or its first message is
-    ``max_ms`` old. ``submit`` waits while the batch is written: that wait is the backpressure
-    that stops the runner from fetching more than it can store.
+    ``max_ms`` old. It is then written while the next one is fetched and processed (so the
+    insert, which ClickHouse runs outside the GIL, overlaps with building the next batch's
+    rows), but at most one batch is in flight: the next hand-over waits for it, and raises
+    what writing it raised. That wait is the backpressure that stops the runner from fetching
+    more than it can store. The steps after this one see batches in order, and ``join``
+    waits for the one in flight.
 
     With ``offload``, messages are held as they come and the whole batch is processed by it
-    (in child processes) when the batch is handed on; the batch is the same. The batch is then
-    written while the next one is fetched and processed: at most one batch is in flight, the
-    steps after this one see batches in order, and ``join`` waits for it (as does the next
-    hand-over, which also raises what writing the previous batch raised).
+    (in child processes) when the batch is handed on; the batch is the same.
     """
 
     def __init__(
@@ -137,10 +138,7 @@ class ProcessAndBatch:
     async def _flush(self) -> None:
         batch, self._batch = self._batch, Batch()
         held, self._held = self._held, []
-        if self._offload is None:
-            await self._next.submit(batch)
-            return
-        if held:
+        if held and self._offload is not None:
             results = await self._offload([m.value for m in held])
             for message, result in zip(held, results, strict=True):
                 self._add(batch, message, result)

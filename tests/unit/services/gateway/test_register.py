@@ -110,6 +110,20 @@ def test_invalid_items_do_not_block_valid_ones() -> None:
     assert [e["index"] for e in result.errors] == [1]
 
 
+def test_each_invalid_item_is_reported_at_its_own_index_with_its_own_errors() -> None:
+    two_errors = {"input": {"messages": [{"role": "robot", "name": 1}]}}
+    items = [GOOD, "text", GOOD, two_errors, {**GOOD, "output": {"choices": [], "spend": 1e30}}]
+    result = _build(items)
+    assert len(result.messages) == 2
+    assert result.rejected == 3
+    assert [(e["index"], e["loc"], e["type"]) for e in result.errors] == [
+        (1, ["items", 1], "model_type"),
+        (3, ["items", 3, "input", "messages", 0, "role"], "literal_error"),
+        (4, ["items", 4, "output", "spend"], "value_error"),
+    ]
+    assert result.errors[1]["message"].endswith("(+1)")  # the second error of that item
+
+
 def test_errors_are_capped_but_rejections_counted() -> None:
     result = _build([{"bad": i} for i in range(MAX_ERRORS + 50)])
     assert result.rejected == MAX_ERRORS + 50

@@ -104,7 +104,33 @@ async def test_full_batch_is_inserted_then_committed() -> None:
     pipeline = _pipeline(rec)
     for offset in range(3):
         await pipeline.first.submit(_valid(P0, offset))
+    await asyncio.sleep(0.01)  # handed on when full: written without a join
     assert rec.calls == [("insert", 3), ("commit", {P0: 3})]
+
+
+async def test_the_next_batch_is_built_while_one_is_written_but_only_one_is_in_flight() -> None:
+    rec = Recorder()
+    gate = asyncio.Event()
+    insert = rec.insert
+
+    async def slow_insert(body: bytes) -> None:
+        await gate.wait()
+        await insert(body)
+
+    rec.insert = slow_insert  # type: ignore[method-assign]
+    pipeline = _pipeline(rec)
+    for offset in range(3):  # the first batch: handed on, its write waits at the gate
+        await pipeline.first.submit(_valid(P0, offset))
+    for offset in range(3, 5):  # the next batch is built meanwhile
+        await pipeline.first.submit(_valid(P0, offset))
+    third = asyncio.ensure_future(pipeline.first.submit(_valid(P0, 5)))  # fills it
+    await asyncio.sleep(0.02)
+    assert not third.done()  # its hand-over waits for the batch in flight
+    assert rec.calls == []
+    gate.set()
+    await third
+    await pipeline.first.join()
+    assert rec.calls == [("insert", 3), ("commit", {P0: 3}), ("insert", 3), ("commit", {P0: 6})]
 
 
 async def test_partial_batch_waits_for_time_or_join() -> None:
@@ -115,6 +141,7 @@ async def test_partial_batch_waits_for_time_or_join() -> None:
     assert rec.calls == []
     await asyncio.sleep(0.03)
     await pipeline.first.poll()
+    await asyncio.sleep(0.01)
     assert rec.calls == [("insert", 1), ("commit", {P0: 8})]
 
 
@@ -138,6 +165,7 @@ async def test_failed_dead_letter_record_is_retried_alone_before_commit() -> Non
     rec = Recorder(record_failures=2)
     pipeline = _pipeline(rec, max_rows=1)
     await pipeline.first.submit(_poison(P0, 4))
+    await pipeline.first.join()
     assert rec.calls == [
         ("dead_letter", [4]),  # sent to the topic once, not again on each retry
         ("record_dead_failed", [4]),
@@ -166,6 +194,7 @@ async def test_a_message_the_process_step_fails_on_is_dead_lettered_not_raised()
     first = ProcessAndBatch(process, next_step=write, max_rows=3, max_ms=10_000)
     for offset, value in enumerate([b"{}", b"boom", b"{}"]):
         await first.submit(Message(P0, offset, b"k", value))
+    await first.join()
     assert rec.calls == [
         ("insert", 2),
         ("dead_letter", [1]),
@@ -179,6 +208,7 @@ async def test_failed_insert_is_retried_and_nothing_committed_before_it_succeeds
     rec = Recorder(failures=2)
     pipeline = _pipeline(rec, max_rows=1)
     await pipeline.first.submit(_valid(P0, 0))
+    await pipeline.first.join()
     assert rec.calls == [
         ("insert_failed", 1),
         ("insert_failed", 1),
@@ -192,9 +222,11 @@ async def test_failure_while_stopping_is_raised_not_committed() -> None:
     stopping = asyncio.Event()
     stopping.set()
     pipeline = _pipeline(rec, max_rows=1, max_ms=10, stopping=stopping)
+    await pipeline.first.submit(_valid(P0, 0))
     with pytest.raises(ConnectionError):
-        await pipeline.first.submit(_valid(P0, 0))
+        await pipeline.first.join()
     assert [c[0] for c in rec.calls] == ["insert_failed"]
+    assert pipeline.commit.committed == {}
 
 
 async def test_redelivered_and_older_versions_are_not_written_again() -> None:
@@ -283,6 +315,7 @@ async def test_rows_clickhouse_rejects_are_isolated_and_dead_lettered() -> None:
     pipeline = _pipeline(rec, max_rows=4)
     for offset, cid in enumerate(["a", "bad", "c", "d"]):
         await pipeline.first.submit(_valid(P0, offset, cid))
+    await pipeline.first.join()
     assert rec.calls == [
         ("insert_rejected", 4),  # not retried: the same rows would be refused again
         ("insert_rejected", 2),  # halves: [a, bad] and [c, d]
@@ -301,6 +334,7 @@ async def test_a_retraction_is_never_split_from_its_new_version() -> None:
     pipeline = _pipeline(rec, max_rows=2)
     await pipeline.first.submit(_valid(P0, 0, "bad-changed", version=2))
     await pipeline.first.submit(_valid(P0, 1, "ok"))
+    await pipeline.first.join()
     inserts = [c for c in rec.calls if c[0].startswith("insert")]
     # the retraction and the new version are refused together, and neither is stored
     assert inserts == [("insert_rejected", 3), ("insert_rejected", 2), ("insert", 1)]
