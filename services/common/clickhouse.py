@@ -28,6 +28,34 @@ def check_identifier(name: str) -> str:
     return name
 
 
+# The characters clickhouse-connect escapes (with a backslash) in a bound string.
+_ESCAPED = ("\\", "'", "`", "\t", "\n")
+_ESCAPE = str.maketrans({c: "\\" + c for c in _ESCAPED})
+_NEEDS_ESCAPE = re.compile("[" + re.escape("".join(_ESCAPED)) + "]")
+
+
+class StringArray:
+    """Strings bound as an ``Array(String)`` parameter, formatted as one literal.
+
+    clickhouse-connect escapes a bound string one character at a time (about 3 us per id);
+    the worker binds thousands of completion ids per batch. This gives the same literal, with
+    the same characters escaped, in one pass when none needs escaping (the usual case) and by
+    ``str.translate`` per value otherwise. clickhouse-connect binds it with ``str()``.
+    """
+
+    __slots__ = ("values",)
+
+    def __init__(self, values: Sequence[str]) -> None:
+        self.values = values
+
+    def __str__(self) -> str:
+        if not self.values:
+            return "[]"
+        if _NEEDS_ESCAPE.search("".join(self.values)) is None:
+            return "['" + "','".join(self.values) + "']"
+        return "[" + ",".join(["'" + v.translate(_ESCAPE) + "'" for v in self.values]) + "]"
+
+
 @dataclass(frozen=True)
 class ClickHouseTarget:
     """Where ClickHouse is: a server (``http``/``https``) or an embedded chDB directory."""

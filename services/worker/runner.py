@@ -17,7 +17,7 @@ from aiokafka import ConsumerRebalanceListener, TopicPartition
 from aiokafka.errors import CommitFailedError, IllegalStateError
 
 from schemas.events import COMPLETIONS_TOPIC, DEAD_LETTER_TOPIC
-from services.common.clickhouse import ClickHouse
+from services.common.clickhouse import ClickHouse, StringArray
 from services.common.losses import LossRepository
 from services.common.metrics import CONSUMER_LAG, WORKER_INSERT_SECONDS
 from services.common.pricing import PriceCatalog
@@ -103,7 +103,7 @@ class Worker:
             "SELECT completion_id, toUnixTimestamp64Milli(received_at) "
             "FROM {database}.completions FINAL "
             "WHERE project = {project:String} AND completion_id IN {ids:Array(String)}",
-            {"project": project, "ids": ids},
+            {"project": project, "ids": StringArray(ids)},
         )
         return {str(r[0]): int(r[1]) for r in rows}
 
@@ -112,7 +112,7 @@ class Worker:
         body = await self._clickhouse.json_each_row(
             "SELECT * REPLACE (toInt8(-1) AS agg_sign) FROM {database}.completions FINAL "
             "WHERE project = {project:String} AND completion_id IN {ids:Array(String)}",
-            {"project": project, "ids": ids},
+            {"project": project, "ids": StringArray(ids)},
         )
         return [line for line in body.split(b"\n") if line.strip()]
 
