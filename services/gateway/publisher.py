@@ -51,6 +51,7 @@ class Publisher:
         """Highest acknowledged offset per partition (used to drain before shutdown)."""
         self._queue: asyncio.Queue[tuple[bytes, bytes]] = asyncio.Queue(queue_size)
         self._pending: set[asyncio.Future[Any]] = set()
+        self._partition_locks: dict[int, asyncio.Lock] = {}
         self._task: asyncio.Task[None] | None = None
 
     def _ack(self, meta: Any) -> None:
@@ -111,7 +112,13 @@ class Publisher:
 
     async def _send_batch(self, batch: Any, partition: int) -> tuple[asyncio.Future[Any], int]:
         batch.close()  # a closed batch is sent without lingering, and no other record joins it
-        future = await self._producer.send_batch(batch, self.topic, partition=partition)
+        # One request at a time hands a batch to a partition: the producer queues one batch per
+        # partition and makes the others wait for it to go, and its wait loop (aiokafka 0.14
+        # ``add_batch``) subtracts the time since it first waited on every turn, so concurrent
+        # waiters gave up with KafkaTimeoutError long before the timeout.
+        lock = self._partition_locks.setdefault(partition, asyncio.Lock())
+        async with lock:
+            future = await self._producer.send_batch(batch, self.topic, partition=partition)
         return future, batch.record_count()
 
     # -- fire and forget, for created completions --------------------------------------------
