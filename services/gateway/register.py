@@ -8,7 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
+from pydantic import BaseModel, ConfigDict, Field
 from pydantic_core import ErrorDetails
 
 from schemas.api import Item
@@ -20,10 +20,11 @@ from services.common.records import (
     parse_spend,
     usage_counts,
 )
+from services.gateway.validation import ListValidator
 
 MAX_ERRORS = 200
 
-_ITEMS = TypeAdapter(list[Item])
+_ITEMS = ListValidator(Item)
 
 
 class RegisterEnvelope(BaseModel):
@@ -53,19 +54,9 @@ def item_errors(items: list[Any]) -> dict[int, list[ErrorDetails]]:
     """Each invalid item's validation errors against the spec's ``Item``, by index.
 
     Strict: the item is stored as given and read back through the spec, so its values must
-    already have the spec's JSON types (``false`` is no choice index, ``"1"`` no number). The
-    list is validated in one call: the same errors as item by item, for less than the cost of
-    the calls.
+    already have the spec's JSON types (``false`` is no choice index, ``"1"`` no number).
     """
-    try:
-        _ITEMS.validate_python(items, strict=True)
-    except ValidationError as exc:
-        by_item: dict[int, list[ErrorDetails]] = {}
-        for error in exc.errors(include_url=False):
-            index, *loc = error["loc"]
-            by_item.setdefault(int(index), []).append({**error, "loc": tuple(loc)})
-        return by_item
-    return {}
+    return _ITEMS.invalid_items(items, strict=True)
 
 
 def check_record(raw: dict[str, Any]) -> None:
