@@ -43,6 +43,24 @@ class CompletionEvent(BaseModel):
     received_at_ms: int = Field(ge=0, description="Gateway receive time, unix milliseconds.")
     item: dict[str, Any]
 
+    @classmethod
+    def trusted(cls, fields: dict[str, Any]) -> CompletionEvent:
+        """The event of a dict that holds exactly these fields, already valid, unvalidated.
+
+        What ``model_construct`` does for such a dict (every field given, so no defaults to
+        fill in), for a fifth of its cost: the worker builds one per message. The caller
+        guarantees the fields and their types (see ``services.worker.pipeline.decode``).
+        """
+        event = cls.__new__(cls)
+        object.__setattr__(event, "__dict__", fields)
+        object.__setattr__(event, "__pydantic_fields_set__", _EVENT_FIELDS)
+        object.__setattr__(event, "__pydantic_extra__", None)
+        object.__setattr__(event, "__pydantic_private__", None)
+        return event
+
+
+_EVENT_FIELDS = frozenset(CompletionEvent.model_fields)
+
 
 def message_key(project: str, completion_id: str) -> bytes:
     """Partitioning key: every record of one completion goes to the same partition."""

@@ -86,6 +86,9 @@ class PriceCatalog:
         self._providers_by_model: dict[str, set[str]] = {}
         for provider, model in self._by_key:
             self._providers_by_model.setdefault(model, set()).add(provider)
+        self._found: dict[tuple[str, str, int], Price | None] = {}
+        """Answers of :meth:`find` by (provider, model, UTC day): most records of a day share
+        a few models."""
 
     @classmethod
     def load(cls, path: Path | None = None) -> PriceCatalog:
@@ -114,6 +117,17 @@ class PriceCatalog:
 
     def find(self, provider: str, model: str, created: float) -> Price | None:
         """The price in force at ``created`` (unix seconds) for this provider and model."""
+        key = (provider, model, int(created // 86_400))
+        try:
+            return self._found[key]
+        except KeyError:
+            pass
+        if len(self._found) >= 10_000:
+            self._found.clear()
+        found = self._found[key] = self._find(provider, model, created)
+        return found
+
+    def _find(self, provider: str, model: str, created: float) -> Price | None:
         provider, model = split_model(provider, model)
         if not provider:
             candidates = self._providers_by_model.get(model, set())

@@ -51,7 +51,7 @@ def decode(value: bytes | None) -> CompletionEvent | Invalid:
     if raw.get("v") != EVENT_VERSION:
         return Invalid(f"unknown event version: {raw.get('v')!r}")
     if raw.keys() == _FIELDS and _as_written(raw):
-        return CompletionEvent.model_construct(**raw)
+        return CompletionEvent.trusted(raw)
     try:
         return CompletionEvent.model_validate(raw)
     except ValidationError as exc:

@@ -111,17 +111,10 @@ def to_row(event: CompletionEvent, prices: PriceCatalog | None = None) -> Row | 
         created = event.received_at_ms / 1000.0
 
     model = output.get("model") or request.get("model")
+    slug = normalize_slug(model) if model else ""
     provider = output.get("provider") or ""
     operation = _dict(item.get("operation"))
-    priced = _priced(
-        prices,
-        spend,
-        provider,
-        normalize_slug(model) if model else "",
-        created,
-        counts,
-        usage is not None,
-    )
+    priced = _priced(prices, spend, provider, slug, created, counts, usage is not None)
     tags = item.get("tags") or output.get("tags") or request.get("tags") or []
     trace = output.get("trace") or request.get("trace")
     container = event.container if event.container is not None else output.get("container")
@@ -153,7 +146,7 @@ def to_row(event: CompletionEvent, prices: PriceCatalog | None = None) -> Row | 
         "created": _datetime64(created),
         "received_at": _datetime64(event.received_at_ms / 1000.0),
         "kind": event.kind,
-        "model": normalize_slug(model) if model else "",
+        "model": slug,
         "provider": provider,
         "container": container or "",
         "model_id": output.get("model_id") or "",

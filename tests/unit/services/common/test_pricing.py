@@ -71,6 +71,19 @@ def test_price_in_force_when_created(
     assert (price.version if price else None) == version
 
 
+def test_remembered_answers_follow_the_day_a_price_changes() -> None:
+    catalog = PriceCatalog.from_dict({"prices": [{"provider": "openai", "model": "gpt-4o",
+        "effective": "2024-10-01", "prompt": "2.50", "completion": "10.00"}]})  # fmt: skip
+    last_second = _at("2024-10-01") - 1
+    for _ in range(2):  # asked again: the same answers, from memory
+        assert catalog.find("openai", "gpt-4o", last_second) is None
+        price = catalog.find("openai", "gpt-4o", _at("2024-10-01"))
+        assert price is not None
+        assert price.version == "openai/gpt-4o@2024-10-01"
+        assert catalog.find("openai", "gpt-4o", _at("2024-10-01") + 86_399.9) == price
+        assert catalog.find("", "openai/gpt-4o", last_second) is None
+
+
 def test_spend_by_class_is_exact() -> None:
     price = CATALOG.find("openai", "gpt-4o", _at("2025-01-01"))
     assert price is not None
