@@ -95,7 +95,7 @@ class CompletionsRepository:
         return (await self._bodies(project, [completion_id])).get(completion_id)
 
     async def _bodies(self, project: str, ids: Sequence[str]) -> dict[str, str]:
-        """Stored responses by id, from ``completion_bodies`` (small granules).
+        """Stored responses by id, from ``completion_responses`` (32-row granules).
 
         The newest version of each, as FINAL keeps, but without FINAL: FINAL reads the response
         of every row in each part's candidate granules before it merges, while here the id is
@@ -106,7 +106,7 @@ class CompletionsRepository:
             return {}
         params = {"project": project, "ids": ids}
         rows = await self._ch.rows(
-            "SELECT completion_id, response FROM {database}.completion_bodies "
+            "SELECT completion_id, response FROM {database}.completion_responses "
             "WHERE project = {project:String} AND completion_id IN {ids:Array(String)} "
             "ORDER BY received_at DESC LIMIT 1 BY completion_id",
             params,

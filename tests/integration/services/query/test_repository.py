@@ -158,12 +158,14 @@ async def test_filters_are_parameters_not_sql(
 async def test_bodies_are_read_from_their_table_and_the_newest_version_wins(
     clickhouse: ClickHouse, repo: CompletionsRepository
 ) -> None:
+    await clickhouse.command("SYSTEM STOP MERGES {database}.completion_responses")
     await _store(clickhouse, {"id": "x", "created": 100, "model": "old"})
     await _store(clickhouse, {"id": "x", "created": 100, "model": "new", "received_at_ms": 2_000})
+    await _store(clickhouse, {"id": "x", "created": 100, "model": "mid", "received_at_ms": 1_500})
     bodies = await clickhouse.rows(
-        "SELECT count() FROM {database}.completion_bodies WHERE completion_id = 'x'"
+        "SELECT count() FROM {database}.completion_responses WHERE completion_id = 'x'"
     )
-    assert bodies[0][0] == 2  # both versions written by the view; FINAL keeps the newest
+    assert bodies[0][0] == 2  # both versions stored are there, unmerged; the newest is read
     page, total = await repo.list("p", limit=20, offset=0, model=None, container=None, order="desc")
     assert [orjson.loads(p)["model"] for p in page] == ["new"]
     assert total == 1
@@ -176,7 +178,7 @@ async def test_a_body_missing_from_its_table_is_read_from_completions(
     clickhouse: ClickHouse, repo: CompletionsRepository
 ) -> None:
     await _store(clickhouse, {"id": "a", "created": 100}, {"id": "b", "created": 200})
-    await clickhouse.command("TRUNCATE TABLE {database}.completion_bodies")
+    await clickhouse.command("TRUNCATE TABLE {database}.completion_responses")
     page, total = await repo.list("p", limit=20, offset=0, model=None, container=None, order="desc")
     assert _ids(page) == ["b", "a"]
     assert total == 2
@@ -201,7 +203,8 @@ async def _truth(
     container: str | None,
     order: Order,
 ) -> tuple[list[str], int]:
-    """The list as it was read before ``completion_listing``: ``completions FINAL``, sorted."""
+    """The list as it was read before ``completion_listing``: ``completions FINAL``, sorted
+    (the responses, as the list returns them, and the total)."""
     where = ["project = {project:String}"]
     params: dict[str, object] = {"project": project, "limit": limit, "offset": offset}
     if model is not None:
@@ -212,8 +215,8 @@ async def _truth(
         params["container"] = container
     condition = " AND ".join(where)
     direction = order.upper()
-    ids = await ch.rows(
-        f"SELECT completion_id FROM {{database}}.completions FINAL WHERE {condition} "
+    page = await ch.rows(
+        f"SELECT response FROM {{database}}.completions FINAL WHERE {condition} "
         f"ORDER BY created {direction}, completion_id {direction} "
         "LIMIT {limit:UInt32} OFFSET {offset:UInt64}",
         params,
@@ -221,7 +224,7 @@ async def _truth(
     total = await ch.rows(
         f"SELECT count() FROM {{database}}.completions FINAL WHERE {condition}", params
     )
-    return [str(r[0]) for r in ids], int(total[0][0])
+    return [str(r[0]) for r in page], int(total[0][0])
 
 
 async def _same_as_truth(
@@ -235,10 +238,10 @@ async def _same_as_truth(
         (rng.choice(MODELS), rng.choice(CONTAINERS)),
     ]:
         for order in ("asc", "desc"):
-            _, total = await _truth(
+            _, matching = await _truth(
                 ch, project, limit=1, offset=0, model=model, container=container, order=order
             )
-            for offset in (0, rng.randrange(total + 1), max(total - 3, 0), total + 2):
+            for offset in (0, rng.randrange(matching + 1), max(matching - 3, 0), matching + 2):
                 args: dict[str, Any] = {
                     "limit": rng.choice([1, 5, 20]),
                     "offset": offset,
@@ -246,8 +249,8 @@ async def _same_as_truth(
                     "container": container,
                     "order": order,
                 }
-                page, got_total = await repo.list(project, **args)
-                assert (_ids(page), got_total) == await _truth(ch, project, **args), args
+                page, total = await repo.list(project, **args)
+                assert (page, total) == await _truth(ch, project, **args), args
                 assert len(set(_ids(page))) == len(page)
 
 
@@ -313,10 +316,12 @@ async def test_list_equals_the_final_read_over_random_histories(
     history = _History(rng)
     if merges == "stopped":  # retractions stay beside the versions they cancel
         await clickhouse.command("SYSTEM STOP MERGES {database}.completion_listing")
+        await clickhouse.command("SYSTEM STOP MERGES {database}.completion_responses")
     for round_ in range(8):
         await _store(clickhouse, *history.batch())
         if merges == "optimized" and round_ % 3 == 2:
             await clickhouse.command("OPTIMIZE TABLE {database}.completion_listing FINAL")
+            await clickhouse.command("OPTIMIZE TABLE {database}.completion_responses FINAL")
         await _same_as_truth(clickhouse, repo, rng)
     await _same_as_truth(clickhouse, repo, rng, project="q")
 
@@ -348,30 +353,36 @@ async def test_retractions_not_merged_away_do_not_shorten_a_page(
                 "order": order,
             }
             page, total = await repo.list("p", **args)
-            assert (_ids(page), total) == await _truth(clickhouse, "p", **args)
+            assert (page, total) == await _truth(clickhouse, "p", **args)
             assert len(page) == min(20, 100 - offset)
 
 
-async def test_list_is_exact_over_what_was_stored_before_the_listing_table(
-    clickhouse: ClickHouse, repo: CompletionsRepository
+async def test_list_is_exact_over_what_was_stored_before_migration_0008(
+    clickhouse: ClickHouse,
 ) -> None:
-    history = _History(random.Random(7))
-    for _ in range(5):
-        await _store(clickhouse, *history.batch())
-    # as stored before the worker deduplicated: the same version twice, no retraction
-    await clickhouse.insert_json_each_row(
-        "completions",
-        _row(_event({"id": "legacy", "created": 5, "received_at_ms": 9})) * 2
-        + _row(_event({"id": "legacy", "created": 6, "received_at_ms": 10})),
-    )
-    await clickhouse.command("DROP TABLE {database}.completion_listing_mv")
-    await clickhouse.command("DROP TABLE {database}.completion_listing")
-    (listing,) = [m for m in load_migrations() if m.name == "completion_listing"]
-    for statement in listing.statements:
-        await clickhouse.command(statement)
-    await _same_as_truth(clickhouse, repo, random.Random(8))
-    for _ in range(3):  # and the view keeps it exact from there
-        await _store(
-            clickhouse, *history.batch(), {"id": "legacy", "created": 7, "received_at_ms": 11}
+    before = clickhouse.with_database(f"{clickhouse.database}_before")
+    await before.command("CREATE DATABASE {database}")
+    try:
+        migrations = {m.version: m for m in load_migrations()}
+        for version in range(1, 8):
+            for statement in migrations[version].statements:
+                await before.command(statement)
+        history = _History(random.Random(7))
+        for _ in range(5):
+            await _store(before, *history.batch())
+        # as stored before the worker deduplicated: the same version twice, no retraction
+        await before.insert_json_each_row(
+            "completions",
+            _row(_event({"id": "legacy", "created": 5, "received_at_ms": 9})) * 2
+            + _row(_event({"id": "legacy", "created": 6, "received_at_ms": 10})),
         )
-        await _same_as_truth(clickhouse, repo, random.Random(9))
+        for statement in migrations[8].statements:
+            await before.command(statement)
+        repo = CompletionsRepository(before)
+        await _same_as_truth(before, repo, random.Random(8))
+        for _ in range(3):  # and the views keep it exact from there
+            legacy = {"id": "legacy", "created": 7, "received_at_ms": 11}
+            await _store(before, *history.batch(), legacy)
+            await _same_as_truth(before, repo, random.Random(9))
+    finally:
+        await before.command("DROP DATABASE IF EXISTS {database}")
