@@ -197,6 +197,16 @@ async def _run(data_dir: Path, rows: int, runs: int, chunk: int) -> dict[str, An
             f"  {table[1]} rows in {table[0]} parts, "
             f"{table[2] / 2**30:.2f} GiB compressed ({table[3] / 2**30:.2f} GiB raw)"
         )
+        read = await ch.rows(
+            "SELECT table, count(), sum(data_compressed_bytes) FROM system.parts "
+            "WHERE database = {db:String} AND active "
+            "AND table IN ('completion_listing', 'completion_responses') GROUP BY table",
+            {"db": ch.database},
+        )
+        read_tables = {
+            str(r[0]): {"parts": int(r[1]), "compressed_gib": round(r[2] / 2**30, 2)} for r in read
+        }
+        print(f"  tables the list reads: {read_tables}")
         load_before = load_average()
         results = await measure(ch, runs, rows)
         return {
@@ -206,6 +216,7 @@ async def _run(data_dir: Path, rows: int, runs: int, chunk: int) -> dict[str, An
             "parts": int(table[0]),
             "compressed_gib": round(table[2] / 2**30, 2),
             "uncompressed_gib": round(table[3] / 2**30, 2),
+            "read_tables": read_tables,
             "load_before": load_before,
             "load_after": load_average(),
             "results": results,

@@ -9,6 +9,8 @@ from services.common.clickhouse import ClickHouse
 from services.common.records import normalize_slug
 
 MAX_OFFSET = 2**62  # larger offsets return an empty page rather than overflow UInt64
+# Rows read beyond offset + limit on the first try: room for retractions not yet merged away.
+_SLACK = 64
 
 
 class CompletionsRepository:
@@ -25,7 +27,12 @@ class CompletionsRepository:
         container: str | None,
         order: Literal["asc", "desc"],
     ) -> tuple[list[str], int]:
-        """The page of stored responses (JSON text) and the total matching the filters."""
+        """The page of stored responses (JSON text) and the total matching the filters.
+
+        Read from ``completion_listing`` (migration 0008): rows in page order, +1 for a stored
+        version and -1 for its retraction, so the completions that match are the
+        ``(created, completion_id)`` whose signs sum to 1, and the total is the sum of signs.
+        """
         offset = min(offset, MAX_OFFSET)
         where = ["project = {project:String}"]
         params: dict[str, object] = {"project": project, "limit": limit, "offset": offset}
@@ -37,36 +44,81 @@ class CompletionsRepository:
             params["container"] = container
         condition = " AND ".join(where)
         direction = "ASC" if order == "asc" else "DESC"
-        # The page's ids first (narrow columns only), then their bodies by primary key.
-        ids = await self._ch.rows(
-            f"SELECT completion_id FROM {{database}}.completions FINAL WHERE {condition} "
-            f"ORDER BY created {direction}, completion_id {direction} "
-            "LIMIT {limit:UInt32} OFFSET {offset:UInt64}",
+        counted = await self._ch.rows(
+            f"SELECT sum(sign), count() FROM {{database}}.completion_listing WHERE {condition}",
             params,
         )
-        total = await self._ch.rows(
-            f"SELECT count() FROM {{database}}.completions FINAL WHERE {condition}", params
-        )
-        page = [str(row[0]) for row in ids]
+        total, stored_rows = max(int(counted[0][0]), 0), int(counted[0][1])
+        expected = max(min(limit, total - offset), 0)  # the page's length, known from the total
+        if not expected:
+            return [], total
+        page = await self._page(condition, params, direction, offset + limit, expected, stored_rows)
         bodies = await self._bodies(project, page)
-        return [bodies[i] for i in page if i in bodies], int(total[0][0])
+        return [bodies[i] for i in page if i in bodies], total
+
+    async def _page(
+        self,
+        condition: str,
+        params: dict[str, object],
+        direction: str,
+        wanted: int,
+        expected: int,
+        stored_rows: int,
+    ) -> Sequence[str]:
+        """The page's ids: the first rows in key order (read in order, so ClickHouse stops
+        early: no FINAL, no sort of the project), netted per ``(created, completion_id)``.
+
+        ``LIMIT ... WITH TIES`` keeps every row of the last ``(created, completion_id)`` it
+        reaches, so a version is never cut from its retraction: the rows read are a prefix of
+        the order made of whole groups, and the completions in them are the first ones of the
+        list. Retractions not yet merged away take room in that prefix; when they leave the
+        page shorter than the total says, the prefix is read again, longer, until it holds the
+        page or every row.
+        """
+        sql = (
+            "SELECT completion_id FROM ("
+            "SELECT created, completion_id, sign FROM {database}.completion_listing "
+            f"WHERE {condition} ORDER BY created {direction}, completion_id {direction} "
+            "LIMIT {window:UInt64} WITH TIES"
+            ") GROUP BY created, completion_id HAVING sum(sign) > 0 "
+            f"ORDER BY created {direction}, completion_id {direction} "
+            "LIMIT {limit:UInt32} OFFSET {offset:UInt64}"
+        )
+        window = wanted + _SLACK
+        while True:
+            rows = await self._ch.rows(sql, {**params, "window": window})
+            if len(rows) >= expected or window >= stored_rows:
+                return [str(row[0]) for row in rows]
+            window *= 4
 
     async def get(self, project: str, completion_id: str) -> str | None:
         return (await self._bodies(project, [completion_id])).get(completion_id)
 
     async def _bodies(self, project: str, ids: Sequence[str]) -> dict[str, str]:
-        """Stored responses by id, from ``completion_bodies`` (small granules)."""
+        """Stored responses by id, from ``completion_responses`` (32-row granules).
+
+        The newest version of each, as FINAL keeps, but without FINAL: FINAL reads the response
+        of every row in each part's candidate granules before it merges, while here the id is
+        checked first (PREWHERE) and only the granules holding one are decompressed. A version
+        is stored once (the worker drops one it already has), so no two rows tie.
+        """
         if not ids:
             return {}
-        sql = (
-            "SELECT completion_id, response FROM {database}.%s FINAL "
-            "WHERE project = {project:String} AND completion_id IN {ids:Array(String)}"
-        )
         params = {"project": project, "ids": ids}
-        found = {str(r[0]): r[1] for r in await self._ch.rows(sql % "completion_bodies", params)}
+        rows = await self._ch.rows(
+            "SELECT completion_id, response FROM {database}.completion_responses "
+            "WHERE project = {project:String} AND completion_id IN {ids:Array(String)} "
+            "ORDER BY received_at DESC LIMIT 1 BY completion_id",
+            params,
+        )
+        found = {str(r[0]): r[1] for r in rows}
         missing = [i for i in ids if i not in found]
         if missing:  # stored by an insert whose view write has not landed yet: rare, still exact
             params["ids"] = missing
-            rows = await self._ch.rows(sql % "completions", params)
+            rows = await self._ch.rows(
+                "SELECT completion_id, response FROM {database}.completions FINAL "
+                "WHERE project = {project:String} AND completion_id IN {ids:Array(String)}",
+                params,
+            )
             found |= {str(r[0]): r[1] for r in rows}
         return found

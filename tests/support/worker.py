@@ -9,7 +9,8 @@ from schemas.events import encode_event, message_key
 from services.common.clickhouse import ClickHouse
 from services.common.kafka import create_consumer, create_producer
 from services.common.pricing import PriceCatalog
-from services.common.settings import ServeSettings
+from services.common.settings import ServeSettings, WorkerSettings
+from services.worker.pipeline.types import Message, Partition
 from services.worker.runner import Worker
 from tests.conftest import Broker
 
@@ -82,3 +83,20 @@ async def count_is(ch: ClickHouse, n: int) -> bool:
 
 async def all_committed(worker: Worker, total: int) -> bool:
     return sum(worker.committed_offsets().values()) == total
+
+
+class _Commits:
+    """Takes the place of the consumer for :func:`store`: offsets committed go nowhere."""
+
+    async def commit(self, offsets: dict[Any, int]) -> None:
+        pass
+
+
+async def store(ch: ClickHouse, values: list[bytes]) -> None:
+    """Store event values as the worker does (same pipeline: decode, transform, deduplicate
+    with retractions, insert), in one batch, without a broker."""
+    settings = WorkerSettings(batch_max_rows=max(len(values), 1), insert_retry_initial_s=0.05)
+    worker = Worker(settings, _Commits(), None, ch)
+    for offset, value in enumerate(values):
+        await worker.pipeline.first.submit(Message(Partition("store", 0), offset, None, value))
+    await worker.flush()

@@ -1,39 +1,48 @@
-"""List and get over real rows, produced by the worker's own transform."""
+"""List and get over real rows, stored by the worker's own pipeline."""
 
 from __future__ import annotations
 
-from typing import Any
+import random
+from typing import Any, Literal
 
 import orjson
 import pytest
 
 from schemas.events import encode_event
 from services.common.clickhouse import ClickHouse
+from services.common.migrations import load_migrations
 from services.query.repository import CompletionsRepository
 from services.worker.pipeline import process
 from services.worker.pipeline.types import Row
+from tests.support.worker import store
+
+
+def _event(r: dict[str, Any]) -> bytes:
+    item = {
+        "input": {"messages": []},
+        "output": {"choices": [], "created": r["created"], "model": r.get("model", "m1")},
+    }
+    return encode_event(
+        kind="register",
+        project=r.get("project", "p"),
+        container=r.get("container", "c1"),
+        completion_id=r["id"],
+        received_at_ms=r.get("received_at_ms", 1_000),
+        item=item,
+    )
+
+
+def _row(value: bytes) -> bytes:
+    """The row the worker's transform makes of an event, to insert past its deduplication."""
+    row = process(value)
+    assert isinstance(row, Row)
+    return row.json + b"\n"
 
 
 async def _store(ch: ClickHouse, *records: dict[str, Any]) -> None:
-    lines = []
-    for r in records:
-        item = {
-            "input": {"messages": []},
-            "output": {"choices": [], "created": r["created"], "model": r.get("model", "m1")},
-        }
-        result = process(
-            encode_event(
-                kind="register",
-                project=r.get("project", "p"),
-                container=r.get("container", "c1"),
-                completion_id=r["id"],
-                received_at_ms=r.get("received_at_ms", 1_000),
-                item=item,
-            )
-        )
-        assert isinstance(result, Row)
-        lines.append(result.json)
-    await ch.insert_json_each_row("completions", b"\n".join(lines))
+    """Through the worker's own steps: a version stored again is dropped, a newer one is
+    written with a retraction of the stored one (what the list relies on)."""
+    await store(ch, [_event(r) for r in records])
 
 
 def _ids(page: list[str]) -> list[str]:
@@ -149,12 +158,14 @@ async def test_filters_are_parameters_not_sql(
 async def test_bodies_are_read_from_their_table_and_the_newest_version_wins(
     clickhouse: ClickHouse, repo: CompletionsRepository
 ) -> None:
+    await clickhouse.command("SYSTEM STOP MERGES {database}.completion_responses")
     await _store(clickhouse, {"id": "x", "created": 100, "model": "old"})
     await _store(clickhouse, {"id": "x", "created": 100, "model": "new", "received_at_ms": 2_000})
+    await _store(clickhouse, {"id": "x", "created": 100, "model": "mid", "received_at_ms": 1_500})
     bodies = await clickhouse.rows(
-        "SELECT count() FROM {database}.completion_bodies WHERE completion_id = 'x'"
+        "SELECT count() FROM {database}.completion_responses WHERE completion_id = 'x'"
     )
-    assert bodies[0][0] == 2  # both versions written by the view; FINAL keeps the newest
+    assert bodies[0][0] == 2  # both versions stored are there, unmerged; the newest is read
     page, total = await repo.list("p", limit=20, offset=0, model=None, container=None, order="desc")
     assert [orjson.loads(p)["model"] for p in page] == ["new"]
     assert total == 1
@@ -167,9 +178,211 @@ async def test_a_body_missing_from_its_table_is_read_from_completions(
     clickhouse: ClickHouse, repo: CompletionsRepository
 ) -> None:
     await _store(clickhouse, {"id": "a", "created": 100}, {"id": "b", "created": 200})
-    await clickhouse.command("TRUNCATE TABLE {database}.completion_bodies")
+    await clickhouse.command("TRUNCATE TABLE {database}.completion_responses")
     page, total = await repo.list("p", limit=20, offset=0, model=None, container=None, order="desc")
     assert _ids(page) == ["b", "a"]
     assert total == 2
     assert await repo.get("p", "a") is not None
     assert await repo.get("p", "missing") is None
+
+
+# -- the list against the FINAL read it replaced ---------------------------------------------
+
+MODELS = ["m1", "m2", "openai/gpt-4o"]
+CONTAINERS = ["c1", "c2", "c3"]
+Order = Literal["asc", "desc"]
+
+
+async def _truth(
+    ch: ClickHouse,
+    project: str,
+    *,
+    limit: int,
+    offset: int,
+    model: str | None,
+    container: str | None,
+    order: Order,
+) -> tuple[list[str], int]:
+    """The list as it was read before ``completion_listing``: ``completions FINAL``, sorted
+    (the responses, as the list returns them, and the total)."""
+    where = ["project = {project:String}"]
+    params: dict[str, object] = {"project": project, "limit": limit, "offset": offset}
+    if model is not None:
+        where.append("model = {model:String}")
+        params["model"] = model
+    if container is not None:
+        where.append("container = {container:String}")
+        params["container"] = container
+    condition = " AND ".join(where)
+    direction = order.upper()
+    page = await ch.rows(
+        f"SELECT response FROM {{database}}.completions FINAL WHERE {condition} "
+        f"ORDER BY created {direction}, completion_id {direction} "
+        "LIMIT {limit:UInt32} OFFSET {offset:UInt64}",
+        params,
+    )
+    total = await ch.rows(
+        f"SELECT count() FROM {{database}}.completions FINAL WHERE {condition}", params
+    )
+    return [str(r[0]) for r in page], int(total[0][0])
+
+
+async def _same_as_truth(
+    ch: ClickHouse, repo: CompletionsRepository, rng: random.Random, project: str = "p"
+) -> None:
+    """Compare every filter and both orders, at offsets from 0 to beyond the end."""
+    for model, container in [
+        (None, None),
+        (rng.choice(MODELS), None),
+        (None, rng.choice(CONTAINERS)),
+        (rng.choice(MODELS), rng.choice(CONTAINERS)),
+    ]:
+        for order in ("asc", "desc"):
+            _, matching = await _truth(
+                ch, project, limit=1, offset=0, model=model, container=container, order=order
+            )
+            for offset in (0, rng.randrange(matching + 1), max(matching - 3, 0), matching + 2):
+                args: dict[str, Any] = {
+                    "limit": rng.choice([1, 5, 20]),
+                    "offset": offset,
+                    "model": model,
+                    "container": container,
+                    "order": order,
+                }
+                page, total = await repo.list(project, **args)
+                assert (page, total) == await _truth(ch, project, **args), args
+                assert len(set(_ids(page))) == len(page)
+
+
+class _History:
+    """Random registrations, as clients could send them: new completions, newer versions that
+    move created, model or container (or change nothing the list shows), re-deliveries of the
+    stored version, versions older than the stored one, several versions in one batch."""
+
+    def __init__(self, rng: random.Random) -> None:
+        self.rng = rng
+        self.clock = 1_000
+        self.created = 0
+        self.stored: dict[tuple[str, str], dict[str, Any]] = {}
+
+    def _tick(self) -> int:
+        self.clock += 1
+        return self.clock
+
+    def _value(self, field: str) -> Any:
+        if field == "created":  # few distinct seconds: many ties, the id decides
+            return 1_750_000_000 + self.rng.randrange(12)
+        return self.rng.choice(MODELS if field == "model" else CONTAINERS)
+
+    def batch(self) -> list[dict[str, Any]]:
+        rng, records = self.rng, []
+        for _ in range(rng.randrange(1, 30)):
+            roll = rng.random()
+            if roll < 0.35 or not self.stored:
+                self.created += 1
+                record = {
+                    "id": f"id-{self.created:03d}",
+                    "project": "p" if rng.random() < 0.9 else "q",
+                    "received_at_ms": self._tick(),
+                    **{f: self._value(f) for f in ("created", "model", "container")},
+                }
+            else:
+                old = self.stored[rng.choice(sorted(self.stored))]
+                if roll < 0.75:  # a newer version
+                    record = {**old, "received_at_ms": self._tick()}
+                    moved = rng.choice(["created", "model", "container", "nothing"])
+                    if moved != "nothing":
+                        record[moved] = self._value(moved)
+                elif roll < 0.9:  # the stored version again: a re-delivery
+                    record = dict(old)
+                else:  # an older version, arriving late: dropped
+                    record = {**old, "model": self._value("model"), "received_at_ms": 1}
+            records.append(record)
+            key = (record["project"], record["id"])
+            if (
+                key not in self.stored
+                or record["received_at_ms"] > self.stored[key]["received_at_ms"]
+            ):
+                self.stored[key] = record
+        return records
+
+
+@pytest.mark.parametrize("merges", ["stopped", "optimized"])
+@pytest.mark.parametrize("seed", [1, 2])
+async def test_list_equals_the_final_read_over_random_histories(
+    clickhouse: ClickHouse, repo: CompletionsRepository, seed: int, merges: str
+) -> None:
+    rng = random.Random(seed)
+    history = _History(rng)
+    if merges == "stopped":  # retractions stay beside the versions they cancel
+        await clickhouse.command("SYSTEM STOP MERGES {database}.completion_listing")
+        await clickhouse.command("SYSTEM STOP MERGES {database}.completion_responses")
+    for round_ in range(8):
+        await _store(clickhouse, *history.batch())
+        if merges == "optimized" and round_ % 3 == 2:
+            await clickhouse.command("OPTIMIZE TABLE {database}.completion_listing FINAL")
+            await clickhouse.command("OPTIMIZE TABLE {database}.completion_responses FINAL")
+        await _same_as_truth(clickhouse, repo, rng)
+    await _same_as_truth(clickhouse, repo, rng, project="q")
+
+
+async def test_retractions_not_merged_away_do_not_shorten_a_page(
+    clickhouse: ClickHouse, repo: CompletionsRepository
+) -> None:
+    await clickhouse.command("SYSTEM STOP MERGES {database}.completion_listing")
+    first = [{"id": f"id-{i:03d}", "created": 1_000 + i, "received_at_ms": 1} for i in range(100)]
+    await _store(clickhouse, *first)
+    for version in range(2, 5):  # three newer versions each, moving between two models
+        model = "m1" if version % 2 else "m2"
+        await _store(clickhouse, *({**r, "model": model, "received_at_ms": version} for r in first))
+    # 7 rows per completion (4 versions, 3 retractions), so the first rows read for a page of
+    # 20 (20 + 64, and the ties of the last) hold only 12 completions
+    short = await clickhouse.rows(
+        "SELECT count() FROM (SELECT created, completion_id FROM (SELECT created, completion_id, "
+        "sign FROM {database}.completion_listing ORDER BY created, completion_id LIMIT 84 WITH "
+        "TIES) GROUP BY created, completion_id HAVING sum(sign) > 0)"
+    )
+    assert short[0][0] == 12
+    for order in ("asc", "desc"):
+        for offset in (0, 50, 90, 99, 100):
+            args: dict[str, Any] = {
+                "limit": 20,
+                "offset": offset,
+                "model": None,
+                "container": None,
+                "order": order,
+            }
+            page, total = await repo.list("p", **args)
+            assert (page, total) == await _truth(clickhouse, "p", **args)
+            assert len(page) == min(20, 100 - offset)
+
+
+async def test_list_is_exact_over_what_was_stored_before_migration_0008(
+    clickhouse: ClickHouse,
+) -> None:
+    before = clickhouse.with_database(f"{clickhouse.database}_before")
+    await before.command("CREATE DATABASE {database}")
+    try:
+        migrations = {m.version: m for m in load_migrations()}
+        for version in range(1, 8):
+            for statement in migrations[version].statements:
+                await before.command(statement)
+        history = _History(random.Random(7))
+        for _ in range(5):
+            await _store(before, *history.batch())
+        # as stored before the worker deduplicated: the same version twice, no retraction
+        await before.insert_json_each_row(
+            "completions",
+            _row(_event({"id": "legacy", "created": 5, "received_at_ms": 9})) * 2
+            + _row(_event({"id": "legacy", "created": 6, "received_at_ms": 10})),
+        )
+        for statement in migrations[8].statements:
+            await before.command(statement)
+        repo = CompletionsRepository(before)
+        await _same_as_truth(before, repo, random.Random(8))
+        for _ in range(3):  # and the views keep it exact from there
+            legacy = {"id": "legacy", "created": 7, "received_at_ms": 11}
+            await _store(before, *history.batch(), legacy)
+            await _same_as_truth(before, repo, random.Random(9))
+    finally:
+        await before.command("DROP DATABASE IF EXISTS {database}")
