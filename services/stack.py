@@ -61,6 +61,8 @@ class Stack:
         self.settings = settings
         self.create_dev_key = create_dev_key
         self.clickhouse = clickhouse
+        self.reads = clickhouse.another_connection()
+        """The query service's own client: list and get never wait behind the worker's inserts."""
         self.bootstrap = bootstrap
         self.keys: KeyStore | None = None
         self.publisher: Publisher | None = None
@@ -118,6 +120,7 @@ class Stack:
             await bounded(self._consumer.stop(), 10, "consumer_stop")
         if self.gateway is not None:
             await bounded(self.gateway.stop(), 45, "gateway_stop")
+        self.reads.close()
 
     def pending(self) -> int:
         """Acknowledged records not yet stored (all projects: partitions mix them)."""
@@ -136,13 +139,13 @@ class Stack:
                     "keys": self.keys,
                     "rate_limiter": RateLimiter(self.settings.rate_limit_per_minute),
                     **(self.gateway.state() if self.gateway else {}),
-                    "completions": CompletionsRepository(self.clickhouse),
-                    "usage": UsageRepository(self.clickhouse),
-                    "losses": LossRepository(self.clickhouse),
+                    "completions": CompletionsRepository(self.reads),
+                    "usage": UsageRepository(self.reads),
+                    "losses": LossRepository(self.reads),
                     "pending": self.pending,
                     "readiness": {
                         "broker": lambda: broker_reachable(self.bootstrap),
-                        "clickhouse": self.clickhouse.ping,
+                        "clickhouse": self.reads.ping,
                     },
                 }
             finally:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 import re
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 from urllib.parse import unquote, urlsplit
@@ -103,9 +103,10 @@ class ClickHouseTarget:
 class ClickHouse:
     """Async facade over one clickhouse-connect client, bound to one database."""
 
-    def __init__(self, client: Any, database: str) -> None:
+    def __init__(self, client: Any, database: str, target: ClickHouseTarget | None = None) -> None:
         self._client = client
         self.database = check_identifier(database)
+        self._target = target
 
     @classmethod
     def connect(cls, target: ClickHouseTarget) -> ClickHouse:
@@ -123,11 +124,23 @@ class ClickHouse:
                 database="default",
                 autogenerate_session_id=False,
             )
-        return cls(client, target.database)
+        return cls(client, target.database, target)
 
     def with_database(self, database: str) -> ClickHouse:
         """The same connection, another database (tests give each test its own)."""
-        return ClickHouse(self._client, database)
+        return ClickHouse(self._client, database, self._target)
+
+    def another_connection(self) -> ClickHouse:
+        """A second client to the same ClickHouse and database.
+
+        A client runs one call at a time (clickhouse-connect serialises them; chDB too, per
+        client), so reads that share a client with the worker wait behind its inserts, which
+        take hundreds of milliseconds. chDB lets one process open its directory from several
+        clients, which then run side by side.
+        """
+        if self._target is None:
+            raise RuntimeError("this client was not opened from a target")
+        return ClickHouse.connect(replace(self._target, database=self.database))
 
     def render(self, sql: str) -> str:
         """Replace ``{database}`` by this client's database name."""

@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+import asyncio
+
 import pytest
 
 from services.common.clickhouse import ClickHouse, StringArray
@@ -45,3 +47,17 @@ async def test_string_array_in_a_lookup_finds_the_ids_it_names(clickhouse: Click
         {"ids": StringArray([*NASTY[1:6], "absent"])},
     )
     assert [row[0] for row in rows] == sorted(NASTY[1:6])
+
+
+async def test_another_connection_reads_while_the_first_is_busy(clickhouse: ClickHouse) -> None:
+    other = clickhouse.another_connection()
+    try:
+        assert other.database == clickhouse.database
+        busy = asyncio.ensure_future(clickhouse.rows("SELECT sleep(1.5)"))
+        await asyncio.sleep(0.2)  # the first client is now inside its call
+        migrated = "SELECT toUInt8(count() > 0) FROM {database}.schema_migrations"
+        assert await other.rows(migrated) == [(1,)]  # the same database, through the other
+        assert not busy.done()  # answered while the first client was still busy
+        await busy
+    finally:
+        other.close()
