@@ -75,9 +75,9 @@ class ProcessAndBatch:
     ``max_ms`` old. It is then written while the next one is fetched and processed (so the
     insert, which ClickHouse runs outside the GIL, overlaps with building the next batch's
     rows), but at most one batch is in flight: the next hand-over waits for it, and raises
-    what writing it raised. That wait is the backpressure that stops the runner from fetching
-    more than it can store. The steps after this one see batches in order, and ``join``
-    waits for the one in flight.
+    what writing it raised (as does the first ``poll`` after it ended). That wait is the
+    backpressure that stops the runner from fetching more than it can store. The steps after
+    this one see batches in order, and ``join`` waits for the one in flight.
 
     With ``offload``, messages are held as they come and the whole batch is processed by it
     (in child processes) when the batch is handed on; the batch is the same.
@@ -122,6 +122,8 @@ class ProcessAndBatch:
             batch.dead.append(Processed(message, result))
 
     async def poll(self) -> None:
+        if self._writing is not None and self._writing.done():
+            await self._written()  # what writing it raised surfaces now, not at the next batch
         if self._batch.offsets and time.monotonic() - self._batch.first_ms >= self._max_s:
             await self._flush()
 

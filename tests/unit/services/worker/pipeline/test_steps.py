@@ -229,6 +229,18 @@ async def test_failure_while_stopping_is_raised_not_committed() -> None:
     assert pipeline.commit.committed == {}
 
 
+async def test_a_write_that_failed_is_raised_by_the_next_poll_without_new_messages() -> None:
+    rec = Recorder(failures=100)
+    stopping = asyncio.Event()
+    stopping.set()
+    pipeline = _pipeline(rec, max_rows=1, stopping=stopping)
+    await pipeline.first.submit(_valid(P0, 0))
+    await asyncio.sleep(0.01)  # the write has failed by now
+    with pytest.raises(ConnectionError):
+        await pipeline.first.poll()
+    assert pipeline.commit.committed == {}
+
+
 async def test_redelivered_and_older_versions_are_not_written_again() -> None:
     rec = Recorder()
     rec.stored = {("p", "seen"): 5, ("p", "newer-stored"): 9}
