@@ -9,11 +9,11 @@ from pathlib import Path
 
 import httpx
 
-from services.common.kafka import EmbeddedBroker, create_producer, ensure_topics, free_port
+from services.common.kafka import EmbeddedBroker, create_producer, ensure_topics
 from services.common.settings import ServeSettings
 from tests.conftest import eventually, unique
 from tests.e2e.conftest import KEY_A, StackFactory
-from tests.support.proxy import FreezableProxy
+from tests.support.proxy import FreezableProxy, proxied_broker
 from tests.support.serve import Serve
 from tests.support.worker import event, produce
 
@@ -88,13 +88,8 @@ async def test_worker_killed_after_insert_before_commit_loses_and_doubles_nothin
     """SIGKILL lands while a stored batch's commit is in flight: the batch is redelivered to
     the next process, which must store nothing twice (list, total and aggregates)."""
     n = 20_000
-    proxy = FreezableProxy(target_port=free_port())
-    broker = EmbeddedBroker(port=proxy.target_port, advertised_port=proxy.port)
-    broker.start()
-    await proxy.start()
-    bootstrap = f"127.0.0.1:{proxy.port}"
     topic = unique("kill")
-    try:
+    async with proxied_broker() as (proxy, bootstrap):
         await ensure_topics(bootstrap, [topic, f"{topic}.dlq"], partitions=4)
         usage = {"prompt_tokens": 10, "completion_tokens": 5, "total_tokens": 15}
         messages = [
@@ -155,9 +150,6 @@ async def test_worker_killed_after_insert_before_commit_loses_and_doubles_nothin
             ids = [c["id"] for c in page["data"]]
             assert len(ids) == len(set(ids)) == 100
         assert second.stop() == 0
-    finally:
-        await proxy.stop()
-        broker.stop()
 
 
 async def _above(client: httpx.AsyncClient, n: int) -> bool:

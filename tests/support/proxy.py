@@ -11,8 +11,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+from collections.abc import AsyncIterator
 
-from services.common.kafka import free_port
+from services.common.kafka import EmbeddedBroker, free_port
 
 
 class FreezableProxy:
@@ -95,3 +96,18 @@ class FreezableProxy:
             with contextlib.suppress(asyncio.CancelledError, OSError):
                 await sender
             writer.close()
+
+
+@contextlib.asynccontextmanager
+async def proxied_broker() -> AsyncIterator[tuple[FreezableProxy, str]]:
+    """A broker of its own that advertises a proxy in front of it; yields the proxy and the
+    bootstrap address. Every connection a client makes to the broker passes the proxy."""
+    proxy = FreezableProxy(target_port=free_port())
+    broker = EmbeddedBroker(port=proxy.target_port, advertised_port=proxy.port)
+    broker.start()
+    try:
+        await proxy.start()
+        yield proxy, f"127.0.0.1:{proxy.port}"
+    finally:
+        await proxy.stop()
+        broker.stop()

@@ -10,11 +10,10 @@ from services.common.kafka import (
     create_consumer,
     create_producer,
     ensure_topics,
-    free_port,
 )
 from services.gateway.publisher import Publisher
 from tests.conftest import unique
-from tests.support.proxy import FreezableProxy
+from tests.support.proxy import proxied_broker
 
 
 async def _read_all(bootstrap: str, topic: str, expected: int) -> list[Any]:
@@ -73,27 +72,23 @@ async def test_requests_queued_behind_a_slow_broker_all_publish_within_the_timeo
     (aiokafka's ``send_batch`` alone counted every turn of its wait from the first one, so
     most of these failed with KafkaTimeoutError after about half the timeout.)
     """
-    proxy = FreezableProxy(target_port=free_port())
-    broker = EmbeddedBroker(port=proxy.target_port, advertised_port=proxy.port)
-    broker.start()
-    await proxy.start()
-    bootstrap = f"127.0.0.1:{proxy.port}"
     topic = unique("slow")
-    producer = create_producer(bootstrap, linger_ms=0, timeout_s=3)
-    try:
-        await ensure_topics(bootstrap, [topic], partitions=4)
-        await producer.start()
-        publisher = Publisher(producer, topic, timeout_s=60)
-        requests = [[(f"p/r{r}-c{i}".encode(), b"x" * 1_000) for i in range(40)] for r in range(12)]
-        proxy.freeze()  # the first batches go out and wait for their answer; the rest queue
-        publishing = asyncio.gather(*(publisher.publish(messages) for messages in requests))
-        await asyncio.sleep(2)
-        proxy.thaw()
-        await publishing
-        records = await _read_all(bootstrap, topic, 12 * 40)
-    finally:
-        await producer.stop()
-        await proxy.stop()
-        broker.stop()
+    async with proxied_broker() as (proxy, bootstrap):
+        producer = create_producer(bootstrap, linger_ms=0, timeout_s=3)
+        try:
+            await ensure_topics(bootstrap, [topic], partitions=4)
+            await producer.start()
+            publisher = Publisher(producer, topic, timeout_s=60)
+            requests = [
+                [(f"p/r{r}-c{i}".encode(), b"x" * 1_000) for i in range(40)] for r in range(12)
+            ]
+            proxy.freeze()  # the first batches go out and wait for their answer; the rest queue
+            publishing = asyncio.gather(*(publisher.publish(messages) for messages in requests))
+            await asyncio.sleep(2)
+            proxy.thaw()
+            await publishing
+            records = await _read_all(bootstrap, topic, 12 * 40)
+        finally:
+            await producer.stop()
     assert len(records) == 12 * 40
     assert sum(publisher.acked.values()) + len(publisher.acked) == 12 * 40
