@@ -1,7 +1,10 @@
 from __future__ import annotations
 
+from schemas.events import encode_event
 from services.common.clickhouse import ClickHouse
 from services.common.migrations import load_migrations, migrate
+from services.worker.pipeline import process
+from services.worker.pipeline.types import Row
 
 
 async def test_fixture_database_is_fully_migrated(clickhouse: ClickHouse) -> None:
@@ -22,3 +25,41 @@ async def test_migrate_again_applies_nothing(clickhouse: ClickHouse) -> None:
 def test_migrations_are_numbered_without_gaps() -> None:
     versions = [m.version for m in load_migrations()]
     assert versions == list(range(1, len(versions) + 1))
+
+
+async def test_a_batch_of_completions_is_stored_in_compact_parts(clickhouse: ClickHouse) -> None:
+    """0009: a worker-sized batch (over the 10 MiB where ClickHouse would write Wide parts)."""
+    text = "lorem ipsum dolor sit amet " * 110
+    rows = [
+        encode_event(
+            kind="register",
+            project="p-compact",
+            container="c",
+            completion_id=f"cmpl-{n}",
+            received_at_ms=1_767_225_600_000 + n,
+            item={
+                "input": {"messages": [{"role": "user", "content": f"{n} {text}"}]},
+                "output": {
+                    "model": "openai/gpt-4o",
+                    "choices": [{"index": 0, "message": {"role": "assistant", "content": text}}],
+                },
+            },
+        )
+        for n in range(4_000)
+    ]
+    lines = [row.json for row in map(process, rows) if isinstance(row, Row)]
+    assert len(lines) == 4_000
+    await clickhouse.insert_json_each_row("completions", b"\n".join(lines))
+
+    parts = await clickhouse.rows(
+        "SELECT table, part_type, sum(data_uncompressed_bytes) FROM system.parts "
+        "WHERE database = {db:String} AND active "
+        "AND table IN ('completions', 'completion_responses') GROUP BY table, part_type",
+        {"db": clickhouse.database},
+    )
+    assert {(table, kind) for table, kind, _ in parts} == {
+        ("completions", "Compact"),
+        ("completion_responses", "Compact"),
+    }
+    completions_bytes = next(size for table, _, size in parts if table == "completions")
+    assert completions_bytes > 10 * 1024 * 1024  # Wide without the migration
