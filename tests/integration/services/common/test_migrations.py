@@ -63,3 +63,16 @@ async def test_a_batch_of_completions_is_stored_in_compact_parts(clickhouse: Cli
     }
     completions_bytes = next(size for table, _, size in parts if table == "completions")
     assert completions_bytes > 10 * 1024 * 1024  # Wide without the migration
+
+
+async def test_tables_of_whole_bodies_merge_about_twelve_parts_at_once(
+    clickhouse: ClickHouse,
+) -> None:
+    """0010: the engine holds the setting for the two tables (new parts merge by it)."""
+    rows = await clickhouse.rows(
+        "SELECT name, create_table_query FROM system.tables WHERE database = {db:String} "
+        "AND name IN ('completions', 'completion_responses', 'completion_listing')",
+        {"db": clickhouse.database},
+    )
+    wider = {name for name, ddl in rows if "merge_selector_base = 12" in ddl}
+    assert wider == {"completions", "completion_responses"}
