@@ -3,11 +3,21 @@
 Each file runs once per database, in order, and is recorded in ``schema_migrations``. Files are
 never edited after they are merged: a change is a new file. ``{database}`` in a file is replaced
 by the target database. Statements are separated by a ``;`` at the end of a line.
+
+Nothing stops two migrators from running the same file at once, and a file that backfills a
+table (0007, 0008) would then fill it twice. So the services started on their own (``maniac
+gateway``, ``worker``, ``query``: several at once on a cluster) never migrate; they wait until
+every migration they know is applied (:func:`wait_for_schema`). What migrates is one process
+at a time: ``maniac migrate`` (the compose file's ``migrate`` service, the Kubernetes Job),
+``maniac serve`` for its own embedded database, and the operator's commands run by hand
+(``maniac keys``, ``reprice``, ``dlq``), which work on a fresh embedded directory too.
 """
 
 from __future__ import annotations
 
+import asyncio
 import re
+import time
 from dataclasses import dataclass
 
 import structlog
@@ -73,3 +83,48 @@ async def migrate(ch: ClickHouse) -> list[int]:
         applied.append(migration.version)
         log.info("migration_applied", version=migration.version, name=migration.name)
     return applied
+
+
+class SchemaNotReady(RuntimeError):
+    """The database lacks migrations this code needs, and none were applied in time."""
+
+
+async def missing_migrations(ch: ClickHouse) -> list[Migration]:
+    """The migrations this code knows that are not applied to ``ch.database`` (in order)."""
+    found = await ch.rows(
+        "SELECT count() FROM system.tables "
+        "WHERE database = {db:String} AND name = 'schema_migrations'",
+        {"db": ch.database},
+    )
+    applied: set[int] = set()
+    if found[0][0]:
+        rows = await ch.rows("SELECT version FROM {database}.schema_migrations")
+        applied = {int(r[0]) for r in rows}
+    return [m for m in load_migrations() if m.version not in applied]
+
+
+async def wait_for_schema(ch: ClickHouse, *, timeout_s: float, poll_s: float = 2.0) -> None:
+    """Return once every migration this code knows is applied to ``ch.database``.
+
+    Raises :class:`SchemaNotReady` after ``timeout_s`` without. Migrations newer than this code
+    (applied for a newer version during a rolling update) are fine: they only add.
+    """
+    deadline = time.monotonic() + timeout_s
+    while True:
+        missing = await missing_migrations(ch)
+        if not missing:
+            return
+        left = deadline - time.monotonic()
+        if left <= 0:
+            names = ", ".join(f"{m.version:04d}_{m.name}" for m in missing)
+            raise SchemaNotReady(
+                f"ClickHouse database {ch.database!r} lacks migrations {names}: "
+                "run `maniac migrate` (the services never migrate by themselves)"
+            )
+        log.info(
+            "waiting_for_migrations",
+            database=ch.database,
+            missing=[m.version for m in missing],
+            left_s=round(left, 1),
+        )
+        await asyncio.sleep(min(poll_s, left))

@@ -7,7 +7,7 @@ import gc
 from services.common.auth import KeyStore, parse_seed
 from services.common.clickhouse import ClickHouse, ClickHouseTarget
 from services.common.kafka import ensure_topics
-from services.common.migrations import migrate
+from services.common.migrations import migrate, wait_for_schema
 from services.common.settings import CommonSettings
 
 GC_THRESHOLDS = (100_000, 100, 100)
@@ -48,9 +48,19 @@ def require_bootstrap(settings: CommonSettings) -> str:
     return settings.kafka_bootstrap
 
 
-async def prepare_clickhouse(clickhouse: ClickHouse, settings: CommonSettings) -> KeyStore:
-    """Apply migrations, seed ``MANIAC_API_KEYS``, and return the loaded key store."""
-    await migrate(clickhouse)
+async def prepare_clickhouse(
+    clickhouse: ClickHouse, settings: CommonSettings, *, apply_migrations: bool = False
+) -> KeyStore:
+    """Migrations in place, ``MANIAC_API_KEYS`` seeded; the loaded key store.
+
+    Only ``maniac serve``, the one process of its embedded database, applies the migrations
+    itself; a service on its own waits for ``maniac migrate`` to have applied them (several
+    start at once on a cluster, and must not migrate side by side).
+    """
+    if apply_migrations:
+        await migrate(clickhouse)
+    else:
+        await wait_for_schema(clickhouse, timeout_s=settings.migrations_wait_s)
     keys = KeyStore(clickhouse, refresh_s=settings.keys_refresh_s)
     if settings.api_keys is not None:
         for project, key in parse_seed(settings.api_keys.get_secret_value()):

@@ -36,6 +36,12 @@ class CommonSettings(BaseSettings):
         default=None, description='Keys to seed at start-up: "projA:key1,projB:key2".'
     )
     keys_refresh_s: float = Field(default=5.0, gt=0)
+    migrations_wait_s: float = Field(
+        default=300.0,
+        ge=0,
+        description="How long `maniac gateway`, `worker` and `query` wait at start-up for "
+        "`maniac migrate` to have applied every migration they know.",
+    )
     rate_limit_per_minute: int = Field(
         default=6_000, ge=0, description="Requests per minute per API key and process; 0: off."
     )

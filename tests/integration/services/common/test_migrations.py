@@ -1,10 +1,21 @@
 from __future__ import annotations
 
+import asyncio
+
+import pytest
+
 from schemas.events import encode_event
 from services.common.clickhouse import ClickHouse
-from services.common.migrations import load_migrations, migrate
+from services.common.migrations import (
+    SchemaNotReady,
+    load_migrations,
+    migrate,
+    missing_migrations,
+    wait_for_schema,
+)
 from services.worker.pipeline import process
 from services.worker.pipeline.types import Row
+from tests.conftest import unique
 
 
 async def test_fixture_database_is_fully_migrated(clickhouse: ClickHouse) -> None:
@@ -76,3 +87,48 @@ async def test_tables_of_whole_bodies_merge_about_twelve_parts_at_once(
     )
     wider = {name for name, ddl in rows if "merge_selector_base = 12" in ddl}
     assert wider == {"completions", "completion_responses"}
+
+
+async def test_wait_for_schema_returns_at_once_on_a_migrated_database(
+    clickhouse: ClickHouse,
+) -> None:
+    assert await missing_migrations(clickhouse) == []
+    await asyncio.wait_for(wait_for_schema(clickhouse, timeout_s=0), timeout=5)
+
+
+async def test_wait_for_schema_waits_until_a_migrator_has_applied_every_migration(
+    clickhouse_engine: ClickHouse,
+) -> None:
+    db = clickhouse_engine.with_database(unique("t"))
+    try:
+        waiting = asyncio.create_task(wait_for_schema(db, timeout_s=60, poll_s=0.05))
+        await asyncio.sleep(0.5)
+        assert not waiting.done()
+        assert [m.version for m in await missing_migrations(db)] == [
+            m.version for m in load_migrations()
+        ]
+        await migrate(db)
+        await asyncio.wait_for(waiting, timeout=10)
+    finally:
+        await db.command("DROP DATABASE IF EXISTS {database}")
+
+
+async def test_wait_for_schema_names_the_missing_migrations_when_none_come(
+    clickhouse_engine: ClickHouse,
+) -> None:
+    db = clickhouse_engine.with_database(unique("t"))
+    try:
+        await migrate(db)
+        last = load_migrations()[-1]
+        await db.command(
+            "ALTER TABLE {database}.schema_migrations DELETE WHERE version = {v:UInt32} "
+            "SETTINGS mutations_sync = 1",
+            {"v": last.version},
+        )
+        with pytest.raises(SchemaNotReady) as raised:
+            await wait_for_schema(db, timeout_s=0.3, poll_s=0.05)
+        assert f"{last.version:04d}_{last.name}" in str(raised.value)
+        assert "maniac migrate" in str(raised.value)
+        assert [m.version for m in await missing_migrations(db)] == [last.version]
+    finally:
+        await db.command("DROP DATABASE IF EXISTS {database}")
