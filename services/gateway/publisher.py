@@ -15,7 +15,7 @@ import contextlib
 from collections import Counter
 from collections.abc import Callable
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, TypeVar
 
 import structlog
 
@@ -32,6 +32,8 @@ from services.common.metrics import (
 )
 
 log = structlog.get_logger(__name__)
+
+T = TypeVar("T")
 
 
 class Publisher:
@@ -51,7 +53,7 @@ class Publisher:
         """Highest acknowledged offset per partition (used to drain before shutdown)."""
         self._queue: asyncio.Queue[tuple[bytes, bytes]] = asyncio.Queue(queue_size)
         self._pending: set[asyncio.Future[Any]] = set()
-        self._partition_locks: dict[int, asyncio.Lock] = {}
+        self._lanes: dict[int, _Lane] = {}
         self._task: asyncio.Task[None] | None = None
 
     def _ack(self, meta: Any) -> None:
@@ -64,18 +66,23 @@ class Publisher:
     async def publish(self, messages: list[tuple[bytes, bytes]]) -> None:
         """Send ``(key, value)`` pairs; return once the broker acknowledged every one.
 
-        Records are grouped into one record batch per partition (by key, as the producer's
-        partitioner does for single records) and handed to the producer whole: building
-        batches costs about a third of sending the records one by one. Each record is still
-        its own Kafka record. Raises :class:`ServiceUnavailable` when the broker cannot take
-        them in time.
+        Records go to their partition (by key, as the producer's partitioner does for single
+        records) in record batches handed to the producer whole: building batches costs about
+        a third of sending the records one by one. Each record is still its own Kafka record.
+        Concurrent requests share batches (see :class:`_Lane`). Raises
+        :class:`ServiceUnavailable` when the broker cannot take them in time.
         """
         if not messages:
             return
         try:
             async with asyncio.timeout(self._timeout_s):
-                sent = await self._send_batches(messages)
-                metadata = await asyncio.gather(*(future for future, _ in sent))
+                partitions = len(await self._producer.partitions_for(self.topic))
+                by_partition: dict[int, list[tuple[bytes, bytes]]] = {}
+                for key, value in messages:
+                    by_partition.setdefault(partition_of(key, partitions), []).append((key, value))
+                handed = [self._lane(p).add(records) for p, records in by_partition.items()]
+                batches = [b for found in await _shielded(handed) for b in found]
+                metadata = await _shielded([delivery for delivery, _ in batches])
         except Exception as exc:
             log.error("publish_failed", messages=len(messages), error=repr(exc))
             raise ServiceUnavailable(
@@ -83,43 +90,18 @@ class Publisher:
                 "stored. Retry the request: completions are deduplicated by id.",
                 details={"reason": type(exc).__name__},
             ) from exc
-        for meta, (_, records) in zip(metadata, sent, strict=True):
+        for meta, (_, records) in zip(metadata, batches, strict=True):
             self._ack_offset(meta.partition, meta.offset + records - 1)
         TELEMETRY_PUBLISHED.inc(len(messages))
         by_project = Counter(split_key(key)[0] for key, _ in messages)
         for project, n in by_project.items():
             PROJECT_ACKNOWLEDGED.labels(project_label(project)).inc(n)
 
-    async def _send_batches(
-        self, messages: list[tuple[bytes, bytes]]
-    ) -> list[tuple[asyncio.Future[Any], int]]:
-        """Hand the records to the producer in full batches; (delivery, records) per batch."""
-        partitions = len(await self._producer.partitions_for(self.topic))
-        filling: dict[int, Any] = {}
-        sent: list[tuple[asyncio.Future[Any], int]] = []
-        for key, value in messages:
-            partition = partition_of(key, partitions)
-            batch = filling.get(partition)
-            if batch is not None:
-                if batch.append(key=key, value=value, timestamp=None) is not None:
-                    continue
-                sent.append(await self._send_batch(batch, partition))  # full (and closed)
-            batch = filling[partition] = self._producer.create_batch()
-            batch.append(key=key, value=value, timestamp=None)  # an empty batch takes any record
-        for partition, batch in filling.items():
-            sent.append(await self._send_batch(batch, partition))
-        return sent
-
-    async def _send_batch(self, batch: Any, partition: int) -> tuple[asyncio.Future[Any], int]:
-        batch.close()  # a closed batch is sent without lingering, and no other record joins it
-        # One request at a time hands a batch to a partition: the producer queues one batch per
-        # partition and makes the others wait for it to go, and its wait loop (aiokafka 0.14
-        # ``add_batch``) subtracts the time since it first waited on every turn, so concurrent
-        # waiters gave up with KafkaTimeoutError long before the timeout.
-        lock = self._partition_locks.setdefault(partition, asyncio.Lock())
-        async with lock:
-            future = await self._producer.send_batch(batch, self.topic, partition=partition)
-        return future, batch.record_count()
+    def _lane(self, partition: int) -> _Lane:
+        lane = self._lanes.get(partition)
+        if lane is None:
+            lane = self._lanes[partition] = _Lane(self._producer, self.topic, partition)
+        return lane
 
     # -- fire and forget, for created completions --------------------------------------------
 
@@ -184,3 +166,81 @@ class Publisher:
         while not self._queue.empty():
             key, _ = self._queue.get_nowait()
             self._dropped(key, "shutdown", None)
+
+
+Delivery = tuple["asyncio.Future[Any]", int]
+"""A batch handed to the producer: its delivery (record metadata of its first record) and how
+many records it holds."""
+
+
+async def _shielded(futures: list[asyncio.Future[T]]) -> list[T]:
+    """The results of futures other requests may await too: a request that gives up (its
+    timeout) stops waiting without cancelling them for the others."""
+    return await asyncio.gather(*(asyncio.shield(f) for f in futures))
+
+
+class _Lane:
+    """One partition's records on their way to the producer, from every request at once.
+
+    Records wait here while the batch before them is being handed over; the next turn hands
+    all that gathered meanwhile, in batches as full as the producer takes. One client alone
+    is sent at once (nothing lingers); several at once share batches, so the broker gets a few
+    large batches instead of one small one per request per partition, which cost the
+    embedded broker 35-60 us of CPU per record with requests of 100 items.
+
+    Only this lane hands batches to its partition, one at a time: the producer queues one
+    batch per partition and makes the others wait for it, and its wait loop (aiokafka 0.14
+    ``add_batch``) subtracts the time since it first waited on every turn, so concurrent
+    waiters gave up with KafkaTimeoutError long before the timeout.
+    """
+
+    def __init__(self, producer: Any, topic: str, partition: int) -> None:
+        self._producer = producer
+        self._topic = topic
+        self._partition = partition
+        self._waiting: list[tuple[bytes, bytes]] = []
+        self._handed: asyncio.Future[list[Delivery]] | None = None
+        self._sender: asyncio.Task[None] | None = None
+
+    def add(self, records: list[tuple[bytes, bytes]]) -> asyncio.Future[list[Delivery]]:
+        """Queue records (kept in order); the future gives the batches that carry them."""
+        self._waiting += records
+        if self._handed is None:
+            self._handed = asyncio.get_running_loop().create_future()
+        handed = self._handed
+        if self._sender is None:
+            self._sender = asyncio.create_task(self._send(), name=f"publish-{self._partition}")
+        return handed
+
+    async def _send(self) -> None:
+        try:
+            while self._waiting:
+                records, self._waiting = self._waiting, []
+                handed, self._handed = self._handed, None
+                assert handed is not None
+                try:
+                    sent = await self._hand_over(records)
+                except Exception as exc:  # every request whose records these were gets it
+                    if not handed.done():
+                        handed.set_exception(exc)
+                else:
+                    if not handed.done():
+                        handed.set_result(sent)
+        finally:
+            self._sender = None
+
+    async def _hand_over(self, records: list[tuple[bytes, bytes]]) -> list[Delivery]:
+        sent: list[Delivery] = []
+        batch = self._producer.create_batch()
+        for key, value in records:
+            if batch.append(key=key, value=value, timestamp=None) is None:  # full
+                sent.append(await self._send_batch(batch))
+                batch = self._producer.create_batch()
+                batch.append(key=key, value=value, timestamp=None)  # an empty batch takes any
+        sent.append(await self._send_batch(batch))
+        return sent
+
+    async def _send_batch(self, batch: Any) -> Delivery:
+        batch.close()  # a closed batch is sent without lingering, and no other record joins it
+        future = await self._producer.send_batch(batch, self._topic, partition=self._partition)
+        return future, batch.record_count()

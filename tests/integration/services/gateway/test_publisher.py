@@ -92,3 +92,56 @@ async def test_requests_queued_behind_a_slow_broker_all_publish_within_the_timeo
             await producer.stop()
     assert len(records) == 12 * 40
     assert sum(publisher.acked.values()) + len(publisher.acked) == 12 * 40
+
+
+class _CountingBatches:
+    """The real producer, counting the record batches handed to it per partition."""
+
+    def __init__(self, producer: Any) -> None:
+        self._producer = producer
+        self.batches: dict[int, int] = {}
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._producer, name)
+
+    async def send_batch(self, batch: Any, topic: str, *, partition: int) -> Any:
+        self.batches[partition] = self.batches.get(partition, 0) + 1
+        return await self._producer.send_batch(batch, topic, partition=partition)
+
+
+async def test_requests_waiting_together_share_record_batches() -> None:
+    """While a partition's batch waits for the broker, the records of every request that
+    arrives meanwhile gather into the next batches, instead of one batch per request."""
+    topic = unique("shared")
+    async with proxied_broker() as (proxy, bootstrap):
+        producer = create_producer(bootstrap, linger_ms=0, timeout_s=30)
+        counting = _CountingBatches(producer)
+        try:
+            await ensure_topics(bootstrap, [topic], partitions=4)
+            await producer.start()
+            publisher = Publisher(counting, topic, timeout_s=60)
+            requests = [
+                [(f"p/r{r}-c{i}".encode(), b"%d" % r + b"x" * 500) for i in range(40)]
+                for r in range(12)
+            ]
+            proxy.freeze()
+            publishing = asyncio.gather(*(publisher.publish(messages) for messages in requests))
+            await asyncio.sleep(1.5)
+            proxy.thaw()
+            await publishing
+            records = await _read_all(bootstrap, topic, 12 * 40)
+        finally:
+            await producer.stop()
+    assert sorted((r.key, r.value) for r in records) == sorted(m for req in requests for m in req)
+    assert len(counting.batches) == 4
+    # one batch per request per partition would be 12 each; the first turns go before the
+    # rest arrive, everything that arrived while they waited goes together after
+    assert all(n <= 4 for n in counting.batches.values()), counting.batches
+    assert sum(publisher.acked.values()) + len(publisher.acked) == 12 * 40
+    # within a partition, a request's records keep the order they were published in
+    for r in range(12):
+        mine = [rec for rec in records if rec.key.startswith(b"p/r%d-" % r)]
+        for partition in {rec.partition for rec in mine}:
+            here = [rec for rec in mine if rec.partition == partition]
+            by_index = sorted(here, key=lambda rec: int(rec.key.rsplit(b"-c", 1)[1]))
+            assert [rec.offset for rec in by_index] == sorted(rec.offset for rec in here)
