@@ -101,6 +101,7 @@ class Stack:
             prices=PriceCatalog.load(s.pricing_file),
         )
         self._worker_task = asyncio.create_task(self.worker.run(), name="worker")
+        self.publisher.limit_backlog(self.pending, s.max_backlog)
 
     async def stop(self) -> None:
         """Drain what the gateway acknowledged into ClickHouse, then stop everything."""

@@ -108,5 +108,12 @@ class ServeSettings(GatewaySettings, WorkerSettings, QuerySettings):
         description="Storage of the embedded broker: memory://tansu/ (fast, lost with the "
         "process) or s3://bucket/ (durable; S3 endpoint and credentials from AWS_* variables).",
     )
+    max_backlog: int = Field(
+        default=10_000,
+        ge=0,
+        description="Register requests wait while more acknowledged records than this are "
+        "not yet stored: the gateway and the worker share the machine, and a gateway running "
+        "ahead only builds a backlog (and delays visibility). 0: no limit.",
+    )
     host: str = "127.0.0.1"
     port: int = Field(default=8000, ge=0, le=65535)

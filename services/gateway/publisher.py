@@ -54,7 +54,29 @@ class Publisher:
         self._queue: asyncio.Queue[tuple[bytes, bytes]] = asyncio.Queue(queue_size)
         self._pending: set[asyncio.Future[Any]] = set()
         self._lanes: dict[int, _Lane] = {}
+        self._backlog: Callable[[], int] | None = None
+        self._max_backlog = 0
         self._task: asyncio.Task[None] | None = None
+
+    def limit_backlog(self, backlog: Callable[[], int], max_records: int) -> None:
+        """Hold register requests while ``backlog()`` (acknowledged records not yet stored) is
+        over ``max_records``.
+
+        For ``maniac serve``, where the worker storing the records shares the machine: a
+        gateway that acknowledges faster than the worker stores takes the CPU the worker needs
+        and only makes the backlog, and the time until what it acknowledged is visible, grow.
+        Held requests wait within the publish timeout, then get a 503. Separate gateway and
+        workers need no such limit: Kafka holds the backlog and the workers scale on their own.
+        """
+        self._backlog = backlog if max_records > 0 else None
+        self._max_backlog = max_records
+
+    async def _room(self) -> None:
+        backlog = self._backlog
+        if backlog is None:
+            return
+        while backlog() > self._max_backlog:
+            await asyncio.sleep(0.02)
 
     def _ack(self, meta: Any) -> None:
         self._ack_offset(meta.partition, meta.offset)
@@ -74,6 +96,16 @@ class Publisher:
         """
         if not messages:
             return
+        try:
+            async with asyncio.timeout(self._timeout_s):
+                await self._room()
+        except TimeoutError as exc:
+            raise ServiceUnavailable(
+                "Ingestion is behind: more acknowledged records than "
+                f"{self._max_backlog} are waiting to be stored. Retry the request later.",
+                details={"reason": "backlog"},
+                headers={"Retry-After": "1"},
+            ) from exc
         try:
             async with asyncio.timeout(self._timeout_s):
                 partitions = len(await self._producer.partitions_for(self.topic))

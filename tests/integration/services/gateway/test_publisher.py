@@ -5,6 +5,9 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
+import pytest
+
+from services.common.errors import ServiceUnavailable
 from services.common.kafka import (
     EmbeddedBroker,
     create_consumer,
@@ -145,3 +148,36 @@ async def test_requests_waiting_together_share_record_batches() -> None:
             here = [rec for rec in mine if rec.partition == partition]
             by_index = sorted(here, key=lambda rec: int(rec.key.rsplit(b"-c", 1)[1]))
             assert [rec.offset for rec in by_index] == sorted(rec.offset for rec in here)
+
+
+async def test_requests_wait_while_more_acknowledged_records_than_the_limit_are_not_stored(
+    broker: EmbeddedBroker, topics: tuple[str, str], producer: Any
+) -> None:
+    publisher = Publisher(producer, topics[0], timeout_s=30)
+    backlog = {"records": 5_000}
+    publisher.limit_backlog(lambda: backlog["records"], 1_000)
+    publishing = asyncio.create_task(publisher.publish([(b"p/c1", b"one")]))
+    await asyncio.sleep(0.5)
+    assert not publishing.done()
+    assert publisher.acked == {}  # held before the broker saw it
+    backlog["records"] = 1_000  # the worker caught up to the limit
+    await asyncio.wait_for(publishing, timeout=10)
+    assert list(publisher.acked.values()) == [0]
+    records = await _read_all(broker.bootstrap, topics[0], 1)
+    assert [(r.key, r.value) for r in records] == [(b"p/c1", b"one")]
+
+
+async def test_a_request_held_past_the_publish_timeout_gets_503_and_publishes_nothing(
+    topics: tuple[str, str], producer: Any
+) -> None:
+    publisher = Publisher(producer, topics[0], timeout_s=0.3)
+    publisher.limit_backlog(lambda: 5_000, 1_000)
+    with pytest.raises(ServiceUnavailable) as raised:
+        await publisher.publish([(b"p/c1", b"one")])
+    assert raised.value.details == {"reason": "backlog"}
+    assert raised.value.headers == {"Retry-After": "1"}
+    assert publisher.acked == {}
+
+    publisher.limit_backlog(lambda: 5_000, 0)  # 0: no limit
+    await publisher.publish([(b"p/c1", b"one")])
+    assert list(publisher.acked.values()) == [0]
