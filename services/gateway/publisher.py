@@ -65,7 +65,8 @@ class Publisher:
         For ``maniac serve``, where the worker storing the records shares the machine: a
         gateway that acknowledges faster than the worker stores takes the CPU the worker needs
         and only makes the backlog, and the time until what it acknowledged is visible, grow.
-        Held requests wait within the publish timeout, then get a 503. Separate gateway and
+        A held request's wait counts in its publish timeout; past it, a 503 and nothing
+        published. Separate gateway and
         workers need no such limit: Kafka holds the backlog and the workers scale on their own.
         """
         self._backlog = backlog if max_records > 0 else None
@@ -96,18 +97,11 @@ class Publisher:
         """
         if not messages:
             return
+        held = True
         try:
-            async with asyncio.timeout(self._timeout_s):
+            async with asyncio.timeout(self._timeout_s):  # the wait for room counts in it too
                 await self._room()
-        except TimeoutError as exc:
-            raise ServiceUnavailable(
-                "Ingestion is behind: more acknowledged records than "
-                f"{self._max_backlog} are waiting to be stored. Retry the request later.",
-                details={"reason": "backlog"},
-                headers={"Retry-After": "1"},
-            ) from exc
-        try:
-            async with asyncio.timeout(self._timeout_s):
+                held = False
                 partitions = len(await self._producer.partitions_for(self.topic))
                 by_partition: dict[int, list[tuple[bytes, bytes]]] = {}
                 for key, value in messages:
@@ -116,6 +110,13 @@ class Publisher:
                 batches = [b for found in await _shielded(handed) for b in found]
                 metadata = await _shielded([delivery for delivery, _ in batches])
         except Exception as exc:
+            if held:
+                raise ServiceUnavailable(
+                    "Ingestion is behind: more acknowledged records than "
+                    f"{self._max_backlog} are waiting to be stored. Retry the request later.",
+                    details={"reason": "backlog"},
+                    headers={"Retry-After": "1"},
+                ) from exc
             log.error("publish_failed", messages=len(messages), error=repr(exc))
             raise ServiceUnavailable(
                 "The event broker is unavailable; nothing in this request is guaranteed "
