@@ -68,7 +68,7 @@ async def migrate(ch: ClickHouse) -> list[int]:
         "(version UInt32, name String, applied_at DateTime DEFAULT now()) "
         "ENGINE = ReplacingMergeTree ORDER BY version"
     )
-    done = {int(r[0]) for r in await ch.rows("SELECT version FROM {database}.schema_migrations")}
+    done = await _applied_versions(ch)
     applied: list[int] = []
     for migration in load_migrations():
         if migration.version in done:
@@ -96,11 +96,13 @@ async def missing_migrations(ch: ClickHouse) -> list[Migration]:
         "WHERE database = {db:String} AND name = 'schema_migrations'",
         {"db": ch.database},
     )
-    applied: set[int] = set()
-    if found[0][0]:
-        rows = await ch.rows("SELECT version FROM {database}.schema_migrations")
-        applied = {int(r[0]) for r in rows}
+    applied = await _applied_versions(ch) if found[0][0] else set()
     return [m for m in load_migrations() if m.version not in applied]
+
+
+async def _applied_versions(ch: ClickHouse) -> set[int]:
+    rows = await ch.rows("SELECT version FROM {database}.schema_migrations")
+    return {int(r[0]) for r in rows}
 
 
 async def wait_for_schema(ch: ClickHouse, *, timeout_s: float, poll_s: float = 2.0) -> None:

@@ -66,8 +66,8 @@ class Publisher:
         gateway that acknowledges faster than the worker stores takes the CPU the worker needs
         and only makes the backlog, and the time until what it acknowledged is visible, grow.
         A held request's wait counts in its publish timeout; past it, a 503 and nothing
-        published. Separate gateway and
-        workers need no such limit: Kafka holds the backlog and the workers scale on their own.
+        published. Separate gateway and workers need no such limit: Kafka holds the backlog and
+        the workers scale on their own.
         """
         self._backlog = backlog if max_records > 0 else None
         self._max_backlog = max_records
