@@ -68,35 +68,6 @@ async def test_publish_sends_one_record_per_message_where_single_sends_would_go(
     assert {m.partition for m in single} == set(publisher.acked)
 
 
-async def test_requests_queued_behind_a_slow_broker_all_publish_within_the_timeout() -> None:
-    """Requests waiting together to hand batches to the same partitions while the broker is
-    slow to answer: each waits its turn, none gives up before the producer's timeout.
-
-    (aiokafka's ``send_batch`` alone counted every turn of its wait from the first one, so
-    most of these failed with KafkaTimeoutError after about half the timeout.)
-    """
-    topic = unique("slow")
-    async with proxied_broker() as (proxy, bootstrap):
-        producer = create_producer(bootstrap, linger_ms=0, timeout_s=3)
-        try:
-            await ensure_topics(bootstrap, [topic], partitions=4)
-            await producer.start()
-            publisher = Publisher(producer, topic, timeout_s=60)
-            requests = [
-                [(f"p/r{r}-c{i}".encode(), b"x" * 1_000) for i in range(40)] for r in range(12)
-            ]
-            proxy.freeze()  # the first batches go out and wait for their answer; the rest queue
-            publishing = asyncio.gather(*(publisher.publish(messages) for messages in requests))
-            await asyncio.sleep(2)
-            proxy.thaw()
-            await publishing
-            records = await _read_all(bootstrap, topic, 12 * 40)
-        finally:
-            await producer.stop()
-    assert len(records) == 12 * 40
-    assert sum(publisher.acked.values()) + len(publisher.acked) == 12 * 40
-
-
 class _CountingBatches:
     """The real producer, counting the record batches handed to it per partition."""
 
@@ -112,29 +83,53 @@ class _CountingBatches:
         return await self._producer.send_batch(batch, topic, partition=partition)
 
 
-async def test_requests_waiting_together_share_record_batches() -> None:
-    """While a partition's batch waits for the broker, the records of every request that
-    arrives meanwhile gather into the next batches, instead of one batch per request."""
-    topic = unique("shared")
+async def _publish_while_frozen(
+    requests: list[list[tuple[bytes, bytes]]], *, producer_timeout_s: float, frozen_s: float
+) -> tuple[Publisher, _CountingBatches, list[Any]]:
+    """Publish every request at once to a broker frozen behind a proxy for ``frozen_s``: the
+    first batches go out and wait for their answer, the rest queue. The publisher, the batches
+    it handed to the producer, and every record read back."""
+    topic = unique("frozen")
     async with proxied_broker() as (proxy, bootstrap):
-        producer = create_producer(bootstrap, linger_ms=0, timeout_s=30)
+        producer = create_producer(bootstrap, linger_ms=0, timeout_s=producer_timeout_s)
         counting = _CountingBatches(producer)
         try:
             await ensure_topics(bootstrap, [topic], partitions=4)
             await producer.start()
             publisher = Publisher(counting, topic, timeout_s=60)
-            requests = [
-                [(f"p/r{r}-c{i}".encode(), b"%d" % r + b"x" * 500) for i in range(40)]
-                for r in range(12)
-            ]
             proxy.freeze()
             publishing = asyncio.gather(*(publisher.publish(messages) for messages in requests))
-            await asyncio.sleep(1.5)
+            await asyncio.sleep(frozen_s)
             proxy.thaw()
             await publishing
-            records = await _read_all(bootstrap, topic, 12 * 40)
+            records = await _read_all(bootstrap, topic, sum(map(len, requests)))
         finally:
             await producer.stop()
+    return publisher, counting, records
+
+
+async def test_requests_queued_behind_a_slow_broker_all_publish_within_the_timeout() -> None:
+    """Requests waiting together to hand batches to the same partitions while the broker is
+    slow to answer: each waits its turn, none gives up before the producer's timeout.
+
+    (aiokafka's ``send_batch`` alone counted every turn of its wait from the first one, so
+    most of these failed with KafkaTimeoutError after about half the timeout.)
+    """
+    requests = [[(f"p/r{r}-c{i}".encode(), b"x" * 1_000) for i in range(40)] for r in range(12)]
+    publisher, _, records = await _publish_while_frozen(requests, producer_timeout_s=3, frozen_s=2)
+    assert len(records) == 12 * 40
+    assert sum(publisher.acked.values()) + len(publisher.acked) == 12 * 40
+
+
+async def test_requests_waiting_together_share_record_batches() -> None:
+    """While a partition's batch waits for the broker, the records of every request that
+    arrives meanwhile gather into the next batches, instead of one batch per request."""
+    requests = [
+        [(f"p/r{r}-c{i}".encode(), b"%d" % r + b"x" * 500) for i in range(40)] for r in range(12)
+    ]
+    publisher, counting, records = await _publish_while_frozen(
+        requests, producer_timeout_s=30, frozen_s=1.5
+    )
     assert sorted((r.key, r.value) for r in records) == sorted(m for req in requests for m in req)
     assert len(counting.batches) == 4
     # one batch per request per partition would be 12 each; the first turns go before the
