@@ -13,7 +13,7 @@ from datetime import UTC, date, datetime
 from decimal import Decimal
 from functools import cache
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from schemas import SCHEMAS_DIR
 
@@ -38,9 +38,8 @@ class Price:
         return f"{self.provider}/{self.model}@{self.effective.isoformat()}"
 
 
-@dataclass(frozen=True)
-class Spend:
-    """A completion's charge, by class of token."""
+class Spend(NamedTuple):
+    """A completion's charge, by class of token (immutable; built once per stored row)."""
 
     total: Decimal
     input: Decimal
@@ -61,7 +60,11 @@ def spend_columns(spend: Spend | None) -> dict[str, Any]:
         "spend": spend.total,
         "spend_source": "computed",
         "price_version": spend.price_version,
-        **{column: getattr(spend, column.removeprefix("spend_")) for column in SPEND_CLASSES},
+        "spend_input": spend.input,
+        "spend_cache_read": spend.cache_read,
+        "spend_cache_write": spend.cache_write,
+        "spend_reasoning": spend.reasoning,
+        "spend_output": spend.output,
     }
 
 

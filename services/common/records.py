@@ -83,6 +83,8 @@ TOKEN_FIELDS = ("prompt_tokens", "completion_tokens", "total_tokens")
 
 def token_count(value: Any, loc: tuple[str | int, ...]) -> int:
     """A token count as a non-negative integer, at most ``MAX_TOKENS``."""
+    if type(value) is int and 0 <= value <= MAX_TOKENS:  # nearly every count: checked at once
+        return value
     if value is None:
         return 0
     if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):

@@ -5,7 +5,13 @@ from decimal import Decimal
 
 import pytest
 
-from services.common.pricing import PriceCatalog, compute_spend, split_model
+from services.common.pricing import (
+    SPEND_CLASSES,
+    PriceCatalog,
+    compute_spend,
+    spend_columns,
+    split_model,
+)
 
 CATALOG = PriceCatalog.from_dict(
     {
@@ -94,6 +100,27 @@ def test_spend_by_class_is_exact() -> None:
     assert spend.reasoning == 0
     assert spend.total == Decimal("0.004")
     assert isinstance(spend.total, Decimal)
+
+
+def test_spend_columns_name_every_class_with_or_without_a_price() -> None:
+    price = CATALOG.find("deep", "r1", _at("2025-06-01"))
+    assert price is not None
+    spend = compute_spend(price, _counts(prompt=10, completion=1_000_000, reasoning=250_000))
+    computed = spend_columns(spend)
+    unknown = spend_columns(None)
+    assert computed.keys() == unknown.keys()
+    assert [computed[column] for column in SPEND_CLASSES] == [
+        spend.input,
+        spend.cache_read,
+        spend.cache_write,
+        spend.reasoning,
+        spend.output,
+    ]
+    assert computed["spend"] == spend.total == sum(computed[c] for c in SPEND_CLASSES)
+    assert computed["spend_source"] == "computed"
+    assert computed["price_version"] == "deep/r1@2025-01-01"
+    assert unknown["spend"] is None
+    assert all(unknown[column] == 0 for column in SPEND_CLASSES)
 
 
 def test_cache_writes_at_their_own_price() -> None:

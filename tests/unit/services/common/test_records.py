@@ -91,6 +91,7 @@ def test_usage_counts_absent_is_zero() -> None:
     [
         pytest.param({"prompt_tokens": -1, "completion_tokens": 0, "total_tokens": 0}, id="neg"),
         pytest.param({"prompt_tokens": "3", "completion_tokens": 0, "total_tokens": 0}, id="str"),
+        pytest.param({"prompt_tokens": True, "completion_tokens": 0, "total_tokens": 1}, id="bool"),
         pytest.param(
             {
                 "prompt_tokens": 1,
