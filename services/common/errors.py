@@ -21,6 +21,7 @@ from typing import Any, ClassVar
 import structlog
 from fastapi import FastAPI, Request
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import Match
 
 from services.common.responses import JSONResponse
 
@@ -98,11 +99,35 @@ async def _maniac_error(_: Request, exc: Exception) -> JSONResponse:
     return error_response(exc)
 
 
-async def _http_error(_: Request, exc: Exception) -> JSONResponse:
+_METHODS = ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS")
+
+
+def allowed_methods(request: Request) -> str:
+    """Every method a route serves at the request's path, for a 405's ``Allow``.
+
+    Starlette names only the methods of the first route whose path matched: PUT
+    /v1/chat/completions was told ``POST`` although GET lists completions there. Each method
+    is asked of every route (the routing's own match, so included routers count too).
+    """
+    routes = request.app.router.routes
+    allowed = [
+        method
+        for method in _METHODS
+        if any(
+            route.matches({**request.scope, "method": method})[0] is Match.FULL for route in routes
+        )
+    ]
+    return ", ".join(allowed)
+
+
+async def _http_error(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, StarletteHTTPException)
     code = _HTTP_CODES.get(exc.status_code, "http_error")
     body = {"error": {"code": code, "message": str(exc.detail), "details": None}}
-    return JSONResponse(body, status_code=exc.status_code, headers=exc.headers)
+    headers = exc.headers
+    if exc.status_code == 405:
+        headers = {**(headers or {}), "Allow": allowed_methods(request)}
+    return JSONResponse(body, status_code=exc.status_code, headers=headers)
 
 
 async def _unhandled(_: Request, exc: Exception) -> JSONResponse:
