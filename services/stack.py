@@ -22,7 +22,7 @@ from services.common.kafka import broker_reachable, create_consumer
 from services.common.losses import LossRepository
 from services.common.pricing import PriceCatalog
 from services.common.ratelimit import RateLimiter
-from services.common.runtime import prepare_clickhouse, prepare_topics
+from services.common.runtime import SERVE_PARTITIONS, prepare_clickhouse, prepare_topics
 from services.common.settings import ServeSettings
 from services.gateway.dead_letters import router as dead_letters_router
 from services.gateway.endpoints import router as gateway_router
@@ -81,7 +81,7 @@ class Stack:
                 f"\n    {key}\n\nIt is stored only as a hash; keep it now.\n",
                 flush=True,
             )
-        await prepare_topics(self.bootstrap, s)
+        await prepare_topics(self.bootstrap, s, partitions=SERVE_PARTITIONS)
         self.gateway = await Gateway.start(s, self.bootstrap, self.clickhouse)
         self.publisher = self.gateway.publisher
         self._consumer = create_consumer(

@@ -69,7 +69,25 @@ async def prepare_clickhouse(
     return keys
 
 
-async def prepare_topics(bootstrap: str, settings: CommonSettings) -> None:
+SERVICE_PARTITIONS = 4
+"""Partitions of the topics a service on its own creates: up to this many workers share them."""
+
+SERVE_PARTITIONS = 1
+"""Partitions of the topics ``maniac serve`` creates.
+
+Its one worker reads every partition anyway. With one partition, a register request goes to the
+broker as one record batch instead of one per partition, and the worker reads records in the
+order they were acknowledged, so none waits behind another partition's (``bench/README.md``).
+"""
+
+
+async def prepare_topics(
+    bootstrap: str, settings: CommonSettings, *, partitions: int = SERVICE_PARTITIONS
+) -> None:
+    """Create the completions and dead-letter topics that do not exist yet, with
+    ``MANIAC_TOPIC_PARTITIONS`` partitions, or ``partitions`` when that is unset."""
     await ensure_topics(
-        bootstrap, [settings.topic, settings.dead_letter_topic], settings.topic_partitions
+        bootstrap,
+        [settings.topic, settings.dead_letter_topic],
+        settings.topic_partitions or partitions,
     )

@@ -31,7 +31,12 @@ class CommonSettings(BaseSettings):
     data_dir: Path = Path(".maniac")
     topic: str = COMPLETIONS_TOPIC
     dead_letter_topic: str = DEAD_LETTER_TOPIC
-    topic_partitions: int = Field(default=4, ge=1)
+    topic_partitions: int | None = Field(
+        default=None,
+        ge=1,
+        description="Partitions of the topics when they are created (existing ones are left "
+        "as they are); unset means 1 for `maniac serve` and 4 for the services on their own.",
+    )
     api_keys: SecretStr | None = Field(
         default=None, description='Keys to seed at start-up: "projA:key1,projB:key2".'
     )

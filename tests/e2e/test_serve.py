@@ -15,6 +15,7 @@ import pytest
 
 from services.common.kafka import create_consumer, create_producer, free_port
 from tests.conftest import Broker, eventually, unique
+from tests.e2e.conftest import StackFactory
 from tests.support.serve import MANIAC, S3RVER, Serve
 from tests.support.worker import event
 
@@ -40,6 +41,23 @@ async def _total(url: str, key: str) -> int:
         response = await c.get("/v1/chat/completions", params={"limit": 1})
         assert response.status_code == 200, response.text
         return int(response.json()["total"])
+
+
+async def test_topics_it_creates_have_one_partition_and_every_item_is_stored(
+    start_stack: StackFactory,
+) -> None:
+    topic = unique("completions")
+    running = await start_stack(topic=topic, dead_letter_topic=f"{topic}.dlq")
+    assert running.stack.gateway is not None
+    producer = running.stack.gateway.producer
+    assert await producer.partitions_for(topic) == {0}
+    assert await producer.partitions_for(f"{topic}.dlq") == {0}
+    await _register(running.base_url, "key-a", 250, batch=100)
+    await eventually(lambda: _stored_all(running.base_url, "key-a", 250))
+
+
+async def _stored_all(url: str, key: str, n: int) -> bool:
+    return await _total(url, key) == n
 
 
 async def test_sigterm_drains_everything_acknowledged_and_it_survives_restart(

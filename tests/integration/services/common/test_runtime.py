@@ -1,17 +1,18 @@
-"""Start-up against the real engine: who migrates, who waits."""
+"""Start-up against the real engine and broker: who migrates, who waits, which topics."""
 
 from __future__ import annotations
 
 import asyncio
 
 import pytest
+from aiokafka.admin import AIOKafkaAdminClient
 from pydantic import SecretStr
 
 from services.common.clickhouse import ClickHouse
 from services.common.migrations import SchemaNotReady, migrate
-from services.common.runtime import prepare_clickhouse
+from services.common.runtime import prepare_clickhouse, prepare_topics
 from services.common.settings import CommonSettings
-from tests.conftest import unique
+from tests.conftest import Broker, unique
 
 
 async def _tables(db: ClickHouse) -> set[str]:
@@ -55,3 +56,37 @@ async def test_maniac_serve_migrates_its_own_database(clickhouse_engine: ClickHo
         assert await keys.authenticate("key-a") == "projA"
     finally:
         await db.command("DROP DATABASE IF EXISTS {database}")
+
+
+async def _partitions(bootstrap: str, topics: list[str]) -> dict[str, int]:
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
+    await admin.start()
+    try:
+        described = await admin.describe_topics(topics)
+    finally:
+        await admin.close()
+    return {str(t["topic"]): len(t["partitions"]) for t in described}
+
+
+@pytest.mark.parametrize(
+    ("setting", "default", "created"),
+    [
+        pytest.param(None, 4, 4, id="a service on its own"),
+        pytest.param(None, 1, 1, id="maniac serve"),
+        pytest.param(3, 1, 3, id="MANIAC_TOPIC_PARTITIONS wins"),
+    ],
+)
+async def test_topics_are_created_with_the_partitions_asked_for(
+    broker: Broker, setting: int | None, default: int, created: int
+) -> None:
+    topic = unique("completions")
+    settings = CommonSettings(
+        topic=topic, dead_letter_topic=f"{topic}.dlq", topic_partitions=setting
+    )
+    await prepare_topics(broker.bootstrap, settings, partitions=default)
+    # an existing topic keeps its partitions, whatever is asked the next time
+    await prepare_topics(broker.bootstrap, settings.model_copy(update={"topic_partitions": 2}))
+    assert await _partitions(broker.bootstrap, [topic, f"{topic}.dlq"]) == {
+        topic: created,
+        f"{topic}.dlq": created,
+    }
