@@ -68,6 +68,22 @@ async def test_publish_sends_one_record_per_message_where_single_sends_would_go(
     assert {m.partition for m in single} == set(publisher.acked)
 
 
+async def test_a_topic_of_one_partition_gets_every_record_in_order(
+    broker: EmbeddedBroker, producer: Any
+) -> None:
+    topic = unique("single")
+    await ensure_topics(broker.bootstrap, [topic], partitions=1)
+    publisher = Publisher(producer, topic, timeout_s=30)
+    messages = [(f"p/c{i}".encode(), b"%d" % i) for i in range(300)]
+    await publisher.publish(messages[:200])
+    await publisher.publish(messages[200:])
+
+    records = await _read_all(broker.bootstrap, topic, len(messages))
+    assert [(r.key, r.value) for r in records] == messages
+    assert {r.partition for r in records} == {0}
+    assert publisher.acked == {0: records[-1].offset}
+
+
 class _CountingBatches:
     """The real producer, counting the record batches handed to it per partition."""
 
