@@ -124,17 +124,29 @@ def cmd_worker(args: argparse.Namespace) -> int:
 async def _with_clickhouse(args: argparse.Namespace, action: str) -> int:
     from services.common.auth import KeyStore
     from services.common.clickhouse import ClickHouse
-    from services.common.migrations import migrate
+    from services.common.migrations import migrate, missing_migrations
     from services.common.runtime import clickhouse_target
 
     settings: CommonSettings = _settings(CommonSettings, args)
     clickhouse = ClickHouse.connect(clickhouse_target(settings))
     try:
-        applied = await migrate(clickhouse)
-        keys = KeyStore(clickhouse)
         if action == "migrate":
+            applied = await migrate(clickhouse)
             print(f"applied migrations: {applied or 'none (up to date)'}")  # noqa: T201
-        elif action == "create":
+            return 0
+        # Only `maniac migrate` and `maniac serve` change the schema: an operator's command run
+        # while a deploy migrates must not migrate beside it (backfills would run twice).
+        missing = await missing_migrations(clickhouse)
+        if missing:
+            names = ", ".join(f"{m.version:04d}_{m.name}" for m in missing)
+            print(  # noqa: T201
+                f"The database {clickhouse.database!r} lacks migrations ({names}): run "
+                "`maniac migrate` first (`maniac serve` applies them when it starts).",
+                file=sys.stderr,
+            )
+            return 2
+        keys = KeyStore(clickhouse)
+        if action == "create":
             key = await keys.create(args.project)
             print(key)  # noqa: T201
         elif action == "list":

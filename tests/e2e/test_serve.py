@@ -102,7 +102,7 @@ async def _is_total(url: str, key: str, n: int) -> bool:
 
 
 def test_keys_cli_creates_lists_and_revokes(tmp_path: Path, env: dict[str, str]) -> None:
-    def maniac(*args: str) -> str:
+    def maniac(*args: str, code: int = 0) -> str:
         result = subprocess.run(
             [MANIAC, *args, "--data-dir", str(tmp_path)],
             env=env,
@@ -110,10 +110,14 @@ def test_keys_cli_creates_lists_and_revokes(tmp_path: Path, env: dict[str, str])
             text=True,
             check=False,
         )
-        assert result.returncode == 0, result.stderr
-        return result.stdout
+        assert result.returncode == code, result.stderr
+        return result.stdout + result.stderr
 
-    assert "applied migrations" in maniac("migrate")
+    # an operator's command never migrates (a deploy may be migrating): it says what to run
+    refused = maniac("keys", "create", "--project", "projX", code=2)
+    assert "lacks migrations (0001_completions, " in refused
+    assert "run `maniac migrate` first" in refused
+    assert "applied migrations: [1, 2, 3" in maniac("migrate")  # nothing was applied before
     key = maniac("keys", "create", "--project", "projX").strip()
     assert key.startswith("mk-")
     listed = maniac("keys", "list")
@@ -233,6 +237,7 @@ async def test_dlq_cli_replays_once_by_project_and_lists(
         assert result.returncode == code, result.stderr
         return result.stdout + result.stderr
 
+    subprocess.run([MANIAC, "migrate", "--data-dir", str(tmp_path)], env=env, check=True)
     assert "POST /v1/dead_letters/replay" in maniac("replay", bootstrap=False, code=2)
     assert "would replay 1 (dry run)" in maniac("replay", "--project", "projA", "--dry-run")
     assert "selected 0" in maniac("replay", "--project", "projB")
