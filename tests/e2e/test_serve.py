@@ -20,15 +20,16 @@ from tests.support.serve import MANIAC, S3RVER, Serve
 from tests.support.worker import event
 
 
-async def _register(url: str, key: str, n: int, batch: int = 100) -> None:
+async def _register(url: str, key: str, n: int, batch: int = 100, first: int = 0) -> None:
+    """Register ids ``id-<first>`` .. ``id-<first + n - 1>``, ``batch`` per request."""
     async with httpx.AsyncClient(base_url=url, headers={"Authorization": f"Bearer {key}"}) as c:
-        for start in range(0, n, batch):
+        for start in range(first, first + n, batch):
             items: list[dict[str, Any]] = [
                 {
                     "input": {"messages": [{"role": "user", "content": f"q{i}"}]},
                     "output": {"id": f"id-{i}", "choices": [], "created": 1_700_000_000 + i},
                 }
-                for i in range(start, min(start + batch, n))
+                for i in range(start, min(start + batch, first + n))
             ]
             response = await c.post(
                 "/v1/chat/completions/register", json={"container": "c", "items": items}
@@ -203,6 +204,28 @@ async def test_s3_broker_storage_keeps_acknowledged_items_through_kill_9(
     second.start()
     await second.ready()
     await eventually(lambda: _is_total(second.url, "key-a", 50), timeout_s=60)
+    assert second.stop() == 0
+
+
+async def test_a_restart_on_s3_storage_stores_what_comes_after_it(
+    tmp_path: Path, env: dict[str, str], servers: list[Serve], s3_env: dict[str, str]
+) -> None:
+    env = {**env, **s3_env, "MANIAC_API_KEYS": "projA:key-a"}
+    first = Serve(tmp_path / "data", env)
+    servers.append(first)
+    first.start()
+    await first.ready()
+    await _register(first.url, "key-a", 50, batch=10)
+    assert first.stop() == 0  # drained: all 50 stored, the group's offset committed at 50
+
+    # Tansu keeps the committed offset (50) but numbers the partition's records from 0 again:
+    # the worker must not wait at offset 50 for the next run's records
+    second = Serve(tmp_path / "data", env)
+    servers.append(second)
+    second.start()
+    await second.ready()
+    await _register(second.url, "key-a", 20, batch=10, first=50)
+    await eventually(lambda: _is_total(second.url, "key-a", 70), timeout_s=60)
     assert second.stop() == 0
 
 
