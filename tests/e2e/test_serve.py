@@ -54,11 +54,7 @@ async def test_topics_it_creates_have_one_partition_and_every_item_is_stored(
     assert await producer.partitions_for(topic) == {0}
     assert await producer.partitions_for(f"{topic}.dlq") == {0}
     await _register(running.base_url, "key-a", 250, batch=100)
-    await eventually(lambda: _stored_all(running.base_url, "key-a", 250))
-
-
-async def _stored_all(url: str, key: str, n: int) -> bool:
-    return await _total(url, key) == n
+    await eventually(lambda: _is_total(running.base_url, "key-a", 250))
 
 
 async def test_sigterm_drains_everything_acknowledged_and_it_survives_restart(
