@@ -69,6 +69,8 @@ def murmur2(data: bytes) -> int:
 
 def partition_of(key: bytes, partitions: int) -> int:
     """The partition of a keyed record in a topic of ``partitions`` (numbered 0..n-1)."""
+    if partitions == 1:  # `maniac serve`'s topics: no key to hash
+        return 0
     return (murmur2(key) & 0x7FFFFFFF) % partitions
 
 

@@ -104,12 +104,8 @@ class Publisher:
                 held = False
                 partitions = len(await self._producer.partitions_for(self.topic))
                 by_partition: dict[int, list[tuple[bytes, bytes]]] = {}
-                if partitions == 1:  # `maniac serve`'s topic: no key to hash
-                    by_partition[0] = messages
-                else:
-                    for key, value in messages:
-                        partition = partition_of(key, partitions)
-                        by_partition.setdefault(partition, []).append((key, value))
+                for key, value in messages:
+                    by_partition.setdefault(partition_of(key, partitions), []).append((key, value))
                 handed = [self._lane(p).add(records) for p, records in by_partition.items()]
                 batches = [b for found in await _shielded(handed) for b in found]
                 metadata = await _shielded([delivery for delivery, _ in batches])
