@@ -23,6 +23,7 @@ from services.common.clickhouse import ClickHouse, ClickHouseTarget
 from services.common.kafka import EmbeddedBroker, ensure_topics
 from services.common.migrations import migrate
 from services.common.settings import ServeSettings
+from tests.support.s3 import s3rver
 
 ROOT = Path(__file__).resolve().parent
 
@@ -60,6 +61,13 @@ def broker(
     embedded.start()
     yield embedded
     embedded.stop()
+
+
+@pytest.fixture
+def s3_env(tmp_path: Path) -> Iterator[dict[str, str]]:
+    """A local S3 server for this test and the variables that point Tansu at it."""
+    with s3rver(tmp_path / "s3") as variables:
+        yield variables
 
 
 @pytest.fixture(scope="session")

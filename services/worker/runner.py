@@ -176,8 +176,6 @@ class Worker:
                         await fetch
                     break
                 fetched = fetch.result()
-                if not fetched:
-                    await self._rewind_where_the_log_restarted()
                 self._observe_lag()
                 async with self._lock:
                     for tp, records in fetched.items():
@@ -238,31 +236,6 @@ class Worker:
                 done = self._first_offsets.get(p, highwaters.get(p, 0))
             pending[p] = max(end - done, 0)
         return pending
-
-    async def _rewind_where_the_log_restarted(self) -> None:
-        """Read a partition again from its beginning when its log ends before our position.
-
-        Kafka never lets a position pass the high watermark. Tansu 0.6.0 with S3 storage keeps
-        the group's committed offsets across a restart but not the partition's: it numbers
-        new records from 0 again, so a worker resuming at the committed offset would wait past
-        them for ever, and what the gateway acknowledged would never be stored. Read from the
-        beginning instead: what is already stored is dropped as a re-delivery. Checked when a
-        fetch returns nothing, as it does then.
-        """
-        for tp in self._consumer.assignment():
-            highwater = self._consumer.highwater(tp)
-            if highwater is None or tp.topic != self.topic:
-                continue
-            position = await self._consumer.position(tp)
-            if position > highwater:
-                log.warning(
-                    "log_restarted_before_position",
-                    partition=tp.partition,
-                    position=position,
-                    highwater=highwater,
-                )
-                # offset 0, not seek_to_beginning: Tansu answers that with its log end
-                self._consumer.seek(tp, 0)
 
     def stop(self) -> None:
         self._stopping.set()

@@ -6,17 +6,15 @@ import re
 import signal
 import socket
 import subprocess
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import httpx
-import pytest
 
-from services.common.kafka import create_consumer, create_producer, free_port
+from services.common.kafka import create_consumer, create_producer
 from tests.conftest import Broker, eventually, unique
 from tests.e2e.conftest import StackFactory
-from tests.support.serve import MANIAC, S3RVER, Serve
+from tests.support.serve import MANIAC, Serve
 from tests.support.worker import event
 
 
@@ -147,40 +145,6 @@ async def test_kill_9_does_not_leave_the_embedded_broker_behind(
     await eventually(broker_gone, timeout_s=10)
 
 
-@pytest.fixture
-def s3_env(tmp_path: Path) -> Iterator[dict[str, str]]:
-    """A local S3 server (npm s3rver, data on disk) and the variables that point Tansu at it."""
-    if not S3RVER.exists():
-        pytest.skip("npm s3rver not installed (`make s3rver` needs npm)")
-    port = free_port()
-    (tmp_path / "s3").mkdir()
-    proc = subprocess.Popen(
-        [str(S3RVER), "-d", str(tmp_path / "s3"), "-a", "127.0.0.1", "-p", str(port)]
-        + ["--configure-bucket", "tansu", "--silent"],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    try:
-        for _ in range(200):
-            try:
-                socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
-                break
-            except OSError:
-                assert proc.poll() is None, "s3rver exited at start"
-                subprocess.run(["sleep", "0.05"], check=True)
-        yield {
-            "MANIAC_BROKER_STORAGE": "s3://tansu/",
-            "AWS_ENDPOINT": f"http://127.0.0.1:{port}",
-            "AWS_ACCESS_KEY_ID": "S3RVER",
-            "AWS_SECRET_ACCESS_KEY": "S3RVER",
-            "AWS_ALLOW_HTTP": "true",
-            "AWS_DEFAULT_REGION": "us-east-1",
-        }
-    finally:
-        proc.terminate()
-        proc.wait()
-
-
 async def test_s3_broker_storage_keeps_acknowledged_items_through_kill_9(
     tmp_path: Path, env: dict[str, str], servers: list[Serve], s3_env: dict[str, str]
 ) -> None:
@@ -203,10 +167,11 @@ async def test_s3_broker_storage_keeps_acknowledged_items_through_kill_9(
     assert second.stop() == 0
 
 
-async def test_a_restart_on_s3_storage_stores_what_comes_after_it(
+async def test_s3_broker_storage_keeps_what_was_acknowledged_across_restarts(
     tmp_path: Path, env: dict[str, str], servers: list[Serve], s3_env: dict[str, str]
 ) -> None:
     env = {**env, **s3_env, "MANIAC_API_KEYS": "projA:key-a"}
+    holding = {**env, "MANIAC_BATCH_MAX_ROWS": "1000000", "MANIAC_BATCH_MAX_MS": "3600000"}
     first = Serve(tmp_path / "data", env)
     servers.append(first)
     first.start()
@@ -214,15 +179,24 @@ async def test_a_restart_on_s3_storage_stores_what_comes_after_it(
     await _register(first.url, "key-a", 50, batch=10)
     assert first.stop() == 0  # drained: all 50 stored, the group's offset committed at 50
 
-    # Tansu keeps the committed offset (50) but numbers the partition's records from 0 again:
-    # the worker must not wait at offset 50 for the next run's records
-    second = Serve(tmp_path / "data", env)
+    # acknowledged after a restart, never stored: they exist only in the broker's S3 storage
+    second = Serve(tmp_path / "data", holding)
     servers.append(second)
     second.start()
     await second.ready()
-    await _register(second.url, "key-a", 20, batch=10, first=50)
-    await eventually(lambda: _is_total(second.url, "key-a", 70), timeout_s=60)
-    assert second.stop() == 0
+    await _register(second.url, "key-a", 10, batch=10, first=50)
+    assert second.stop(signal.SIGKILL) == -signal.SIGKILL
+
+    # at once, before the worker has fetched: the new records must follow the held ones, not
+    # be numbered from 0 over them, and the worker resumes at offset 50
+    third = Serve(tmp_path / "data", env)
+    servers.append(third)
+    third.start()
+    await third.ready()
+    await _register(third.url, "key-a", 100, batch=100, first=60)
+    await eventually(lambda: _is_total(third.url, "key-a", 160), timeout_s=60)
+    assert '"broker_watermarks_loaded"' in third.output()
+    assert third.stop() == 0
 
 
 async def test_dlq_cli_replays_once_by_project_and_lists(

@@ -13,8 +13,6 @@ from services.common.kafka import free_port
 from tests.conftest import eventually
 
 MANIAC = str(Path(sys.executable).parent / "maniac")
-S3RVER = Path(__file__).resolve().parents[2] / ".s3rver" / "node_modules" / ".bin" / "s3rver"
-"""A local S3 server from npm, installed by `make s3rver`."""
 
 
 class Serve:

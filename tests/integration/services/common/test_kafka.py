@@ -1,8 +1,10 @@
 from __future__ import annotations
 
+import asyncio
 import socket
 
 import pytest
+from aiokafka import TopicPartition
 
 from services.common.kafka import (
     EmbeddedBroker,
@@ -11,6 +13,7 @@ from services.common.kafka import (
     create_producer,
     ensure_topics,
 )
+from tests.conftest import unique
 
 
 async def test_embedded_broker_round_trip(broker: EmbeddedBroker, topics: tuple[str, str]) -> None:
@@ -55,3 +58,64 @@ def test_broker_stops_and_frees_its_port() -> None:
     embedded.stop()
     with pytest.raises(ConnectionRefusedError):
         socket.create_connection(("127.0.0.1", embedded.port), timeout=0.5)
+
+
+async def test_a_restarted_broker_on_s3_numbers_on_from_what_it_stored(
+    s3_env: dict[str, str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Tansu reads a partition's watermark from S3 only when the partition is fetched: produced
+    to first, it numbered from 0 and overwrote the stored batches (see load_watermarks)."""
+    for name, value in s3_env.items():
+        monkeypatch.setenv(name, value)  # the broker's child process reads AWS_* from here
+    topic = unique("durable")
+    first = EmbeddedBroker(storage=s3_env["MANIAC_BROKER_STORAGE"])
+    await asyncio.to_thread(first.start)
+    try:
+        await ensure_topics(first.bootstrap, [topic], partitions=1)
+        assert await _produce(first.bootstrap, topic, range(30)) == list(range(30))
+    finally:
+        first.stop()
+
+    # the same storage, the same port: the producer sends before anything fetched
+    second = EmbeddedBroker(port=first.port, storage=s3_env["MANIAC_BROKER_STORAGE"])
+    await asyncio.to_thread(second.start)
+    try:
+        assert await _produce(second.bootstrap, topic, range(30, 55)) == list(range(30, 55))
+        assert await _read(second.bootstrap, topic, 55) == [b"v%d" % i for i in range(55)]
+    finally:
+        second.stop()
+
+
+async def _produce(bootstrap: str, topic: str, values: range) -> list[int]:
+    """Send ``v<i>`` for each value, 10 to a batch; their offsets."""
+    producer = create_producer(bootstrap)
+    await producer.start()
+    try:
+        offsets = []
+        for start in range(values.start, values.stop, 10):
+            sent = [
+                await producer.send(topic, b"v%d" % i, partition=0)
+                for i in range(start, min(start + 10, values.stop))
+            ]
+            offsets += [(await future).offset for future in sent]
+        return offsets
+    finally:
+        await producer.stop()
+
+
+async def _read(bootstrap: str, topic: str, n: int) -> list[bytes]:
+    consumer = create_consumer(bootstrap, group_id=unique("reader"))
+    await consumer.start()
+    try:
+        tp = TopicPartition(topic, 0)
+        consumer.assign([tp])
+        consumer.seek(tp, 0)
+        values: list[bytes] = []
+        for _ in range(50):
+            fetched = await consumer.getmany(tp, timeout_ms=200)
+            values += [r.value for r in fetched.get(tp, [])]
+            if len(values) >= n:
+                break
+        return values
+    finally:
+        await consumer.stop()
