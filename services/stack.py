@@ -18,7 +18,7 @@ from fastapi import FastAPI
 from services.common.app import create_base_app
 from services.common.auth import KeyStore
 from services.common.clickhouse import ClickHouse
-from services.common.kafka import broker_reachable, create_consumer
+from services.common.kafka import broker_reachable
 from services.common.losses import LossRepository
 from services.common.pricing import PriceCatalog
 from services.common.ratelimit import RateLimiter
@@ -33,7 +33,7 @@ from services.query.repository import CompletionsRepository
 from services.query.status import router as status_router
 from services.query.usage import UsageRepository
 from services.query.usage import router as usage_router
-from services.worker.runner import Worker
+from services.worker.runner import Worker, create_worker_consumer
 
 log = structlog.get_logger(__name__)
 
@@ -84,20 +84,13 @@ class Stack:
         await prepare_topics(self.bootstrap, s, partitions=SERVE_PARTITIONS)
         self.gateway = await Gateway.start(s, self.bootstrap, self.clickhouse)
         self.publisher = self.gateway.publisher
-        self._consumer = create_consumer(
-            self.bootstrap,
-            group_id=s.consumer_group,
-            session_timeout_ms=s.session_timeout_ms,
-            heartbeat_interval_ms=s.heartbeat_interval_ms,
-        )
+        self._consumer = create_worker_consumer(self.bootstrap, s)
         await self._consumer.start()
         self.worker = Worker(
             s,
             self._consumer,
             self.gateway.producer,
             self.clickhouse,
-            topic=s.topic,
-            dead_letter_topic=s.dead_letter_topic,
             prices=PriceCatalog.load(s.pricing_file),
         )
         self._worker_task = asyncio.create_task(self.worker.run(), name="worker")

@@ -6,7 +6,7 @@ import asyncio
 import signal
 
 from services.common.clickhouse import ClickHouse
-from services.common.kafka import create_consumer, create_producer
+from services.common.kafka import create_producer
 from services.common.pricing import PriceCatalog
 from services.common.runtime import (
     clickhouse_target,
@@ -15,7 +15,7 @@ from services.common.runtime import (
     require_bootstrap,
 )
 from services.common.settings import WorkerSettings
-from services.worker.runner import Worker
+from services.worker.runner import Worker, create_worker_consumer
 
 
 async def run(settings: WorkerSettings) -> None:
@@ -24,22 +24,11 @@ async def run(settings: WorkerSettings) -> None:
     await prepare_clickhouse(clickhouse, settings)
     await prepare_topics(bootstrap, settings)
     producer = create_producer(bootstrap)
-    consumer = create_consumer(
-        bootstrap,
-        group_id=settings.consumer_group,
-        session_timeout_ms=settings.session_timeout_ms,
-        heartbeat_interval_ms=settings.heartbeat_interval_ms,
-    )
+    consumer = create_worker_consumer(bootstrap, settings)
     await producer.start()
     await consumer.start()
     worker = Worker(
-        settings,
-        consumer,
-        producer,
-        clickhouse,
-        topic=settings.topic,
-        dead_letter_topic=settings.dead_letter_topic,
-        prices=PriceCatalog.load(settings.pricing_file),
+        settings, consumer, producer, clickhouse, prices=PriceCatalog.load(settings.pricing_file)
     )
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):

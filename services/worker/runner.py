@@ -16,8 +16,8 @@ import structlog
 from aiokafka import ConsumerRebalanceListener, TopicPartition
 from aiokafka.errors import CommitFailedError, IllegalStateError
 
-from schemas.events import COMPLETIONS_TOPIC, DEAD_LETTER_TOPIC
 from services.common.clickhouse import ClickHouse, StringArray
+from services.common.kafka import create_consumer
 from services.common.losses import LossRepository
 from services.common.metrics import CONSUMER_LAG, WORKER_INSERT_SECONDS
 from services.common.pricing import PriceCatalog
@@ -45,6 +45,16 @@ class _FlushOnRevoke(ConsumerRebalanceListener):  # type: ignore[misc]
         log.info("partitions_assigned", partitions=sorted(tp.partition for tp in assigned))
 
 
+def create_worker_consumer(bootstrap: str, settings: WorkerSettings) -> Any:
+    """The consumer a worker reads with: the workers' group and its timeouts, from settings."""
+    return create_consumer(
+        bootstrap,
+        group_id=settings.consumer_group,
+        session_timeout_ms=settings.session_timeout_ms,
+        heartbeat_interval_ms=settings.heartbeat_interval_ms,
+    )
+
+
 class Worker:
     """One consumer in the workers' group, writing into one ClickHouse database."""
 
@@ -55,13 +65,14 @@ class Worker:
         producer: Any,
         clickhouse: ClickHouse,
         *,
-        topic: str = COMPLETIONS_TOPIC,
-        dead_letter_topic: str = DEAD_LETTER_TOPIC,
+        topic: str | None = None,
+        dead_letter_topic: str | None = None,
         prices: PriceCatalog | None = None,
     ) -> None:
+        """``topic`` and ``dead_letter_topic`` default to the settings' ones."""
         self.settings = settings
-        self.topic = topic
-        self.dead_letter_topic = dead_letter_topic
+        self.topic = topic or settings.topic
+        self.dead_letter_topic = dead_letter_topic or settings.dead_letter_topic
         self._consumer = consumer
         self._producer = producer
         self._clickhouse = clickhouse

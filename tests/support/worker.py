@@ -7,11 +7,11 @@ from typing import Any
 
 from schemas.events import encode_event, message_key
 from services.common.clickhouse import ClickHouse
-from services.common.kafka import create_consumer, create_producer
+from services.common.kafka import create_producer
 from services.common.pricing import PriceCatalog
 from services.common.settings import ServeSettings, WorkerSettings
 from services.worker.pipeline.types import Message, Partition
-from services.worker.runner import Worker
+from services.worker.runner import Worker, create_worker_consumer
 from tests.conftest import Broker
 
 
@@ -45,24 +45,11 @@ class RunningWorker:
 
     async def __aenter__(self) -> Worker:
         s = self.settings
-        self.consumer = create_consumer(
-            self.broker.bootstrap,
-            group_id=s.consumer_group,
-            session_timeout_ms=s.session_timeout_ms,
-            heartbeat_interval_ms=s.heartbeat_interval_ms,
-        )
+        self.consumer = create_worker_consumer(self.broker.bootstrap, s)
         self.producer = create_producer(self.broker.bootstrap)
         await self.consumer.start()
         await self.producer.start()
-        self.worker = Worker(
-            s,
-            self.consumer,
-            self.producer,
-            self.ch,
-            topic=s.topic,
-            dead_letter_topic=s.dead_letter_topic,
-            prices=self.prices,
-        )
+        self.worker = Worker(s, self.consumer, self.producer, self.ch, prices=self.prices)
         self.task = asyncio.create_task(self.worker.run())
         return self.worker
 
