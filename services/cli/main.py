@@ -76,16 +76,16 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     settings: ServeSettings = _settings(ServeSettings, args)
     settings.data_dir.mkdir(parents=True, exist_ok=True)
+    clickhouse = ClickHouse.connect(clickhouse_target(settings))  # first: it may be in use
     broker: EmbeddedBroker | None = None
-    bootstrap = settings.kafka_bootstrap
-    if not bootstrap:
-        broker = EmbeddedBroker(
-            storage=settings.broker_storage, log_file=settings.data_dir / "broker.log"
-        )
-        broker.start()
-        bootstrap = broker.bootstrap
-    clickhouse = ClickHouse.connect(clickhouse_target(settings))
     try:
+        bootstrap = settings.kafka_bootstrap
+        if not bootstrap:
+            broker = EmbeddedBroker(
+                storage=settings.broker_storage, log_file=settings.data_dir / "broker.log"
+            )
+            broker.start()
+            bootstrap = broker.bootstrap
         stack = Stack(settings, clickhouse, bootstrap, create_dev_key=True)
         _serve_uvicorn(stack.create_app(), settings.host, settings.port)
     finally:
@@ -291,8 +291,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    from services.common.clickhouse import EngineInUse
+
     args = build_parser().parse_args(argv)
-    result: int = args.func(args)
+    try:
+        result: int = args.func(args)
+    except EngineInUse as exc:
+        print(exc, file=sys.stderr)  # noqa: T201
+        return 2
     return result
 
 

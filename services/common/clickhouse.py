@@ -7,6 +7,8 @@ thread so the event loop stays responsive. The same SQL runs on both back ends.
 from __future__ import annotations
 
 import asyncio
+import fcntl
+import os
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
@@ -100,30 +102,92 @@ class ClickHouseTarget:
         )
 
 
+class EngineInUse(RuntimeError):
+    """The embedded engine's directory is open in another process."""
+
+
+_ENGINE_LOCKS: dict[Path, list[int]] = {}
+"""Lock file -> [its descriptor, clients of this process that use the directory]."""
+
+
+def lock_engine(directory: Path) -> Path:
+    """Take the lock beside a chDB directory (``<directory>.lock``) for this process.
+
+    One process at a time may open a chDB directory, and chDB tells a second one only "Error
+    initializing EmbeddedServer". The lock (``flock``, released by the kernel when the holder
+    exits, however it exits) names the holder's pid instead. Clients of the same process share
+    it; :func:`unlock_engine` once per call.
+    """
+    lock = directory.with_name(directory.name + ".lock")
+    held = _ENGINE_LOCKS.get(lock)
+    if held is not None:
+        held[1] += 1
+        return lock
+    fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
+        os.close(fd)
+        raise EngineInUse(
+            f"The embedded ClickHouse in {directory} is open in another process (pid {holder}): "
+            "one process at a time can open it. Stop that process (`maniac serve` holds it "
+            "while it runs), or give this one another --data-dir."
+        ) from None
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+    _ENGINE_LOCKS[lock] = [fd, 1]
+    return lock
+
+
+def unlock_engine(lock: Path) -> None:
+    held = _ENGINE_LOCKS.get(lock)
+    if held is None:
+        return
+    held[1] -= 1
+    if held[1] == 0:
+        del _ENGINE_LOCKS[lock]
+        os.close(held[0])  # releases the flock
+
+
 class ClickHouse:
     """Async facade over one clickhouse-connect client, bound to one database."""
 
-    def __init__(self, client: Any, database: str, target: ClickHouseTarget | None = None) -> None:
+    def __init__(
+        self,
+        client: Any,
+        database: str,
+        target: ClickHouseTarget | None = None,
+        engine_lock: Path | None = None,
+    ) -> None:
         self._client = client
         self.database = check_identifier(database)
         self._target = target
+        self._engine_lock = engine_lock
 
     @classmethod
     def connect(cls, target: ClickHouseTarget) -> ClickHouse:
+        """A client of ``target``; raises :class:`EngineInUse` when its chDB directory is
+        open in another process."""
         if target.interface == "chdb":
             assert target.path is not None
             target.path.mkdir(parents=True, exist_ok=True)
-            client = clickhouse_connect.get_client(interface="chdb", path=str(target.path))
-        else:
-            client = clickhouse_connect.get_client(
-                interface=target.interface,
-                host=target.host,
-                port=target.port,
-                username=target.username,
-                password=target.password,
-                database="default",
-                autogenerate_session_id=False,
-            )
+            lock = lock_engine(target.path)
+            try:
+                client = clickhouse_connect.get_client(interface="chdb", path=str(target.path))
+            except BaseException:
+                unlock_engine(lock)
+                raise
+            return cls(client, target.database, target, engine_lock=lock)
+        client = clickhouse_connect.get_client(
+            interface=target.interface,
+            host=target.host,
+            port=target.port,
+            username=target.username,
+            password=target.password,
+            database="default",
+            autogenerate_session_id=False,
+        )
         return cls(client, target.database, target)
 
     def with_database(self, database: str) -> ClickHouse:
@@ -203,6 +267,9 @@ class ClickHouse:
 
     def close(self) -> None:
         self._client.close()
+        if self._engine_lock is not None:
+            unlock_engine(self._engine_lock)
+            self._engine_lock = None
 
 
 # ClickHouse error codes that say the data is wrong, not that ClickHouse is unavailable: the same

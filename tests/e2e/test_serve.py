@@ -96,17 +96,50 @@ async def _is_total(url: str, key: str, n: int) -> bool:
     return await _total(url, key) == n
 
 
+async def test_a_second_process_on_a_data_dir_in_use_is_told_which_holds_it(
+    tmp_path: Path, env: dict[str, str], servers: list[Serve]
+) -> None:
+    env = {**env, "MANIAC_API_KEYS": "projA:key-a"}
+    server = Serve(tmp_path / "data", env)
+    servers.append(server)
+    server.start()
+    await server.ready()
+    in_use = f"is open in another process (pid {server.proc.pid})"
+
+    refused = _maniac(tmp_path / "data", env, "keys", "list", code=2)
+    assert in_use in refused
+    assert "Traceback" not in refused
+
+    second = Serve(tmp_path / "data", env)
+    servers.append(second)
+    second.start()
+    assert second.proc.wait(timeout=30) == 2
+    assert in_use in second.output()
+    assert "broker_started" not in second.output()  # refused before starting anything
+
+    await _register(server.url, "key-a", 3)  # the first one is untouched
+    await eventually(lambda: _is_total(server.url, "key-a", 3))
+    assert server.stop() == 0
+    # released when its holder exits
+    assert "applied migrations: none" in _maniac(tmp_path / "data", env, "migrate")
+
+
+def _maniac(data_dir: Path, env: dict[str, str], *args: str, code: int = 0) -> str:
+    """Run a `maniac` command on ``data_dir``; its stdout and stderr, its exit code checked."""
+    result = subprocess.run(
+        [MANIAC, *args, "--data-dir", str(data_dir)],
+        env=env,
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert result.returncode == code, result.stderr
+    return result.stdout + result.stderr
+
+
 def test_keys_cli_creates_lists_and_revokes(tmp_path: Path, env: dict[str, str]) -> None:
     def maniac(*args: str, code: int = 0) -> str:
-        result = subprocess.run(
-            [MANIAC, *args, "--data-dir", str(tmp_path)],
-            env=env,
-            capture_output=True,
-            text=True,
-            check=False,
-        )
-        assert result.returncode == code, result.stderr
-        return result.stdout + result.stderr
+        return _maniac(tmp_path, env, *args, code=code)
 
     # an operator's command never migrates (a deploy may be migrating): it says what to run
     refused = maniac("keys", "create", "--project", "projX", code=2)
@@ -220,17 +253,9 @@ async def test_dlq_cli_replays_once_by_project_and_lists(
 
     def maniac(*args: str, bootstrap: bool = True, code: int = 0) -> str:
         run_env = {**env, "MANIAC_KAFKA_BOOTSTRAP": broker.bootstrap} if bootstrap else env
-        result = subprocess.run(
-            [MANIAC, "dlq", *args, "--data-dir", str(tmp_path)],
-            env=run_env,
-            capture_output=True,
-            text=True,
-            check=False,
-        )
-        assert result.returncode == code, result.stderr
-        return result.stdout + result.stderr
+        return _maniac(tmp_path, run_env, "dlq", *args, code=code)
 
-    subprocess.run([MANIAC, "migrate", "--data-dir", str(tmp_path)], env=env, check=True)
+    _maniac(tmp_path, env, "migrate")
     assert "POST /v1/dead_letters/replay" in maniac("replay", bootstrap=False, code=2)
     assert "would replay 1 (dry run)" in maniac("replay", "--project", "projA", "--dry-run")
     assert "selected 0" in maniac("replay", "--project", "projB")

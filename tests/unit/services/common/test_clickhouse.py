@@ -1,10 +1,19 @@
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
-from services.common.clickhouse import ClickHouseTarget, check_identifier, rejects_data
+from services.common.clickhouse import (
+    ClickHouseTarget,
+    check_identifier,
+    lock_engine,
+    rejects_data,
+    unlock_engine,
+)
 
 
 @pytest.mark.parametrize(
@@ -62,3 +71,34 @@ def test_identifier_refuses(name: str) -> None:
 )
 def test_only_data_errors_are_rejections(message: str, rejected: bool) -> None:
     assert rejects_data(Exception(message)) is rejected
+
+
+def _lock_in_a_child(directory: Path) -> subprocess.CompletedProcess[str]:
+    code = (
+        "import sys; from pathlib import Path; "
+        "from services.common.clickhouse import lock_engine; lock_engine(Path(sys.argv[1]))"
+    )
+    return subprocess.run(
+        [sys.executable, "-c", code, str(directory)], capture_output=True, text=True, check=False
+    )
+
+
+def test_an_engine_directory_is_locked_for_this_process_until_its_last_client_closes(
+    tmp_path: Path,
+) -> None:
+    directory = tmp_path / "clickhouse"
+    first = lock_engine(directory)
+    assert lock_engine(directory) == first  # a second client of this process shares it
+    assert first == tmp_path / "clickhouse.lock"
+    assert first.read_text() == f"{os.getpid()}\n"
+
+    refused = _lock_in_a_child(directory)
+    assert refused.returncode != 0
+    assert "EngineInUse" in refused.stderr
+    assert f"is open in another process (pid {os.getpid()})" in refused.stderr
+
+    unlock_engine(first)
+    assert _lock_in_a_child(directory).returncode != 0  # one client still open
+    unlock_engine(first)
+    taken = _lock_in_a_child(directory)
+    assert taken.returncode == 0, taken.stderr
