@@ -65,7 +65,7 @@ def _text(words: int, salt: int) -> str:
 def insert_sql(start: int, count: int) -> str:
     """``count`` completions numbered from ``start``: project = number % 100."""
     return f"""
-INSERT INTO {{database}}.completions (project, completion_id, created, received_at, kind, model,
+INSERT INTO {{database}}.completions_in (project, completion_id, created, received_at, kind, model,
     provider, container, finish_reason, prompt_tokens, completion_tokens, total_tokens,
     cached_tokens, spend, spend_source, usage_source, tags, response, request)
 SELECT project, completion_id, created, created + toIntervalSecond(1), 'register', model,

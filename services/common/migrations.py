@@ -8,9 +8,9 @@ Nothing stops two migrators from running the same file at once, and a file that 
 table (0007, 0008) would then fill it twice. So the services started on their own (``maniac
 gateway``, ``worker``, ``query``: several at once on a cluster) never migrate; they wait until
 every migration they know is applied (:func:`wait_for_schema`). What migrates is one process
-at a time: ``maniac migrate`` (the compose file's ``migrate`` service, the Kubernetes Job),
-``maniac serve`` for its own embedded database, and the operator's commands run by hand
-(``maniac keys``, ``reprice``, ``dlq``), which work on a fresh embedded directory too.
+at a time: ``maniac migrate`` (the compose file's ``migrate`` service, the Kubernetes Job) and
+``maniac serve`` for its own embedded database. The operator's commands (``maniac keys``,
+``reprice``, ``dlq``) never migrate: they refuse a database that lacks migrations.
 """
 
 from __future__ import annotations

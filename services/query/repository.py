@@ -2,15 +2,20 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Sequence
 from typing import Literal
 
+from services.common.bodies import stored_responses
 from services.common.clickhouse import ClickHouse
 from services.common.records import normalize_slug
 
 MAX_OFFSET = 2**62  # larger offsets return an empty page rather than overflow UInt64
 # Rows read beyond offset + limit on the first try: room for retractions not yet merged away.
 _SLACK = 64
+# A page's ids whose responses are not stored yet are read again this often, this far apart.
+_BODY_RETRIES = 5
+_BODY_RETRY_S = 0.02
 
 
 class CompletionsRepository:
@@ -92,33 +97,20 @@ class CompletionsRepository:
             window *= 4
 
     async def get(self, project: str, completion_id: str) -> str | None:
-        return (await self._bodies(project, [completion_id])).get(completion_id)
+        return (await stored_responses(self._ch, project, [completion_id])).get(completion_id)
 
     async def _bodies(self, project: str, ids: Sequence[str]) -> dict[str, str]:
-        """Stored responses by id, from ``completion_responses`` (32-row granules).
+        """The stored responses of a page's ids.
 
-        The newest version of each, as FINAL keeps, but without FINAL: FINAL reads the response
-        of every row in each part's candidate granules before it merges, while here the id is
-        checked first (PREWHERE) and only the granules holding one are decompressed. A version
-        is stored once (the worker drops one it already has), so no two rows tie.
+        The listing and the responses are written by two views of the same insert (0011),
+        which land one after the other: for the few milliseconds between them a page may name
+        a completion whose response is not there yet, so the missing ones are read again.
         """
-        if not ids:
-            return {}
-        params = {"project": project, "ids": ids}
-        rows = await self._ch.rows(
-            "SELECT completion_id, response FROM {database}.completion_responses "
-            "WHERE project = {project:String} AND completion_id IN {ids:Array(String)} "
-            "ORDER BY received_at DESC LIMIT 1 BY completion_id",
-            params,
-        )
-        found = {str(r[0]): r[1] for r in rows}
-        missing = [i for i in ids if i not in found]
-        if missing:  # stored by an insert whose view write has not landed yet: rare, still exact
-            params["ids"] = missing
-            rows = await self._ch.rows(
-                "SELECT completion_id, response FROM {database}.completions FINAL "
-                "WHERE project = {project:String} AND completion_id IN {ids:Array(String)}",
-                params,
-            )
-            found |= {str(r[0]): r[1] for r in rows}
+        found = await stored_responses(self._ch, project, ids)
+        for _ in range(_BODY_RETRIES):
+            missing = [i for i in ids if i not in found]
+            if not missing:
+                break
+            await asyncio.sleep(_BODY_RETRY_S)
+            found |= await stored_responses(self._ch, project, missing)
         return found

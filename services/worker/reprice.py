@@ -20,6 +20,8 @@ from typing import Any
 import orjson
 import structlog
 
+from schemas import COMPLETIONS_INSERT_TABLE
+from services.common.bodies import stored_responses
 from services.common.clickhouse import ClickHouse
 from services.common.codec import dumps
 from services.common.pricing import PriceCatalog, compute_spend, spend_columns
@@ -88,7 +90,7 @@ async def reprice(
         "ORDER BY project, completion_id",
         params,
     )
-    lines: list[bytes] = []
+    changes: list[tuple[dict[str, Any], dict[str, Any]]] = []
     for line in body.splitlines():
         if not line.strip():
             continue
@@ -99,23 +101,13 @@ async def reprice(
             continue
         result.changed += 1
         result.delta += (new["spend"] or Decimal(0)) - (_dec(row["spend"]) or Decimal(0))
-        retraction = {**row, "agg_sign": -1}
-        version = _ts(row["received_at"]) + timedelta(milliseconds=1)
-        response = orjson.loads(row["response"])
-        response["spend"] = new["spend"]
-        updated = {
-            **row,
-            **new,
-            "agg_sign": 1,
-            "received_at": version.replace(tzinfo=None).isoformat(" ", "milliseconds"),
-            "response": dumps(response).decode(),
-        }
-        lines += [dumps(retraction), dumps(updated)]
-        if len(lines) >= chunk * 2 and not dry_run:
-            await clickhouse.insert_json_each_row("completions", b"\n".join(lines))
-            lines = []
-    if lines and not dry_run:
-        await clickhouse.insert_json_each_row("completions", b"\n".join(lines))
+        changes.append((row, new))
+        if len(changes) >= chunk:
+            if not dry_run:
+                await _write(clickhouse, changes)
+            changes = []
+    if changes and not dry_run:
+        await _write(clickhouse, changes)
     log.info(
         "repriced",
         examined=result.examined,
@@ -124,3 +116,32 @@ async def reprice(
         dry_run=dry_run,
     )
     return result
+
+
+async def _write(
+    clickhouse: ClickHouse, changes: list[tuple[dict[str, Any], dict[str, Any]]]
+) -> None:
+    """Each stored row's retraction and its re-priced version, whose response (stored apart,
+    in ``completion_responses``) carries the new spend; one insert."""
+    responses: dict[tuple[str, str], str] = {}
+    for project in {row["project"] for row, _ in changes}:
+        ids = [row["completion_id"] for row, _ in changes if row["project"] == project]
+        found = await stored_responses(clickhouse, project, ids)
+        responses |= {(project, i): text for i, text in found.items()}
+    lines: list[bytes] = []
+    for row, new in changes:
+        stored = responses.get((row["project"], row["completion_id"]))
+        if stored is None:  # every stored version has its response: the schema is not 0011's
+            raise RuntimeError(f"no stored response for {row['project']}/{row['completion_id']}")
+        response = orjson.loads(stored)
+        response["spend"] = new["spend"]
+        version = _ts(row["received_at"]) + timedelta(milliseconds=1)
+        updated = {
+            **row,
+            **new,
+            "agg_sign": 1,
+            "received_at": version.replace(tzinfo=None).isoformat(" ", "milliseconds"),
+            "response": dumps(response).decode(),
+        }
+        lines += [dumps({**row, "agg_sign": -1}), dumps(updated)]
+    await clickhouse.insert_json_each_row(COMPLETIONS_INSERT_TABLE, b"\n".join(lines))

@@ -16,6 +16,7 @@ import structlog
 from aiokafka import ConsumerRebalanceListener, TopicPartition
 from aiokafka.errors import CommitFailedError, IllegalStateError
 
+from schemas import COMPLETIONS_INSERT_TABLE
 from services.common.clickhouse import ClickHouse, StringArray
 from services.common.kafka import create_consumer
 from services.common.losses import LossRepository
@@ -103,7 +104,7 @@ class Worker:
 
     async def _insert(self, body: bytes) -> None:
         started = time.perf_counter()
-        await self._clickhouse.insert_json_each_row("completions", body)
+        await self._clickhouse.insert_json_each_row(COMPLETIONS_INSERT_TABLE, body)
         seconds = time.perf_counter() - started
         WORKER_INSERT_SECONDS.observe(seconds)
         log.debug("batch_inserted", bytes=len(body), ms=round(seconds * 1e3, 1))

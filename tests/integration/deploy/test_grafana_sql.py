@@ -8,6 +8,7 @@ from typing import Any
 
 import pytest
 
+from schemas import COMPLETIONS_INSERT_TABLE
 from schemas.events import encode_event
 from services.common.clickhouse import ClickHouse
 from services.common.pricing import PriceCatalog
@@ -48,7 +49,7 @@ async def test_dashboard_query_runs(clickhouse: ClickHouse, panel: dict[str, Any
         result = process(value)
         assert isinstance(result, Row)
         rows.append(result.json)
-    await clickhouse.insert_json_each_row("completions", b"\n".join(rows))
+    await clickhouse.insert_json_each_row(COMPLETIONS_INSERT_TABLE, b"\n".join(rows))
     [target] = panel["targets"]
     answer = await clickhouse.rows(_runnable(target["rawSql"]))
     assert answer, panel["title"]

@@ -4,6 +4,7 @@ import asyncio
 
 import pytest
 
+from schemas import COMPLETIONS_INSERT_TABLE
 from schemas.events import encode_event
 from services.common.clickhouse import ClickHouse
 from services.common.migrations import (
@@ -60,7 +61,7 @@ async def test_a_batch_of_completions_is_stored_in_compact_parts(clickhouse: Cli
     ]
     lines = [row.json for row in map(process, rows) if isinstance(row, Row)]
     assert len(lines) == 4_000
-    await clickhouse.insert_json_each_row("completions", b"\n".join(lines))
+    await clickhouse.insert_json_each_row(COMPLETIONS_INSERT_TABLE, b"\n".join(lines))
 
     parts = await clickhouse.rows(
         "SELECT table, part_type, sum(data_uncompressed_bytes) FROM system.parts "
@@ -87,6 +88,67 @@ async def test_tables_of_whole_bodies_merge_about_twelve_parts_at_once(
     )
     wider = {name for name, ddl in rows if "merge_selector_base = 12" in ddl}
     assert wider == {"completions", "completion_responses"}
+
+
+def _event(completion_id: str, *, received_at_ms: int = 1_767_225_600_000) -> bytes:
+    return encode_event(
+        kind="register",
+        project="p-once",
+        container="c",
+        completion_id=completion_id,
+        received_at_ms=received_at_ms,
+        item={
+            "input": {"messages": [{"role": "user", "content": f"question {completion_id}"}]},
+            "output": {"choices": [{"index": 0, "message": {"content": completion_id}}]},
+        },
+    )
+
+
+def _row(value: bytes) -> bytes:
+    row = process(value)
+    assert isinstance(row, Row)
+    return row.json
+
+
+async def _stored(clickhouse: ClickHouse, table: str) -> dict[str, list[tuple[int, str]]]:
+    """Each completion's rows in ``table``: (received_at in ms, response text)."""
+    rows = await clickhouse.rows(
+        "SELECT completion_id, toUnixTimestamp64Milli(received_at), response "
+        f"FROM {{database}}.{table} WHERE project = 'p-once' "
+        "ORDER BY completion_id, received_at"
+    )
+    stored: dict[str, list[tuple[int, str]]] = {}
+    for completion_id, received, response in rows:
+        stored.setdefault(completion_id, []).append((int(received), str(response)))
+    return stored
+
+
+async def test_a_response_is_stored_once_and_an_earlier_writer_still_stores_its_own(
+    clickhouse: ClickHouse,
+) -> None:
+    """0011: what is written to completions_in keeps its response only in
+    completion_responses; a row still written to completions itself is copied there too."""
+    new, old = _row(_event("new")), _row(_event("old"))
+    await clickhouse.insert_json_each_row(COMPLETIONS_INSERT_TABLE, new)
+    await clickhouse.insert_json_each_row("completions", old)  # a worker of an earlier release
+    # a newer version with the retraction of the stored one, as the worker writes it
+    retraction = await clickhouse.json_each_row(
+        "SELECT * REPLACE (toInt8(-1) AS agg_sign) FROM {database}.completions FINAL "
+        "WHERE project = 'p-once' AND completion_id = 'new'"
+    )
+    newer = _row(_event("new", received_at_ms=1_767_225_600_500))
+    await clickhouse.insert_json_each_row(COMPLETIONS_INSERT_TABLE, retraction + newer)
+
+    completions = await _stored(clickhouse, "completions")
+    responses = await _stored(clickhouse, "completion_responses")
+    # (a version and its retraction may already be merged away: a ReplacingMergeTree)
+    assert {response for _, response in completions["new"]} == {""}
+    assert completions["new"][-1][0] == 1_767_225_600_500
+    assert [r for _, r in completions["old"]] == [old_response := responses["old"][0][1]]
+    assert '"id":"old"' in old_response
+    assert [t for t, _ in responses["new"]] == [1_767_225_600_000, 1_767_225_600_500]
+    assert all('"id":"new"' in r for _, r in responses["new"])
+    assert len(responses["old"]) == 1
 
 
 async def test_wait_for_schema_returns_at_once_on_a_migrated_database(

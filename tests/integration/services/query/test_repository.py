@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import random
 from typing import Any, Literal
 
@@ -174,15 +175,40 @@ async def test_bodies_are_read_from_their_table_and_the_newest_version_wins(
     assert orjson.loads(got)["model"] == "new"
 
 
-async def test_a_body_missing_from_its_table_is_read_from_completions(
+async def test_a_response_that_lands_after_its_listing_is_waited_for(
     clickhouse: ClickHouse, repo: CompletionsRepository
 ) -> None:
+    """The listing and the responses are written by two views of one insert (0011): a page
+    read between them names a completion whose response comes a moment later."""
     await _store(clickhouse, {"id": "a", "created": 100}, {"id": "b", "created": 200})
+    select = "SELECT * FROM {database}.completion_responses WHERE completion_id = "
+    saved_a = await clickhouse.json_each_row(select + "'a'")
+    saved_b = await clickhouse.json_each_row(select + "'b'")
     await clickhouse.command("TRUNCATE TABLE {database}.completion_responses")
+    await clickhouse.insert_json_each_row("completion_responses", saved_a)
+
+    writer = clickhouse.another_connection()  # a client runs one call at a time
+
+    async def lands_later() -> None:
+        await asyncio.sleep(0.03)
+        await writer.insert_json_each_row("completion_responses", saved_b)
+
+    landing = asyncio.create_task(lands_later())
+    try:
+        page, total = await repo.list(
+            "p", limit=20, offset=0, model=None, container=None, order="desc"
+        )
+    finally:
+        await landing
+        writer.close()
+    assert (_ids(page), total) == (["b", "a"], 2)
+
+    await clickhouse.command(
+        "DELETE FROM {database}.completion_responses WHERE completion_id = 'b'"
+    )
     page, total = await repo.list("p", limit=20, offset=0, model=None, container=None, order="desc")
-    assert _ids(page) == ["b", "a"]
-    assert total == 2
-    assert await repo.get("p", "a") is not None
+    assert (_ids(page), total) == (["a"], 2)  # never landed: the page says what it has
+    assert await repo.get("p", "b") is None
     assert await repo.get("p", "missing") is None
 
 
@@ -203,8 +229,9 @@ async def _truth(
     container: str | None,
     order: Order,
 ) -> tuple[list[str], int]:
-    """The list as it was read before ``completion_listing``: ``completions FINAL``, sorted
-    (the responses, as the list returns them, and the total)."""
+    """The list as it was read before ``completion_listing``: ``completions FINAL``, sorted,
+    with each one's response from ``completion_responses FINAL`` (the responses, as the list
+    returns them, and the total)."""
     where = ["project = {project:String}"]
     params: dict[str, object] = {"project": project, "limit": limit, "offset": offset}
     if model is not None:
@@ -216,15 +243,22 @@ async def _truth(
     condition = " AND ".join(where)
     direction = order.upper()
     page = await ch.rows(
-        f"SELECT response FROM {{database}}.completions FINAL WHERE {condition} "
+        f"SELECT completion_id FROM {{database}}.completions FINAL WHERE {condition} "
         f"ORDER BY created {direction}, completion_id {direction} "
         "LIMIT {limit:UInt32} OFFSET {offset:UInt64}",
         params,
     )
+    ids = [str(r[0]) for r in page]
+    responses = await ch.rows(
+        "SELECT completion_id, response FROM {database}.completion_responses FINAL "
+        "WHERE project = {project:String} AND completion_id IN {ids:Array(String)}",
+        {"project": project, "ids": ids},
+    )
+    by_id = {str(r[0]): str(r[1]) for r in responses}
     total = await ch.rows(
         f"SELECT count() FROM {{database}}.completions FINAL WHERE {condition}", params
     )
-    return [str(r[0]) for r in page], int(total[0][0])
+    return [by_id[i] for i in ids], int(total[0][0])
 
 
 async def _same_as_truth(
@@ -368,16 +402,27 @@ async def test_list_is_exact_over_what_was_stored_before_migration_0008(
             for statement in migrations[version].statements:
                 await before.command(statement)
         history = _History(random.Random(7))
+        # the worker of that time wrote into `completions` itself, response included
+        await before.command(
+            "CREATE TABLE {database}.completions_in AS {database}.completions ENGINE = Null"
+        )
+        await before.command(
+            "CREATE MATERIALIZED VIEW {database}.then_written TO {database}.completions "
+            "AS SELECT * FROM {database}.completions_in"
+        )
         for _ in range(5):
             await _store(before, *history.batch())
+        await before.command("DROP VIEW {database}.then_written")
+        await before.command("DROP TABLE {database}.completions_in")
         # as stored before the worker deduplicated: the same version twice, no retraction
         await before.insert_json_each_row(
             "completions",
             _row(_event({"id": "legacy", "created": 5, "received_at_ms": 9})) * 2
             + _row(_event({"id": "legacy", "created": 6, "received_at_ms": 10})),
         )
-        for statement in migrations[8].statements:
-            await before.command(statement)
+        for version in sorted(v for v in migrations if v >= 8):
+            for statement in migrations[version].statements:
+                await before.command(statement)
         repo = CompletionsRepository(before)
         await _same_as_truth(before, repo, random.Random(8))
         for _ in range(3):  # and the views keep it exact from there

@@ -6,6 +6,9 @@ from datetime import UTC, datetime
 from decimal import Decimal
 from typing import Any
 
+import orjson
+
+from services.common.bodies import stored_responses
 from services.common.clickhouse import ClickHouse
 from services.common.pricing import PriceCatalog
 from services.common.settings import ServeSettings
@@ -81,6 +84,13 @@ async def test_reprice_corrects_spend_and_aggregates_once(
     assert spend["was-unknown"] == (Decimal(1), "new/model@2024-01-01")
     assert spend["mine"][0] == Decimal(9)
     assert spend["outside"][0] == Decimal("2.5")
+    # and what get and list return: the stored response carries the new spend
+    responses = await stored_responses(clickhouse, "p", ["a", "was-unknown", "outside"])
+    assert {i: orjson.loads(r)["spend"] for i, r in responses.items()} == {
+        "a": 2,
+        "was-unknown": 1,
+        "outside": 2.5,
+    }
     assert await _spend(clickhouse) == Decimal("16.5")
     assert await _spend(clickhouse, "usage_hourly") == await _spend(clickhouse)
     [(requests, unpriced)] = await clickhouse.rows(

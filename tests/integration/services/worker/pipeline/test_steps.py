@@ -6,6 +6,7 @@ import asyncio
 
 import pytest
 
+from schemas import COMPLETIONS_INSERT_TABLE
 from services.common.clickhouse import ClickHouse
 from services.worker.pipeline import process
 from services.worker.pipeline.steps import CommitOffsets, Retrying, WriteBatch
@@ -33,7 +34,7 @@ class Sinks:
 
 def _write_step(clickhouse: ClickHouse, sinks: Sinks, stopping: asyncio.Event) -> WriteBatch:
     async def insert(body: bytes) -> None:
-        await clickhouse.insert_json_each_row("completions", body)
+        await clickhouse.insert_json_each_row(COMPLETIONS_INSERT_TABLE, body)
 
     retrying = Retrying(0.01, 0.05, stopping)
     commit = CommitOffsets(sinks.commit, retrying)
