@@ -14,7 +14,7 @@ from services.common.settings import ServeSettings
 from tests.conftest import eventually, unique
 from tests.e2e.conftest import KEY_A, StackFactory
 from tests.support.proxy import FreezableProxy, proxied_broker
-from tests.support.serve import Serve
+from tests.support.serve import Serve, start_serve
 from tests.support.worker import event, produce
 
 ITEMS = {"container": "c", "items": [{"input": {"messages": []}, "tags": ["fault"]}]}
@@ -112,10 +112,7 @@ async def test_worker_killed_after_insert_before_commit_loses_and_doubles_nothin
             "MANIAC_API_KEYS": "projA:key-a",
             "MANIAC_BATCH_MAX_ROWS": "500",
         }
-        first = Serve(tmp_path / "data", env)
-        servers.append(first)
-        first.start()
-        await first.ready()
+        first = await start_serve(servers, tmp_path / "data", env)
         async with httpx.AsyncClient(base_url=first.url, headers=KEY_A) as client:
             await eventually(lambda: _above(client, 1_000), timeout_s=60, interval_s=0.02)
             # From here every byte towards the broker is held: the worker stores what it has
@@ -127,10 +124,7 @@ async def test_worker_killed_after_insert_before_commit_loses_and_doubles_nothin
         await eventually(lambda: _no_connections(proxy), timeout_s=10)
         proxy.thaw()  # the held commit died with its connection
 
-        second = Serve(tmp_path / "data", env)
-        servers.append(second)
-        second.start()
-        await second.ready()
+        second = await start_serve(servers, tmp_path / "data", env)
         async with httpx.AsyncClient(base_url=second.url, headers=KEY_A) as client:
             await eventually(lambda: _is_total(client, n), timeout_s=120, interval_s=0.2)
             metrics = (await client.get("/metrics")).text

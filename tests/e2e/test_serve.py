@@ -14,8 +14,11 @@ import httpx
 from services.common.kafka import create_consumer, create_producer
 from tests.conftest import Broker, eventually, unique
 from tests.e2e.conftest import StackFactory
-from tests.support.serve import MANIAC, Serve
+from tests.support.serve import MANIAC, Serve, start_serve
 from tests.support.worker import event
+
+HOLDING = {"MANIAC_BATCH_MAX_ROWS": "1000000", "MANIAC_BATCH_MAX_MS": "3600000"}
+"""The worker holds every record in its batch: acknowledged items exist only in the broker."""
 
 
 async def _register(url: str, key: str, n: int, batch: int = 100, first: int = 0) -> None:
@@ -59,19 +62,13 @@ async def test_sigterm_drains_everything_acknowledged_and_it_survives_restart(
     tmp_path: Path, env: dict[str, str], servers: list[Serve]
 ) -> None:
     env = {**env, "MANIAC_API_KEYS": "projA:key-a"}
-    first = Serve(tmp_path / "data", env)
-    servers.append(first)
-    first.start()
-    await first.ready()
+    first = await start_serve(servers, tmp_path / "data", env)
     await _register(first.url, "key-a", 1000)
     # stop at once: nothing has been waited for, the drain must store all 1000
     assert first.stop() == 0
     assert '"drained"' in first.output()
 
-    second = Serve(tmp_path / "data", env)
-    servers.append(second)
-    second.start()
-    await second.ready()
+    second = await start_serve(servers, tmp_path / "data", env)
     assert await _total(second.url, "key-a") == 1000
     assert second.stop(signal.SIGINT) == 0
 
@@ -80,10 +77,7 @@ async def test_without_keys_a_dev_key_is_created_and_printed(
     tmp_path: Path, env: dict[str, str], servers: list[Serve]
 ) -> None:
     env.pop("MANIAC_API_KEYS", None)
-    server = Serve(tmp_path / "data", env)
-    servers.append(server)
-    server.start()
-    await server.ready()
+    server = await start_serve(servers, tmp_path / "data", env)
     match = re.search(r"\b(mk-[A-Za-z0-9_\-]{40,})", server.output())
     assert match, server.output()
     key = match.group(1)
@@ -100,10 +94,7 @@ async def test_a_second_process_on_a_data_dir_in_use_is_told_which_holds_it(
     tmp_path: Path, env: dict[str, str], servers: list[Serve]
 ) -> None:
     env = {**env, "MANIAC_API_KEYS": "projA:key-a"}
-    server = Serve(tmp_path / "data", env)
-    servers.append(server)
-    server.start()
-    await server.ready()
+    server = await start_serve(servers, tmp_path / "data", env)
     in_use = f"is open in another process (pid {server.proc.pid})"
 
     refused = _maniac(tmp_path / "data", env, "keys", "list", code=2)
@@ -159,10 +150,7 @@ def test_keys_cli_creates_lists_and_revokes(tmp_path: Path, env: dict[str, str])
 async def test_kill_9_does_not_leave_the_embedded_broker_behind(
     tmp_path: Path, env: dict[str, str], servers: list[Serve]
 ) -> None:
-    server = Serve(tmp_path / "data", {**env, "MANIAC_API_KEYS": "p:k"})
-    servers.append(server)
-    server.start()
-    await server.ready()
+    server = await start_serve(servers, tmp_path / "data", {**env, "MANIAC_API_KEYS": "p:k"})
     match = re.search(r'"bootstrap": "127\.0\.0\.1:(\d+)"', server.output())
     assert match, server.output()
     broker_port = int(match.group(1))
@@ -182,20 +170,12 @@ async def test_s3_broker_storage_keeps_acknowledged_items_through_kill_9(
     tmp_path: Path, env: dict[str, str], servers: list[Serve], s3_env: dict[str, str]
 ) -> None:
     env = {**env, **s3_env, "MANIAC_API_KEYS": "projA:key-a"}
-    # the worker holds every record in its batch: acknowledged items exist only in the broker
-    holding = {**env, "MANIAC_BATCH_MAX_ROWS": "1000000", "MANIAC_BATCH_MAX_MS": "3600000"}
-    first = Serve(tmp_path / "data", holding)
-    servers.append(first)
-    first.start()
-    await first.ready()
+    first = await start_serve(servers, tmp_path / "data", {**env, **HOLDING})
     await _register(first.url, "key-a", 50, batch=10)
     assert await _total(first.url, "key-a") == 0
     assert first.stop(signal.SIGKILL) == -signal.SIGKILL  # broker and worker die with it
 
-    second = Serve(tmp_path / "data", env)
-    servers.append(second)
-    second.start()
-    await second.ready()
+    second = await start_serve(servers, tmp_path / "data", env)
     await eventually(lambda: _is_total(second.url, "key-a", 50), timeout_s=60)
     assert second.stop() == 0
 
@@ -204,28 +184,18 @@ async def test_s3_broker_storage_keeps_what_was_acknowledged_across_restarts(
     tmp_path: Path, env: dict[str, str], servers: list[Serve], s3_env: dict[str, str]
 ) -> None:
     env = {**env, **s3_env, "MANIAC_API_KEYS": "projA:key-a"}
-    holding = {**env, "MANIAC_BATCH_MAX_ROWS": "1000000", "MANIAC_BATCH_MAX_MS": "3600000"}
-    first = Serve(tmp_path / "data", env)
-    servers.append(first)
-    first.start()
-    await first.ready()
+    first = await start_serve(servers, tmp_path / "data", env)
     await _register(first.url, "key-a", 50, batch=10)
     assert first.stop() == 0  # drained: all 50 stored, the group's offset committed at 50
 
     # acknowledged after a restart, never stored: they exist only in the broker's S3 storage
-    second = Serve(tmp_path / "data", holding)
-    servers.append(second)
-    second.start()
-    await second.ready()
+    second = await start_serve(servers, tmp_path / "data", {**env, **HOLDING})
     await _register(second.url, "key-a", 10, batch=10, first=50)
     assert second.stop(signal.SIGKILL) == -signal.SIGKILL
 
     # at once, before the worker has fetched: the new records must follow the held ones, not
     # be numbered from 0 over them, and the worker resumes at offset 50
-    third = Serve(tmp_path / "data", env)
-    servers.append(third)
-    third.start()
-    await third.ready()
+    third = await start_serve(servers, tmp_path / "data", env)
     await _register(third.url, "key-a", 100, batch=100, first=60)
     await eventually(lambda: _is_total(third.url, "key-a", 160), timeout_s=60)
     assert '"broker_watermarks_loaded"' in third.output()

@@ -54,3 +54,13 @@ class Serve:
 
     def output(self) -> str:
         return self.log.read_text(errors="replace")
+
+
+async def start_serve(servers: list[Serve], data_dir: Path, env: dict[str, str]) -> Serve:
+    """Start `maniac serve` on ``data_dir``, ready to answer; ``servers`` (the test's fixture)
+    has it killed after the test if it still runs."""
+    server = Serve(data_dir, env)
+    servers.append(server)
+    server.start()
+    await server.ready()
+    return server
