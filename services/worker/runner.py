@@ -66,14 +66,11 @@ class Worker:
         producer: Any,
         clickhouse: ClickHouse,
         *,
-        topic: str | None = None,
-        dead_letter_topic: str | None = None,
         prices: PriceCatalog | None = None,
     ) -> None:
-        """``topic`` and ``dead_letter_topic`` default to the settings' ones."""
         self.settings = settings
-        self.topic = topic or settings.topic
-        self.dead_letter_topic = dead_letter_topic or settings.dead_letter_topic
+        self.topic = settings.topic
+        self.dead_letter_topic = settings.dead_letter_topic
         self._consumer = consumer
         self._producer = producer
         self._clickhouse = clickhouse

@@ -49,7 +49,7 @@ async def test_register_events_reach_a_real_clickhouse_through_real_kafka(
     consumer = create_consumer(docker_kafka, group_id=f"g-{suffix}")
     await consumer.start()
     settings = WorkerSettings(topic=topic, dead_letter_topic=dlq, batch_max_ms=50)
-    worker = Worker(settings, consumer, producer, ch, topic=topic, dead_letter_topic=dlq)
+    worker = Worker(settings, consumer, producer, ch)
     task = asyncio.create_task(worker.run())
     repository = CompletionsRepository(ch)
 
