@@ -17,8 +17,12 @@ from services.common.clickhouse import ClickHouse
 
 NOT_REPLAYED = datetime(1970, 1, 1, tzinfo=UTC)
 
-Source = tuple[str, int, int]
-"""Where a dead letter came from: (topic, partition, offset); its identity."""
+Source = tuple[str, int, int, int]
+"""Where a dead letter came from: (topic, partition, offset, timestamp in ms); its identity.
+
+The timestamp tells apart records of different lives of one log (the embedded broker on memory
+storage numbers from 0 again at every start); it is 0 where it was not recorded (migration
+0012)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -33,10 +37,17 @@ class DeadLetter:
     dead_at: datetime
     payload: bytes
     replayed_at: datetime = NOT_REPLAYED
+    source_timestamp: int = 0
+    """The source record's Kafka timestamp (ms); 0 when unknown."""
 
     @property
     def source(self) -> Source:
-        return (self.source_topic, self.source_partition, self.source_offset)
+        return (
+            self.source_topic,
+            self.source_partition,
+            self.source_offset,
+            self.source_timestamp,
+        )
 
 
 @dataclass(frozen=True, slots=True)
@@ -53,6 +64,7 @@ _DEAD_COLUMNS = (
     "source_topic",
     "source_partition",
     "source_offset",
+    "source_timestamp",
     "completion_id",
     "message_key",
     "reason",
@@ -89,6 +101,7 @@ class LossRepository:
                 d.source_topic,
                 d.source_partition,
                 d.source_offset,
+                d.source_timestamp,
                 d.completion_id,
                 d.message_key,
                 d.reason,
@@ -113,14 +126,14 @@ class LossRepository:
         if not sources:
             return set()
         rows = await self._ch.rows(
-            "SELECT source_topic, source_partition, source_offset "
+            "SELECT source_topic, source_partition, source_offset, source_timestamp "
             "FROM {database}.dead_letters FINAL "
             "WHERE toUnixTimestamp64Milli(replayed_at) > 0 "
-            "AND (source_topic, source_partition, source_offset) "
-            "IN {sources:Array(Tuple(String, UInt32, UInt64))}",
+            "AND (source_topic, source_partition, source_offset, source_timestamp) "
+            "IN {sources:Array(Tuple(String, UInt32, UInt64, Int64))}",
             {"sources": list(sources)},
         )
-        return {(str(r[0]), int(r[1]), int(r[2])) for r in rows}
+        return {(str(r[0]), int(r[1]), int(r[2]), int(r[3])) for r in rows}
 
     async def list_dead_letters(self, project: str | None, limit: int) -> list[dict[str, Any]]:
         """The newest dead letters (without their payload), optionally of one project."""

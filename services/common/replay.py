@@ -63,14 +63,29 @@ def _header(record: Any, name: str) -> str | None:
     return None
 
 
+def _integer(text: str | None) -> int | None:
+    if text is None or not text.removeprefix("-").isdigit():
+        return None
+    return int(text)
+
+
 def source_of(record: Any) -> Source:
-    """Where the dead letter came from (its headers), else where it sits in the DLQ topic."""
+    """Where the dead letter came from (its headers), else where it sits in the DLQ topic.
+
+    The source's timestamp is 0 when the headers do not carry one (an earlier worker's dead
+    letter), as in the rows recorded for those.
+    """
     topic = _header(record, "source_topic")
     partition = _header(record, "source_partition")
     offset = _header(record, "source_offset")
     if topic and partition and offset and partition.isdigit() and offset.isdigit():
-        return (topic, int(partition), int(offset))
-    return (record.topic, record.partition, record.offset)
+        return (
+            topic,
+            int(partition),
+            int(offset),
+            _integer(_header(record, "source_timestamp")) or 0,
+        )
+    return (record.topic, record.partition, record.offset, int(record.timestamp or 0))
 
 
 def matches(record: Any, project: str | None, reason: str | None) -> bool:
@@ -81,12 +96,13 @@ def matches(record: Any, project: str | None, reason: str | None) -> bool:
 
 def replayed_record(record: Any, at: datetime) -> DeadLetter:
     project, completion_id = split_key(record.key)
-    topic, partition, offset = source_of(record)
+    topic, partition, offset, timestamp = source_of(record)
     return DeadLetter(
         project=project,
         source_topic=topic,
         source_partition=partition,
         source_offset=offset,
+        source_timestamp=timestamp,
         completion_id=completion_id,
         message_key=record.key or b"",
         reason=_header(record, "reason") or "",

@@ -20,6 +20,7 @@ def dead_letter_headers(dead: Processed) -> list[tuple[str, bytes]]:
         ("source_topic", dead.message.partition.topic.encode()),
         ("source_partition", str(dead.message.partition.partition).encode()),
         ("source_offset", str(dead.message.offset).encode()),
+        ("source_timestamp", str(dead.message.timestamp_ms).encode()),
     ]
 
 
@@ -31,6 +32,7 @@ def dead_letter_record(dead: Processed, dead_at: datetime) -> DeadLetter:
         source_topic=dead.message.partition.topic,
         source_partition=dead.message.partition.partition,
         source_offset=dead.message.offset,
+        source_timestamp=dead.message.timestamp_ms,
         completion_id=completion_id,
         message_key=dead.message.key or b"",
         reason=reason_of(dead),

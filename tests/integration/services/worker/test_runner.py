@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 from typing import Any
 
 from prometheus_client import REGISTRY
@@ -112,7 +113,8 @@ async def test_insert_failures_are_retried_without_commit_then_resume(
 async def _dead_letters(ch: ClickHouse) -> list[tuple[Any, ...]]:
     rows = await ch.rows(
         "SELECT project, completion_id, reason, source_topic, source_partition, source_offset, "
-        "payload, message_key FROM {database}.dead_letters FINAL ORDER BY completion_id"
+        "payload, message_key, source_timestamp "
+        "FROM {database}.dead_letters FINAL ORDER BY completion_id"
     )
     return [tuple(r) for r in rows]
 
@@ -125,6 +127,7 @@ async def test_dead_letters_are_recorded_by_project_and_counted_once_when_redeli
         or 0.0
         for p in ("projA", "unknown")
     }
+    produced_from_ms = time.time_ns() // 1_000_000
     await produce(
         producer,
         settings.topic,
@@ -144,6 +147,8 @@ async def test_dead_letters_are_recorded_by_project_and_counted_once_when_redeli
     assert first[1][2].startswith("not JSON")
     assert first[1][3] == settings.topic
     assert first[1][7] == "projA/garbage"
+    # the source record's timestamp is part of its identity (a redelivery has the same one)
+    assert produced_from_ms <= first[1][8] <= time.time_ns() // 1_000_000
     payload = await clickhouse.rows(
         "SELECT hex(payload) FROM {database}.dead_letters WHERE completion_id = 'garbage'"
     )

@@ -16,6 +16,7 @@ class Record:
     topic: str = "dlq"
     partition: int = 1
     offset: int = 9
+    timestamp: int = 1_767_225_600_000
 
 
 HEADERS = [
@@ -26,12 +27,20 @@ HEADERS = [
 ]
 
 
-def test_a_dead_letter_is_named_by_its_source() -> None:
-    assert source_of(Record(b"p/x", HEADERS)) == ("maniac.completions.v1", 3, 41)
+def test_a_dead_letter_is_named_by_its_source_record() -> None:
+    stamped = [*HEADERS, ("source_timestamp", b"1767225599123")]
+    assert source_of(Record(b"p/x", stamped)) == ("maniac.completions.v1", 3, 41, 1767225599123)
+
+
+def test_an_earlier_workers_dead_letter_has_no_source_timestamp() -> None:
+    assert source_of(Record(b"p/x", HEADERS)) == ("maniac.completions.v1", 3, 41, 0)
+    garbled = [*HEADERS, ("source_timestamp", b"soon")]
+    assert source_of(Record(b"p/x", garbled)) == ("maniac.completions.v1", 3, 41, 0)
 
 
 def test_without_source_headers_it_is_named_by_its_place_in_the_dead_letter_topic() -> None:
-    assert source_of(Record(b"p/x", [("source_offset", b"nope")])) == ("dlq", 1, 9)
+    record = Record(b"p/x", [("source_offset", b"nope")])
+    assert source_of(record) == ("dlq", 1, 9, 1_767_225_600_000)
 
 
 @pytest.mark.parametrize(

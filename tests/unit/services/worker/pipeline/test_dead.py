@@ -30,7 +30,9 @@ def test_split_key(key: bytes | None, expected: tuple[str, str]) -> None:
 
 def test_garbage_value_is_recorded_under_the_project_of_its_key() -> None:
     dead = Processed(
-        Message(Partition("maniac.completions.v1", 3), 41, b"projA/c-1", b"\xff{not json"),
+        Message(
+            Partition("maniac.completions.v1", 3), 41, b"projA/c-1", b"\xff{not json", 1767225599123
+        ),
         Invalid("not JSON: bad"),
     )
     assert dead_letter_headers(dead) == [
@@ -38,6 +40,7 @@ def test_garbage_value_is_recorded_under_the_project_of_its_key() -> None:
         ("source_topic", b"maniac.completions.v1"),
         ("source_partition", b"3"),
         ("source_offset", b"41"),
+        ("source_timestamp", b"1767225599123"),
     ]
     record = dead_letter_record(dead, AT)
     assert (record.project, record.completion_id, record.reason) == (
@@ -45,7 +48,7 @@ def test_garbage_value_is_recorded_under_the_project_of_its_key() -> None:
         "c-1",
         "not JSON: bad",
     )
-    assert record.source == ("maniac.completions.v1", 3, 41)
+    assert record.source == ("maniac.completions.v1", 3, 41, 1767225599123)
     assert record.payload == b"\xff{not json"
     assert record.message_key == b"projA/c-1"
     assert record.dead_at == AT
