@@ -3,12 +3,18 @@
 ``maniac serve`` runs this on the embedded defaults; the end-to-end tests run it on the test
 session's broker and engine. Shutdown drains: the HTTP server stops taking requests first,
 then the worker runs until every offset the gateway acknowledged is committed.
+
+On its own embedded broker with memory storage, which keeps every record for its life, the
+stack starts the broker afresh whenever its memory passes ``MANIAC_BROKER_MAX_MEMORY_MB``
+(:meth:`Stack.restart_broker`): publishing is held, everything acknowledged is stored, the dead
+letters are carried over, and publishing resumes on the empty broker.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
 from collections.abc import AsyncIterator, Awaitable, Mapping
 from typing import Any
 
@@ -18,8 +24,9 @@ from fastapi import FastAPI
 from services.common.app import create_base_app
 from services.common.auth import KeyStore
 from services.common.clickhouse import ClickHouse
-from services.common.kafka import broker_reachable
+from services.common.kafka import EmbeddedBroker, broker_reachable, read_topic
 from services.common.losses import LossRepository
+from services.common.metrics import BROKER_RESTARTS
 from services.common.pricing import PriceCatalog
 from services.common.ratelimit import RateLimiter
 from services.common.runtime import SERVE_PARTITIONS, prepare_clickhouse, prepare_topics
@@ -56,9 +63,13 @@ class Stack:
         clickhouse: ClickHouse,
         bootstrap: str,
         *,
+        broker: EmbeddedBroker | None = None,
         create_dev_key: bool = False,
     ) -> None:
+        """``broker``: the embedded broker behind ``bootstrap``, when the stack has its own;
+        the worker is then its only consumer and reads without joining a group."""
         self.settings = settings
+        self.broker = broker
         self.create_dev_key = create_dev_key
         self.clickhouse = clickhouse
         self.reads = clickhouse.another_connection()
@@ -70,6 +81,9 @@ class Stack:
         self.gateway: Gateway | None = None
         self._consumer: Any = None
         self._worker_task: asyncio.Task[None] | None = None
+        self._prices: PriceCatalog | None = None
+        self._restarting = asyncio.Lock()
+        self._watcher: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
         s = self.settings
@@ -84,20 +98,123 @@ class Stack:
         await prepare_topics(self.bootstrap, s, partitions=SERVE_PARTITIONS)
         self.gateway = await Gateway.start(s, self.bootstrap, self.clickhouse)
         self.publisher = self.gateway.publisher
-        self._consumer = create_worker_consumer(self.bootstrap, s)
+        self._prices = PriceCatalog.load(s.pricing_file)
+        await self._start_worker()
+        self.publisher.limit_backlog(self.pending, s.max_backlog)
+        broker = self.broker
+        if broker is not None and broker.on_memory and s.broker_max_memory_mb > 0:
+            self._watcher = asyncio.create_task(
+                self._watch_broker(broker, s.broker_max_memory_mb * 1024 * 1024),
+                name="broker-memory",
+            )
+
+    async def _start_worker(self) -> None:
+        assert self.gateway is not None
+        self._consumer = create_worker_consumer(self.bootstrap, self.settings)
         await self._consumer.start()
         self.worker = Worker(
-            s,
+            self.settings,
             self._consumer,
             self.gateway.producer,
             self.clickhouse,
-            prices=PriceCatalog.load(s.pricing_file),
+            prices=self._prices,
+            assign=self.broker is not None,
         )
         self._worker_task = asyncio.create_task(self.worker.run(), name="worker")
-        self.publisher.limit_backlog(self.pending, s.max_backlog)
+
+    async def _stop_worker(self) -> None:
+        if self.worker is not None:
+            self.worker.stop()
+        if self._worker_task is not None:
+            await bounded(self._worker_task, 15, "worker_stop")
+        if self._consumer is not None:
+            await bounded(self._consumer.stop(), 10, "consumer_stop")
+
+    # -- the embedded broker's memory --------------------------------------------------------
+
+    async def _watch_broker(self, broker: EmbeddedBroker, limit_bytes: int) -> None:
+        while True:
+            await asyncio.sleep(1.0)
+            used = broker.memory_bytes()
+            if used is not None and used > limit_bytes:
+                try:
+                    await self.restart_broker(reason="memory", memory_bytes=used)
+                except Exception as exc:
+                    log.error("broker_restart_failed", error=repr(exc))
+
+    async def restart_broker(self, *, reason: str, memory_bytes: int | None = None) -> bool:
+        """Start the embedded broker afresh, losing nothing it was sent; False if not now.
+
+        1. Hold publishing, and wait for what was handed to the producer to be acknowledged.
+        2. Wait until the worker stored and committed everything acknowledged. If it cannot
+           in ``MANIAC_DRAIN_TIMEOUT_S`` (ClickHouse down, say), resume and keep the broker.
+        3. Stop the worker, read the dead-letter topic, restart the broker (its memory
+           storage starts empty, offsets from 0), create the topics, write the dead letters
+           back with their headers and timestamps (their identity, see migration 0012).
+        4. Start a new worker, forget the acknowledged offsets, resume publishing.
+        """
+        broker, publisher, gateway = self.broker, self.publisher, self.gateway
+        if broker is None or publisher is None or gateway is None:
+            raise RuntimeError("only a started stack on its own embedded broker restarts it")
+        # a replay reads the dead-letter topic and publishes: it finishes first (and the
+        # lock is taken before publishing is held, which the replay may be waiting for)
+        async with self._restarting, gateway.replayer.lock:
+            started = time.monotonic()
+            publisher.pause()
+            try:
+                await publisher.settle()
+                assert self.worker is not None
+                acked = dict(publisher.acked)
+                if not await self.worker.drain(acked, self.settings.drain_timeout_s):
+                    log.error("broker_restart_skipped", reason="not drained", acked=acked)
+                    return False
+                drained = time.monotonic()
+                await self._stop_worker()
+                try:
+                    kept = await self._replace_broker(broker, gateway.producer)
+                    publisher.restart_offsets()
+                finally:
+                    await self._start_worker()  # on the old log still, if it failed before
+            finally:
+                publisher.resume()
+            BROKER_RESTARTS.labels(reason).inc()
+            log.info(
+                "broker_restarted",
+                reason=reason,
+                memory_mb=None if memory_bytes is None else round(memory_bytes / 2**20),
+                records=sum(o + 1 for o in acked.values()),
+                dead_letters_kept=kept,
+                drain_ms=round((drained - started) * 1e3),
+                held_ms=round((time.monotonic() - started) * 1e3),
+            )
+            return True
+
+    async def _replace_broker(self, broker: EmbeddedBroker, producer: Any) -> int:
+        """Restart the broker, empty, with the same topics and dead letters; how many."""
+        topic = self.settings.dead_letter_topic
+        dead = await read_topic(self.bootstrap, topic)
+        await asyncio.to_thread(broker.restart)
+        await prepare_topics(self.bootstrap, self.settings, partitions=SERVE_PARTITIONS)
+        sends = [
+            await producer.send(
+                topic,
+                key=record.key,
+                value=record.value,
+                headers=list(record.headers or ()),
+                timestamp_ms=record.timestamp,
+            )
+            for record in dead
+        ]
+        await asyncio.gather(*sends)
+        return len(dead)
 
     async def stop(self) -> None:
         """Drain what the gateway acknowledged into ClickHouse, then stop everything."""
+        if self._watcher is not None:
+            async with self._restarting:  # a restart under way finishes first
+                self._watcher.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._watcher
         if self.publisher is not None:
             await self.publisher.flush()
         if self.worker is not None and self.publisher is not None:
@@ -107,11 +224,7 @@ class Stack:
                     dict(self.publisher.acked), self.settings.drain_timeout_s
                 )
                 log.info("drained", ok=drained, acked=self.publisher.acked)
-            self.worker.stop()
-            if task is not None:
-                await bounded(task, 15, "worker_stop")
-        if self._consumer is not None:
-            await bounded(self._consumer.stop(), 10, "consumer_stop")
+        await self._stop_worker()
         if self.gateway is not None:
             await bounded(self.gateway.stop(), 45, "gateway_stop")
         self.reads.close()

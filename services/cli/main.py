@@ -86,7 +86,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
             )
             broker.start()
             bootstrap = broker.bootstrap
-        stack = Stack(settings, clickhouse, bootstrap, create_dev_key=True)
+        stack = Stack(settings, clickhouse, bootstrap, broker=broker, create_dev_key=True)
         _serve_uvicorn(stack.create_app(), settings.host, settings.port)
     finally:
         clickhouse.close()

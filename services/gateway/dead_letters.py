@@ -38,10 +38,11 @@ class DeadLetterReplayer:
         self._bootstrap = bootstrap
         self._publisher = publisher
         self._losses = losses
-        self._lock = asyncio.Lock()
+        self.lock = asyncio.Lock()
+        """Held while a replay runs; whoever replaces the broker under it takes it first."""
 
     async def replay(self, project: str, reason: str | None, dry_run: bool) -> ReplayResult:
-        async with self._lock:
+        async with self.lock:
             try:
                 return await replay(
                     bootstrap=self._bootstrap,

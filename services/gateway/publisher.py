@@ -57,6 +57,12 @@ class Publisher:
         self._backlog: Callable[[], int] | None = None
         self._max_backlog = 0
         self._task: asyncio.Task[None] | None = None
+        self._open = asyncio.Event()
+        self._open.set()
+        self._publishing = 0
+        """Register publishes past the wait for room, not yet acknowledged or failed."""
+        self._handing = False
+        """The background sender is handing a record to the producer."""
 
     def limit_backlog(self, backlog: Callable[[], int], max_records: int) -> None:
         """Hold register requests while ``backlog()`` (acknowledged records not yet stored) is
@@ -74,10 +80,33 @@ class Publisher:
 
     async def _room(self) -> None:
         backlog = self._backlog
-        if backlog is None:
-            return
-        while backlog() > self._max_backlog:
-            await asyncio.sleep(0.02)
+        while True:
+            if not self._open.is_set():
+                await self._open.wait()
+            elif backlog is not None and backlog() > self._max_backlog:
+                await asyncio.sleep(0.02)
+            else:
+                return
+
+    # -- pausing, while the broker behind the producer is replaced ---------------------------
+
+    def pause(self) -> None:
+        """Hold every publish from now on until :meth:`resume`: register requests wait (in
+        their timeout, as for room), created completions wait in the queue."""
+        self._open.clear()
+
+    def resume(self) -> None:
+        self._open.set()
+
+    async def settle(self) -> None:
+        """Once paused: wait until every record handed to the producer before is acknowledged
+        (or failed, and counted)."""
+        while self._publishing or self._handing or self._pending:
+            await asyncio.sleep(0.005)
+
+    def restart_offsets(self) -> None:
+        """Forget the acknowledged offsets: the log behind the producer starts again at 0."""
+        self.acked.clear()
 
     def _ack(self, meta: Any) -> None:
         self._ack_offset(meta.partition, meta.offset)
@@ -102,14 +131,19 @@ class Publisher:
             async with asyncio.timeout(self._timeout_s):  # the wait for room counts in it too
                 await self._room()
                 held = False
-                partitions = len(await self._producer.partitions_for(self.topic))
-                by_partition: dict[int, list[tuple[bytes, bytes]]] = {}
-                for key, value in messages:
-                    by_partition.setdefault(partition_of(key, partitions), []).append((key, value))
-                handed = [self._lane(p).add(records) for p, records in by_partition.items()]
-                batches = [b for found in await _shielded(handed) for b in found]
-                metadata = await _shielded([delivery for delivery, _ in batches])
+                self._publishing += 1
+                try:
+                    metadata, batches = await self._hand_over(messages)
+                finally:
+                    self._publishing -= 1
         except Exception as exc:
+            if held and not self._open.is_set():
+                raise ServiceUnavailable(
+                    "The embedded broker is being restarted to give back its memory; nothing "
+                    "in this request was published. Retry the request.",
+                    details={"reason": "broker_restart"},
+                    headers={"Retry-After": "1"},
+                ) from exc
             if held:
                 raise ServiceUnavailable(
                     "Ingestion is behind: more acknowledged records than "
@@ -129,6 +163,17 @@ class Publisher:
         by_project = Counter(split_key(key)[0] for key, _ in messages)
         for project, n in by_project.items():
             PROJECT_ACKNOWLEDGED.labels(project_label(project)).inc(n)
+
+    async def _hand_over(
+        self, messages: list[tuple[bytes, bytes]]
+    ) -> tuple[list[Any], list[Delivery]]:
+        partitions = len(await self._producer.partitions_for(self.topic))
+        by_partition: dict[int, list[tuple[bytes, bytes]]] = {}
+        for key, value in messages:
+            by_partition.setdefault(partition_of(key, partitions), []).append((key, value))
+        handed = [self._lane(p).add(records) for p, records in by_partition.items()]
+        batches = [b for found in await _shielded(handed) for b in found]
+        return await _shielded([delivery for delivery, _ in batches]), batches
 
     def _lane(self, partition: int) -> _Lane:
         lane = self._lanes.get(partition)
@@ -152,6 +197,9 @@ class Publisher:
     async def _run(self) -> None:
         while True:
             key, value = await self._queue.get()
+            if not self._open.is_set():
+                await self._open.wait()
+            self._handing = True
             try:
                 future = await self._producer.send(self.topic, key=key, value=value)
             except Exception as exc:
@@ -160,6 +208,7 @@ class Publisher:
                 self._pending.add(future)
                 future.add_done_callback(lambda f, k=key: self._delivered(f, k))
             finally:
+                self._handing = False
                 self._queue.task_done()
 
     def _delivered(self, future: asyncio.Future[Any], key: bytes) -> None:

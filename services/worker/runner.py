@@ -67,8 +67,13 @@ class Worker:
         clickhouse: ClickHouse,
         *,
         prices: PriceCatalog | None = None,
+        assign: bool = False,
     ) -> None:
+        """``assign``: read every partition of the topic without joining the group (offsets
+        are still committed to it), for a worker that is the topic's only consumer, as in
+        ``maniac serve`` on its embedded broker; a join there waits half a session timeout."""
         self.settings = settings
+        self._assign = assign
         self.topic = settings.topic
         self.dead_letter_topic = settings.dead_letter_topic
         self._consumer = consumer
@@ -160,7 +165,12 @@ class Worker:
 
     async def run(self) -> None:
         """Consume until :meth:`stop`; then flush and commit what was fetched."""
-        self._consumer.subscribe([self.topic], listener=_FlushOnRevoke(self))
+        if self._assign:
+            await self._consumer.topics()  # the topic's partitions, fresh
+            partitions = sorted(self._consumer.partitions_for_topic(self.topic) or ())
+            self._consumer.assign([TopicPartition(self.topic, p) for p in partitions])
+        else:
+            self._consumer.subscribe([self.topic], listener=_FlushOnRevoke(self))
         if self._pool is not None:
             await self._pool.start()
         log.info(

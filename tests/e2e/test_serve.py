@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import re
 import signal
 import socket
@@ -164,6 +165,52 @@ async def test_kill_9_does_not_leave_the_embedded_broker_behind(
         return False
 
     await eventually(broker_gone, timeout_s=10)
+
+
+async def _get(url: str, key: str, path: str, **params: Any) -> Any:
+    async with httpx.AsyncClient(base_url=url, headers={"Authorization": f"Bearer {key}"}) as c:
+        response = await c.get(path, params=params)
+        assert response.status_code == 200, response.text
+        return response.json()
+
+
+async def test_a_memory_broker_past_its_limit_starts_afresh_and_nothing_is_lost(
+    tmp_path: Path, env: dict[str, str], servers: list[Serve]
+) -> None:
+    # 1 MB: the embedded broker is always past it, so it is started again every second or so
+    env = {**env, "MANIAC_API_KEYS": "projA:key-a", "MANIAC_BROKER_MAX_MEMORY_MB": "1"}
+    server = await start_serve(servers, tmp_path / "data", env)
+    match = re.search(r'"bootstrap": "(127\.0\.0\.1:\d+)"', server.output())
+    assert match, server.output()
+    producer = create_producer(match.group(1), linger_ms=0)
+    await producer.start()
+    try:  # a message the worker refuses, produced by someone else: a dead letter
+        await (await producer.send("maniac.completions.v1", key=b"projA/bad", value=b"{nope"))
+    finally:
+        await producer.stop()
+
+    async def dead_letters(n: int) -> bool:
+        status = await _get(server.url, "key-a", "/v1/status")
+        return bool(status["dead_lettered"]["total"] == n)
+
+    await eventually(lambda: dead_letters(1))
+    for round_ in range(40):  # about six seconds of registering, across several restarts
+        await _register(server.url, "key-a", 100, batch=100, first=round_ * 100)
+        await asyncio.sleep(0.1)
+    await eventually(lambda: _is_total(server.url, "key-a", 4000), timeout_s=60)
+    restarts = server.output().count('"broker_restarted"')
+    assert restarts >= 3, server.output()
+
+    # the dead letter came through every restart: it is replayed (and, still invalid, it is
+    # dead-lettered again, as another dead letter, though its offset may be the same)
+    async with httpx.AsyncClient(
+        base_url=server.url, headers={"Authorization": "Bearer key-a"}
+    ) as c:
+        replayed = (await c.post("/v1/dead_letters/replay")).json()
+    assert (replayed["selected"], replayed["replayed"]) == (1, 1), replayed
+    await eventually(lambda: dead_letters(2))
+    assert await _total(server.url, "key-a") == 4000
+    assert server.stop() == 0
 
 
 async def test_s3_broker_storage_keeps_acknowledged_items_through_kill_9(

@@ -38,10 +38,17 @@ async def produce(producer: Any, topic: str, messages: list[tuple[bytes, bytes]]
 
 class RunningWorker:
     def __init__(
-        self, settings: ServeSettings, broker: Broker, ch: ClickHouse, *, prices: bool = False
+        self,
+        settings: ServeSettings,
+        broker: Broker,
+        ch: ClickHouse,
+        *,
+        prices: bool = False,
+        assign: bool = False,
     ) -> None:
         self.settings, self.broker, self.ch = settings, broker, ch
         self.prices = PriceCatalog.load() if prices else None
+        self.assign = assign
 
     async def __aenter__(self) -> Worker:
         s = self.settings
@@ -49,7 +56,9 @@ class RunningWorker:
         self.producer = create_producer(self.broker.bootstrap)
         await self.consumer.start()
         await self.producer.start()
-        self.worker = Worker(s, self.consumer, self.producer, self.ch, prices=self.prices)
+        self.worker = Worker(
+            s, self.consumer, self.producer, self.ch, prices=self.prices, assign=self.assign
+        )
         self.task = asyncio.create_task(self.worker.run())
         return self.worker
 

@@ -12,6 +12,7 @@ from services.common.kafka import (
     create_consumer,
     create_producer,
     ensure_topics,
+    read_topic,
 )
 from tests.conftest import unique
 
@@ -50,6 +51,52 @@ async def test_reachability(broker: EmbeddedBroker) -> None:
     assert await broker_reachable(broker.bootstrap)
     stopped = EmbeddedBroker()
     assert not await broker_reachable(stopped.bootstrap, timeout_s=0.5)
+
+
+async def test_read_topic_reads_every_partition_to_its_end(
+    broker: EmbeddedBroker, topics: tuple[str, str]
+) -> None:
+    topic = topics[0]
+    assert await read_topic(broker.bootstrap, topic) == []  # empty
+    producer = create_producer(broker.bootstrap)
+    await producer.start()
+    try:
+        for i in range(30):
+            await producer.send_and_wait(
+                topic, key=b"k%d" % i, value=b"v%d" % i, headers=[("h", b"%d" % i)]
+            )
+    finally:
+        await producer.stop()
+    records = await read_topic(broker.bootstrap, topic)
+    assert sorted(int(r.value[1:]) for r in records) == list(range(30))
+    assert all([(k, bytes(v)) for k, v in r.headers] == [("h", r.value[1:])] for r in records)
+    assert await read_topic(broker.bootstrap, unique("missing")) == []
+
+
+async def test_a_restarted_memory_broker_is_empty_on_the_same_port() -> None:
+    embedded = EmbeddedBroker()
+    embedded.start()
+    try:
+        used = embedded.memory_bytes()
+        assert used is not None
+        assert used > 1_000_000
+        await ensure_topics(embedded.bootstrap, ["t"], partitions=1)
+        producer = create_producer(embedded.bootstrap)
+        await producer.start()
+        try:
+            await producer.send_and_wait("t", value=b"before")
+            await asyncio.to_thread(embedded.restart)
+            assert await read_topic(embedded.bootstrap, "t") == []  # the topic is gone
+            await ensure_topics(embedded.bootstrap, ["t"], partitions=1)
+            # the same producer goes on, on the same port, from offset 0
+            sent = await producer.send_and_wait("t", value=b"after")
+            assert sent.offset == 0
+        finally:
+            await producer.stop()
+        assert [r.value for r in await read_topic(embedded.bootstrap, "t")] == [b"after"]
+    finally:
+        embedded.stop()
+    assert embedded.memory_bytes() is None
 
 
 def test_broker_stops_and_frees_its_port() -> None:

@@ -192,3 +192,64 @@ async def test_a_request_held_past_the_publish_timeout_gets_503_and_publishes_no
     publisher.limit_backlog(lambda: 5_000, 0)  # 0: no limit
     await publisher.publish([(b"p/c1", b"one")])
     assert list(publisher.acked.values()) == [0]
+
+
+async def test_a_paused_publisher_holds_requests_until_resumed(
+    broker: EmbeddedBroker, topics: tuple[str, str], producer: Any
+) -> None:
+    publisher = Publisher(producer, topics[0], timeout_s=30)
+    await publisher.publish([(b"p/c0", b"zero")])
+    publisher.pause()
+    await publisher.settle()  # nothing in flight
+    publishing = asyncio.create_task(publisher.publish([(b"p/c1", b"one")]))
+    assert publisher.publish_nowait(b"p/c2", b"two")  # queued, not sent
+    await asyncio.sleep(0.5)
+    assert not publishing.done()
+    assert list(publisher.acked.values()) == [0]  # the broker saw nothing new
+    publisher.restart_offsets()
+    assert publisher.acked == {}
+    publisher.resume()
+    await asyncio.wait_for(publishing, timeout=10)
+    await publisher.flush()
+    records = await _read_all(broker.bootstrap, topics[0], 3)
+    assert sorted((r.key, r.value) for r in records) == [
+        (b"p/c0", b"zero"),
+        (b"p/c1", b"one"),
+        (b"p/c2", b"two"),
+    ]
+
+
+async def test_settle_waits_for_what_was_handed_over_before_the_pause() -> None:
+    async with proxied_broker() as (proxy, bootstrap):
+        topic = unique("settle")
+        await ensure_topics(bootstrap, [topic], partitions=1)
+        producer = create_producer(bootstrap, linger_ms=0)
+        await producer.start()
+        try:
+            publisher = Publisher(producer, topic, timeout_s=30)
+            await publisher.publish([(b"p/warm", b"up")])
+            proxy.freeze()  # the broker gets nothing until thawed
+            publishing = asyncio.create_task(publisher.publish([(b"p/c1", b"one")]))
+            await asyncio.sleep(0.2)
+            publisher.pause()
+            settling = asyncio.create_task(publisher.settle())
+            await asyncio.sleep(0.5)
+            assert not settling.done()  # the request let through is not acknowledged yet
+            proxy.thaw()
+            await asyncio.wait_for(settling, timeout=10)
+            assert publishing.done()
+            assert publisher.acked == {0: 1}
+        finally:
+            await producer.stop()
+
+
+async def test_a_request_held_by_a_pause_past_its_timeout_gets_503(
+    topics: tuple[str, str], producer: Any
+) -> None:
+    publisher = Publisher(producer, topics[0], timeout_s=0.3)
+    publisher.pause()
+    with pytest.raises(ServiceUnavailable) as raised:
+        await publisher.publish([(b"p/c1", b"one")])
+    assert raised.value.details == {"reason": "broker_restart"}
+    assert raised.value.headers == {"Retry-After": "1"}
+    assert publisher.acked == {}

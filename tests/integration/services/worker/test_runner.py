@@ -12,7 +12,14 @@ from services.common.clickhouse import ClickHouse
 from services.common.kafka import create_consumer
 from services.common.settings import ServeSettings
 from tests.conftest import Broker, eventually
-from tests.support.worker import RunningWorker, all_committed, count_is, event, produce
+from tests.support.worker import (
+    RunningWorker,
+    all_committed,
+    count,
+    count_is,
+    event,
+    produce,
+)
 
 
 async def test_valid_messages_are_stored_once_and_offsets_committed(
@@ -92,6 +99,25 @@ async def test_a_new_worker_resumes_from_committed_offsets(
         await eventually(lambda: count_is(clickhouse, 3))
     ids = {r[0] for r in await clickhouse.rows("SELECT completion_id FROM {database}.completions")}
     assert ids == {f"second-{i}" for i in range(3)}
+
+
+async def test_a_worker_assigned_every_partition_stores_and_commits_to_its_group(
+    settings: ServeSettings, broker: Broker, clickhouse: ClickHouse, producer: Any
+) -> None:
+    """As in `maniac serve` on its own broker: no group join, offsets still in the group."""
+    await produce(producer, settings.topic, [event(f"first-{i}") for i in range(20)])
+    async with RunningWorker(settings, broker, clickhouse, assign=True) as worker:
+        await eventually(lambda: count_is(clickhouse, 20))
+        await eventually(lambda: all_committed(worker, 20))
+    await produce(producer, settings.topic, [event(f"second-{i}") for i in range(5)])
+    async with RunningWorker(settings, broker, clickhouse, assign=True) as worker:
+        await eventually(lambda: count_is(clickhouse, 25))  # resumed where the first stopped
+        await asyncio.sleep(0.5)
+    assert await count(clickhouse) == 25
+    # a worker joining the group reads from the offsets the assigned ones committed
+    async with RunningWorker(settings, broker, clickhouse) as worker:
+        await asyncio.sleep(3)
+        assert worker.committed_offsets() == {}  # nothing left to store
 
 
 async def test_insert_failures_are_retried_without_commit_then_resume(
