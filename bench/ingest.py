@@ -29,6 +29,7 @@ import argparse
 import asyncio
 import os
 import random
+import re
 import tempfile
 import threading
 import time
@@ -247,11 +248,17 @@ class MemorySampler:
         started = time.perf_counter()
         broker, others = self._groups()
         first = {c: _cpu_s(c) for c in broker + others}
+        last = dict(first)
+        ever_broker = set(broker)
         cpu = (_cpu_s(self.pid), time.process_time())
         while not self._stop.is_set():
             broker, others = self._groups()
+            ever_broker.update(broker)
             for c in broker + others:
                 first.setdefault(c, 0.0)  # started during the run: all its CPU counts
+                # a broker started afresh is gone at the end: its CPU as last seen (up to one
+                # interval of it is missed)
+                last[c] = max(last.get(c, 0.0), _cpu_s(c))
             self.samples.append(
                 (
                     time.perf_counter() - started,
@@ -263,7 +270,7 @@ class MemorySampler:
             self._stop.wait(self.interval_s)
         self.cpu = {
             "serve": round(_cpu_s(self.pid) - cpu[0], 2),
-            "broker": round(sum(_cpu_s(c) - first[c] for c in broker), 2),
+            "broker": round(sum(max(last[c], _cpu_s(c)) - first[c] for c in ever_broker), 2),
             "worker_processes": round(sum(_cpu_s(c) - first[c] for c in others), 2),
             "clients": round(time.process_time() - cpu[1], 2),
         }
@@ -403,7 +410,7 @@ def run_embedded(
             **env,
         }
         with child(serve, f"{base}/readyz", settings, work / "serve.log") as proc:
-            time.sleep(3)  # the worker joins its group about session_timeout / 2 after start
+            time.sleep(3)  # let start-up settle
             memory = MemorySampler(proc.pid)
             memory.start()
             load_before = load_average()
@@ -421,6 +428,7 @@ def run_embedded(
                 )
             finally:
                 rss = memory.stop()
+            figures["broker_restarts"] = _broker_restarts(base)
             figures["rss"] = rss
             cpu = rss.pop("cpu_s", {})
             figures["cpu_s"] = cpu
@@ -428,6 +436,13 @@ def run_embedded(
             figures["load_before"] = load_before
             figures["load_after"] = load_average()
     return figures
+
+
+def _broker_restarts(base: str) -> int:
+    """How often `maniac serve` started its embedded broker afresh (``/metrics``)."""
+    text = httpx.get(f"{base}/metrics", timeout=10).text
+    found = re.findall(r"^maniac_broker_restarts_total\{[^}]*\} ([0-9.e+]+)$", text, re.M)
+    return int(sum(float(n) for n in found))
 
 
 def _print(row: dict[str, Any]) -> None:
@@ -444,7 +459,8 @@ def _print(row: dict[str, Any]) -> None:
         print(
             f"    RSS serve start/peak/end {serve['start_mb']:.0f}/{serve['peak_mb']:.0f}/"
             f"{serve['end_mb']:.0f} MB, broker {broker['start_mb']:.0f}/{broker['peak_mb']:.0f}/"
-            f"{broker['end_mb']:.0f} MB; load {row['load_before']} -> {row['load_after']}"
+            f"{broker['end_mb']:.0f} MB (started afresh {row.get('broker_restarts', 0)} times); "
+            f"load {row['load_before']} -> {row['load_after']}"
         )
     if "worker_processes" in rss:
         pool = rss["worker_processes"]
