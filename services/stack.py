@@ -45,6 +45,14 @@ from services.worker.runner import Worker, create_worker_consumer
 log = structlog.get_logger(__name__)
 
 
+RESTART_DRAIN_S = 10.0
+"""How long a broker restart holds publishing for the worker to store what was acknowledged
+before it gives up (and publishing resumes on the broker as it is)."""
+
+RESTART_RETRY_S = 60.0
+"""After a restart given up, how long until the next attempt."""
+
+
 async def bounded(work: Awaitable[Any], seconds: float, what: str) -> None:
     """Await a shutdown step, but never hang on it (a dead broker must not block exit)."""
     try:
@@ -136,18 +144,22 @@ class Stack:
         while True:
             await asyncio.sleep(1.0)
             used = broker.memory_bytes()
-            if used is not None and used > limit_bytes:
-                try:
-                    await self.restart_broker(reason="memory", memory_bytes=used)
-                except Exception as exc:
-                    log.error("broker_restart_failed", error=repr(exc))
+            if used is None or used <= limit_bytes:
+                continue
+            try:
+                restarted = await self.restart_broker(reason="memory", memory_bytes=used)
+            except Exception as exc:
+                log.error("broker_restart_failed", error=repr(exc))
+                restarted = False
+            if not restarted:  # the worker cannot store now: do not hold publishing again soon
+                await asyncio.sleep(RESTART_RETRY_S)
 
     async def restart_broker(self, *, reason: str, memory_bytes: int | None = None) -> bool:
         """Start the embedded broker afresh, losing nothing it was sent; False if not now.
 
         1. Hold publishing, and wait for what was handed to the producer to be acknowledged.
         2. Wait until the worker stored and committed everything acknowledged. If it cannot
-           in ``MANIAC_DRAIN_TIMEOUT_S`` (ClickHouse down, say), resume and keep the broker.
+           in :data:`RESTART_DRAIN_S` (ClickHouse down, say), resume and keep the broker.
         3. Stop the worker, read the dead-letter topic, restart the broker (its memory
            storage starts empty, offsets from 0), create the topics, write the dead letters
            back with their headers and timestamps (their identity, see migration 0012).
@@ -165,7 +177,7 @@ class Stack:
                 await publisher.settle()
                 assert self.worker is not None
                 acked = dict(publisher.acked)
-                if not await self.worker.drain(acked, self.settings.drain_timeout_s):
+                if not await self.worker.drain(acked, RESTART_DRAIN_S):
                     log.error("broker_restart_skipped", reason="not drained", acked=acked)
                     return False
                 drained = time.monotonic()

@@ -75,9 +75,12 @@ async def start_stack(
     """Start the stack (optionally with changed settings); stopped after the test."""
     async with contextlib.AsyncExitStack() as running:
 
-        async def start(bootstrap: str | None = None, **overrides: Any) -> RunningStack:
+        async def start(
+            bootstrap: str | None = None, own: EmbeddedBroker | None = None, **overrides: Any
+        ) -> RunningStack:
+            """``own``: a broker of the stack's own (as `maniac serve`'s), at ``bootstrap``."""
             changed = settings.model_copy(update={"providers_file": providers_file, **overrides})
-            stack = Stack(changed, clickhouse, bootstrap or broker.bootstrap)
+            stack = Stack(changed, clickhouse, bootstrap or broker.bootstrap, broker=own)
             url = await running.enter_async_context(serving(stack.create_app()))
             return RunningStack(stack, url)
 

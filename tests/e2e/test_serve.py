@@ -7,12 +7,16 @@ import re
 import signal
 import socket
 import subprocess
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import httpx
+import pytest
 
-from services.common.kafka import create_consumer, create_producer
+from services import stack as stack_module
+from services.common.clickhouse import ClickHouse
+from services.common.kafka import EmbeddedBroker, create_consumer, create_producer
 from tests.conftest import Broker, eventually, unique
 from tests.e2e.conftest import StackFactory
 from tests.support.serve import MANIAC, Serve, start_serve
@@ -211,6 +215,48 @@ async def test_a_memory_broker_past_its_limit_starts_afresh_and_nothing_is_lost(
     await eventually(lambda: dead_letters(2))
     assert await _total(server.url, "key-a") == 4000
     assert server.stop() == 0
+
+
+@pytest.fixture
+def own_broker() -> Iterator[EmbeddedBroker]:
+    """A broker for one stack's own (requested before the stack: stopped after it)."""
+    own = EmbeddedBroker()
+    own.start()
+    yield own
+    own.stop()
+
+
+async def test_a_broker_restart_waits_until_everything_acknowledged_is_stored(
+    own_broker: EmbeddedBroker,
+    start_stack: StackFactory,
+    clickhouse: ClickHouse,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(stack_module, "RESTART_DRAIN_S", 1.0)
+    running = await start_stack(  # restarted by hand here: no watcher
+        bootstrap=own_broker.bootstrap,
+        own=own_broker,
+        broker_max_memory_mb=0,
+        insert_retry_max_s=0.2,
+    )
+    stack, url = running.stack, running.base_url
+    await _register(url, "key-a", 50)
+    await eventually(lambda: _is_total(url, "key-a", 50))
+
+    # ClickHouse refuses the worker's inserts: what is acknowledged now is only in the broker
+    await clickhouse.command("RENAME TABLE {database}.completions TO {database}.away")
+    await _register(url, "key-a", 10, first=50)
+    assert await stack.restart_broker(reason="test") is False  # kept: nothing lost
+    await _register(url, "key-a", 10, first=60)  # and publishing goes on
+    await clickhouse.command("RENAME TABLE {database}.away TO {database}.completions")
+    await eventually(lambda: _is_total(url, "key-a", 70))
+
+    assert await stack.restart_broker(reason="test") is True
+    assert stack.publisher is not None
+    assert stack.publisher.acked == {}  # a new log, from offset 0
+    await _register(url, "key-a", 10, first=70)
+    assert list(stack.publisher.acked.values()) == [9]
+    await eventually(lambda: _is_total(url, "key-a", 80))
 
 
 async def test_s3_broker_storage_keeps_acknowledged_items_through_kill_9(
