@@ -4,10 +4,11 @@
 session's broker and engine. Shutdown drains: the HTTP server stops taking requests first,
 then the worker runs until every offset the gateway acknowledged is committed.
 
-On its own embedded broker with memory storage, which keeps every record for its life, the
-stack starts the broker afresh whenever its memory passes ``MANIAC_BROKER_MAX_MEMORY_MB``
-(:meth:`Stack.restart_broker`): publishing is held, everything acknowledged is stored, the dead
-letters are carried over, and publishing resumes on the empty broker.
+On its own embedded broker, the stack watches the broker every second. On memory storage,
+which keeps every record for its life, it starts the broker afresh whenever its memory passes
+``MANIAC_BROKER_MAX_MEMORY_MB`` (:meth:`Stack.restart_broker`): publishing is held, everything
+acknowledged is stored, the dead letters are carried over, and publishing resumes on the empty
+broker. A broker that died is started again (:meth:`Stack.revive_broker`).
 """
 
 from __future__ import annotations
@@ -62,6 +63,13 @@ async def bounded(work: Awaitable[Any], seconds: float, what: str) -> None:
         log.error("shutdown_step_timed_out", step=what, seconds=seconds)
     except Exception as exc:
         log.error("shutdown_step_failed", step=what, error=repr(exc))
+    except asyncio.CancelledError:
+        # raised inside the step (aiokafka's consumer, stopped after its broker died, awaits
+        # tasks of its own that were cancelled), unless this task itself is being cancelled
+        task = asyncio.current_task()
+        if task is not None and task.cancelling():
+            raise
+        log.error("shutdown_step_failed", step=what, error="CancelledError")
 
 
 class Stack:
@@ -109,12 +117,8 @@ class Stack:
         self._prices = PriceCatalog.load(s.pricing_file)
         await self._start_worker()
         self.publisher.limit_backlog(self.pending, s.max_backlog)
-        broker = self.broker
-        if broker is not None and broker.on_memory and s.broker_max_memory_mb > 0:
-            self._watcher = asyncio.create_task(
-                self._watch_broker(broker, s.broker_max_memory_mb * 1024 * 1024),
-                name="broker-memory",
-            )
+        if self.broker is not None:
+            self._watcher = asyncio.create_task(self._watch_broker(self.broker), name="broker")
 
     async def _start_worker(self) -> None:
         assert self.gateway is not None
@@ -130,6 +134,23 @@ class Stack:
         )
         self._worker_task = asyncio.create_task(self.worker.run(), name="worker")
 
+    async def _detach_worker(self) -> None:
+        """Stop a worker whose broker is gone: it stores what it fetched, but commits nothing
+        (a commit would wait on the dead broker, and must not reach the one started in its
+        place: offsets of the old log would skip records of the new). Cancelled if it cannot
+        finish in 10 s (a dead letter waits on the broker, say)."""
+        task = self._worker_task
+        if self.worker is not None:
+            self.worker.detach()
+        if task is None:
+            return
+        await asyncio.wait({task}, timeout=10.0)
+        while not task.done():
+            task.cancel()
+            await asyncio.wait({task}, timeout=1.0)
+        if not task.cancelled() and task.exception() is not None:
+            log.warning("worker_detached_with_error", error=repr(task.exception()))
+
     async def _stop_worker(self) -> None:
         if self.worker is not None:
             self.worker.stop()
@@ -138,21 +159,60 @@ class Stack:
         if self._consumer is not None:
             await bounded(self._consumer.stop(), 10, "consumer_stop")
 
-    # -- the embedded broker's memory --------------------------------------------------------
+    # -- the embedded broker: it is started again when it exits, or passes its memory -------
 
-    async def _watch_broker(self, broker: EmbeddedBroker, limit_bytes: int) -> None:
+    async def _watch_broker(self, broker: EmbeddedBroker) -> None:
+        limit = self.settings.broker_max_memory_mb * 1024 * 1024 if broker.on_memory else 0
         while True:
             await asyncio.sleep(1.0)
-            used = broker.memory_bytes()
-            if used is None or used <= limit_bytes:
-                continue
             try:
+                if broker.exit_code is not None:
+                    await self.revive_broker()
+                    continue
+                used = broker.memory_bytes()
+                if not limit or used is None or used <= limit:
+                    continue
                 restarted = await self.restart_broker(reason="memory", memory_bytes=used)
             except Exception as exc:
                 log.error("broker_restart_failed", error=repr(exc))
                 restarted = False
             if not restarted:  # the worker cannot store now: do not hold publishing again soon
                 await asyncio.sleep(RESTART_RETRY_S)
+
+    async def revive_broker(self) -> None:
+        """Start the embedded broker again after it exited by itself (crashed, killed).
+
+        Whatever it held on memory storage is gone: the records acknowledged and not yet
+        stored are logged as lost (S3 storage keeps them, and the worker resumes at its
+        committed offsets). Publishes in flight fail, and their clients get a 503 to retry.
+        """
+        broker, publisher = self.broker, self.publisher
+        if broker is None or publisher is None or self.worker is None:
+            raise RuntimeError("only a started stack on its own embedded broker revives it")
+        async with self._restarting:
+            code = broker.exit_code
+            publisher.pause()
+            try:
+                acked = dict(publisher.acked)
+                await self._detach_worker()  # it stores what it had fetched
+                unstored = self.worker.pending(acked)
+                try:
+                    publisher.restart_offsets()
+                    await asyncio.to_thread(broker.restart)
+                    await bounded(self._consumer.stop(), 10, "consumer_stop")
+                    await prepare_topics(self.bootstrap, self.settings, partitions=SERVE_PARTITIONS)
+                finally:
+                    await self._start_worker()
+            finally:
+                publisher.resume()
+            BROKER_RESTARTS.labels("exited").inc()
+            log.error(
+                "broker_revived",
+                exit_code=code,
+                storage=broker.storage,
+                unstored_records=unstored,
+                lost=unstored if broker.on_memory else 0,
+            )
 
     async def restart_broker(self, *, reason: str, memory_bytes: int | None = None) -> bool:
         """Start the embedded broker afresh, losing nothing it was sent; False if not now.

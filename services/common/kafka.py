@@ -347,6 +347,11 @@ class EmbeddedBroker:
         """Whether it keeps what it is sent in its own memory (and loses it when it stops)."""
         return self.storage.startswith("memory:")
 
+    @property
+    def exit_code(self) -> int | None:
+        """The code it exited with, if it was started and is gone (None while it runs)."""
+        return None if self._proc is None else self._proc.poll()
+
     def memory_bytes(self) -> int | None:
         """Its resident memory (Linux ``/proc``); None when it is not running or unknown."""
         if self._proc is None or self._proc.poll() is not None:

@@ -46,7 +46,8 @@ HTTP_SECONDS = Histogram(
 )
 BROKER_RESTARTS = Counter(
     "maniac_broker_restarts_total",
-    "Times `maniac serve` started its embedded broker afresh (memory storage), by reason.",
+    "Times `maniac serve` started its embedded broker again: to give back its memory "
+    "(memory), or after it died (exited).",
     ["reason"],
 )
 CONSUMER_LAG = Gauge(

@@ -81,6 +81,7 @@ class Worker:
         self._clickhouse = clickhouse
         self._losses = LossRepository(clickhouse)
         self._stopping = asyncio.Event()
+        self._detached = False
         self._lock = asyncio.Lock()
         self._first_offsets: dict[int, int] = {}
         self._pool = (
@@ -148,6 +149,8 @@ class Worker:
         await self._losses.record_dead_letters([dead_letter_record(d, now) for d in dead])
 
     async def _commit(self, offsets: dict[Partition, int]) -> None:
+        if self._detached:
+            return
         try:
             await self._consumer.commit(
                 {TopicPartition(p.topic, p.partition): o for p, o in offsets.items()}
@@ -258,6 +261,12 @@ class Worker:
 
     def stop(self) -> None:
         self._stopping.set()
+
+    def detach(self) -> None:
+        """Stop, storing what was fetched but committing nothing more: for a worker whose
+        broker is gone (and whose offsets must not reach the one started in its place)."""
+        self._detached = True
+        self.stop()
 
     def committed_offsets(self) -> dict[int, int]:
         return {p.partition: o for p, o in self.pipeline.commit.committed.items()}

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import re
 import signal
 import socket
@@ -215,6 +216,57 @@ async def test_a_memory_broker_past_its_limit_starts_afresh_and_nothing_is_lost(
     await eventually(lambda: dead_letters(2))
     assert await _total(server.url, "key-a") == 4000
     assert server.stop() == 0
+
+
+def _broker_pid(server: Serve) -> int:
+    """The pid of `maniac serve`'s embedded broker (its child named tansu)."""
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+            comm = (entry / "comm").read_text().strip()
+        except OSError:
+            continue
+        if comm == "tansu" and int(stat.rsplit(")", 1)[1].split()[1]) == server.proc.pid:
+            return int(entry.name)
+    raise AssertionError("no embedded broker under maniac serve")
+
+
+async def test_an_embedded_broker_that_dies_is_started_again(
+    tmp_path: Path, env: dict[str, str], servers: list[Serve]
+) -> None:
+    # the worker holds what it fetched in its batch: acknowledged, not stored yet (and at
+    # the end, it stores what it holds once the drain gives up waiting for it)
+    env = {**env, **HOLDING, "MANIAC_API_KEYS": "projA:key-a", "MANIAC_DRAIN_TIMEOUT_S": "1"}
+    server = await start_serve(servers, tmp_path / "data", env)
+    await _register(server.url, "key-a", 100)
+    first = _broker_pid(server)
+    await asyncio.sleep(1.0)  # fetched by the worker
+    os.kill(first, signal.SIGKILL)
+
+    async def registers_again() -> bool:
+        try:
+            await _register(server.url, "key-a", 100, first=100)
+        except (AssertionError, httpx.HTTPError):
+            return False
+        return True
+
+    await eventually(registers_again, timeout_s=60, interval_s=0.5)
+    # what the worker had fetched was stored as it stopped; the rest comes at the drain
+    assert await _total(server.url, "key-a") == 100
+    assert _broker_pid(server) != first
+
+    async def logged() -> bool:
+        return '"broker_revived"' in server.output()
+
+    await eventually(logged)
+    assert '"lost": 0' in server.output()  # the worker stored what it had fetched
+    async with httpx.AsyncClient() as client:
+        assert (await client.get(f"{server.url}/readyz")).status_code == 200
+    assert server.stop() == 0
+    restarted = await start_serve(servers, tmp_path / "data", env)
+    assert await _total(restarted.url, "key-a") == 200
 
 
 @pytest.fixture
