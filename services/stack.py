@@ -166,7 +166,7 @@ class Stack:
         while True:
             await asyncio.sleep(1.0)
             try:
-                if broker.exit_code is not None:
+                if broker.down:
                     await self.revive_broker()
                     continue
                 used = broker.memory_bytes()

@@ -272,12 +272,15 @@ class EmbeddedBroker:
         self.storage = storage
         self.log_file = log_file
         self._proc: subprocess.Popen[bytes] | None = None
+        self._wanted = False
+        """Started and not stopped on purpose: it should be running."""
 
     @property
     def bootstrap(self) -> str:
         return f"127.0.0.1:{self.port}"
 
     def start(self, timeout_s: float = 10.0) -> None:
+        self._wanted = True
         url = f"tcp://127.0.0.1:{self.port}"
         out: Any = subprocess.DEVNULL
         if self.log_file is not None:
@@ -303,6 +306,7 @@ class EmbeddedBroker:
                 self._load_watermarks(timeout_s)
             return
         self.stop()
+        self._wanted = True  # it did not come up: still wanted
         raise TimeoutError("tansu did not open its port")
 
     def _load_watermarks(self, timeout_s: float) -> None:
@@ -348,6 +352,15 @@ class EmbeddedBroker:
         return self.storage.startswith("memory:")
 
     @property
+    def pid(self) -> int | None:
+        return None if self._proc is None else self._proc.pid
+
+    @property
+    def down(self) -> bool:
+        """Started, not stopped on purpose, and not running (it died, or did not come up)."""
+        return self._wanted and (self._proc is None or self._proc.poll() is not None)
+
+    @property
     def exit_code(self) -> int | None:
         """The code it exited with, if it was started and is gone (None while it runs)."""
         return None if self._proc is None else self._proc.poll()
@@ -377,6 +390,7 @@ class EmbeddedBroker:
         self.start(timeout_s)
 
     def stop(self) -> None:
+        self._wanted = False
         if self._proc is None:
             return
         if self._proc.poll() is None:
@@ -391,6 +405,7 @@ class EmbeddedBroker:
 
     def kill(self) -> None:
         """SIGKILL, for tests that need the broker to vanish."""
+        self._wanted = False
         if self._proc is not None and self._proc.poll() is None:
             self._proc.kill()
             self._proc.wait()

@@ -204,7 +204,7 @@ async def test_a_memory_broker_past_its_limit_starts_afresh_and_nothing_is_lost(
         await asyncio.sleep(0.1)
     await eventually(lambda: _is_total(server.url, "key-a", 4000), timeout_s=60)
     restarts = server.output().count('"broker_restarted"')
-    assert restarts >= 3, server.output()
+    assert restarts >= 2, server.output()
 
     # the dead letter came through every restart: it is replayed (and, still invalid, it is
     # dead-lettered again, as another dead letter, though its offset may be the same)

@@ -1,6 +1,8 @@
 from __future__ import annotations
 
 import asyncio
+import os
+import signal
 import socket
 
 import pytest
@@ -97,6 +99,27 @@ async def test_a_restarted_memory_broker_is_empty_on_the_same_port() -> None:
     finally:
         embedded.stop()
     assert embedded.memory_bytes() is None
+
+
+async def test_a_broker_that_dies_is_down_and_one_stopped_on_purpose_is_not() -> None:
+    embedded = EmbeddedBroker()
+    assert not embedded.down  # never started
+    embedded.start()
+    try:
+        assert not embedded.down
+        assert embedded.pid is not None
+        os.kill(embedded.pid, signal.SIGKILL)
+        for _ in range(100):
+            if embedded.down:
+                break
+            await asyncio.sleep(0.05)
+        assert embedded.down
+        assert embedded.exit_code == -signal.SIGKILL
+        embedded.restart()
+        assert not embedded.down
+    finally:
+        embedded.stop()
+    assert not embedded.down
 
 
 def test_broker_stops_and_frees_its_port() -> None:
