@@ -282,12 +282,18 @@ class MemorySampler:
         if not self.samples:
             return {}
 
-        def summary(column: int) -> dict[str, float]:
+        def summary(column: int) -> dict[str, Any]:
             values = [s[column] / 1024 for s in self.samples]
+            end_s = self.samples[-1][0]
             return {
                 "start_mb": round(values[0], 1),
                 "peak_mb": round(max(values), 1),
                 "end_mb": round(values[-1], 1),
+                # whether it stays flat: the RSS at each tenth of the run
+                "by_tenth_mb": [
+                    round(next(s[column] for s in self.samples if s[0] >= end_s * k / 10) / 1024)
+                    for k in range(1, 11)
+                ],
             }
 
         result: dict[str, Any] = {"serve": summary(1), "broker": summary(2)}
@@ -461,6 +467,11 @@ def _print(row: dict[str, Any]) -> None:
             f"{serve['end_mb']:.0f} MB, broker {broker['start_mb']:.0f}/{broker['peak_mb']:.0f}/"
             f"{broker['end_mb']:.0f} MB (started afresh {row.get('broker_restarts', 0)} times); "
             f"load {row['load_before']} -> {row['load_after']}"
+        )
+    if serve.get("by_tenth_mb"):
+        print(
+            f"    RSS by tenth of the run: serve {serve['by_tenth_mb']} MB, "
+            f"broker {broker['by_tenth_mb']} MB"
         )
     if "worker_processes" in rss:
         pool = rss["worker_processes"]
