@@ -257,8 +257,18 @@ many records it holds."""
 
 async def _shielded(futures: list[asyncio.Future[T]]) -> list[T]:
     """The results of futures other requests may await too: a request that gives up (its
-    timeout) stops waiting without cancelling them for the others."""
+    timeout) stops waiting without cancelling them for the others.
+
+    A future that fails after everyone gave up has its exception taken here (the request
+    already answered 503), not reported by asyncio as "never retrieved" when collected."""
+    for future in futures:
+        future.add_done_callback(_take_exception)
     return await asyncio.gather(*(asyncio.shield(f) for f in futures))
+
+
+def _take_exception(future: asyncio.Future[Any]) -> None:
+    if not future.cancelled():
+        future.exception()
 
 
 class _Lane:
@@ -325,4 +335,5 @@ class _Lane:
     async def _send_batch(self, batch: Any) -> Delivery:
         batch.close()  # a closed batch is sent without lingering, and no other record joins it
         future = await self._producer.send_batch(batch, self._topic, partition=self._partition)
+        future.add_done_callback(_take_exception)  # its request may have given up already
         return future, batch.record_count()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 from typing import Any
 
 import pytest
@@ -253,3 +254,29 @@ async def test_a_request_held_by_a_pause_past_its_timeout_gets_503(
     assert raised.value.details == {"reason": "broker_restart"}
     assert raised.value.headers == {"Retry-After": "1"}
     assert publisher.acked == {}
+
+
+async def test_a_request_that_gives_up_leaves_no_failure_unretrieved(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A request that times out stops waiting; the batches it handed over fail later, with
+    nobody awaiting them. Their failures are taken, not left to asyncio's "Future exception
+    was never retrieved" error (with a traceback) when they are collected."""
+    async with proxied_broker() as (proxy, bootstrap):
+        topic = unique("gives-up")
+        await ensure_topics(bootstrap, [topic], partitions=1)
+        producer = create_producer(bootstrap, linger_ms=0, timeout_s=1.0)
+        await producer.start()
+        try:
+            publisher = Publisher(producer, topic, timeout_s=0.3)
+            await publisher.publish([(b"p/warm", b"up")])
+            proxy.freeze()
+            with pytest.raises(ServiceUnavailable):
+                await publisher.publish([(b"p/c1", b"one")])
+            await asyncio.sleep(2.5)  # the producer's own timeout fails the batch meanwhile
+            gc.collect()
+            await asyncio.sleep(0)
+        finally:
+            proxy.thaw()
+            await producer.stop()
+    assert not [r for r in caplog.records if "never retrieved" in r.getMessage()]
