@@ -190,11 +190,21 @@ async def load_watermarks(bootstrap: str, timeout_s: float = 10.0) -> dict[Topic
         await consumer.stop()
 
 
+async def partitions_behind(consumer: Any, tps: Sequence[TopicPartition]) -> list[TopicPartition]:
+    """Those of ``tps`` the consumer has not read to their end: the high watermark its last
+    fetch reported (unknown before one), not ``end_offsets()`` (wrong on Tansu)."""
+    behind = []
+    for tp in tps:
+        highwater = consumer.highwater(tp)
+        if highwater is None or await consumer.position(tp) < highwater:
+            behind.append(tp)
+    return behind
+
+
 async def read_topic(bootstrap: str, topic: str, timeout_s: float = 30.0) -> list[Any]:
     """Every record of ``topic``, from the beginning of each partition to its high watermark.
 
-    Without a consumer group. "The end" is the high watermark a fetch reports, not
-    ``end_offsets()`` (wrong on Tansu).
+    Without a consumer group; "the end" as :func:`partitions_behind` sees it.
     """
     consumer = AIOKafkaConsumer(
         bootstrap_servers=bootstrap,
@@ -212,18 +222,12 @@ async def read_topic(bootstrap: str, topic: str, timeout_s: float = 30.0) -> lis
         await consumer.seek_to_beginning(*tps)
         records: list[Any] = []
         deadline = time.monotonic() + timeout_s
-        while True:
-            behind = []
-            for tp in tps:
-                highwater = consumer.highwater(tp)
-                if highwater is None or await consumer.position(tp) < highwater:
-                    behind.append(tp)
-            if not behind:
-                return records
+        while behind := await partitions_behind(consumer, tps):
             if time.monotonic() > deadline:
                 raise TimeoutError(f"{topic}: not read to its end in {timeout_s} s")
             fetched = await consumer.getmany(*behind, timeout_ms=20)
             records += [record for tp in behind for record in fetched.get(tp, ())]
+        return records
     finally:
         await consumer.stop()
 

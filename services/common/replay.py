@@ -25,6 +25,7 @@ import structlog
 from aiokafka import AIOKafkaConsumer, TopicPartition
 
 from schemas.events import split_key
+from services.common.kafka import partitions_behind
 from services.common.losses import DeadLetter, LossRepository, Source
 
 log = structlog.get_logger(__name__)
@@ -171,7 +172,7 @@ async def replay(
             if records:
                 last_progress = time.monotonic()
                 await handle(records)
-            if await _caught_up(consumer, tps):
+            if not await partitions_behind(consumer, tps):
                 break
             if time.monotonic() - last_progress > idle_s:
                 log.warning("replay_stopped_idle", seconds=idle_s)
@@ -189,12 +190,3 @@ async def replay(
         dry_run=dry_run,
     )
     return result
-
-
-async def _caught_up(consumer: Any, tps: list[TopicPartition]) -> bool:
-    # the high watermark as of the last fetch; end_offsets() is not trusted (see kafka.py)
-    for tp in tps:
-        highwater = consumer.highwater(tp)
-        if highwater is None or await consumer.position(tp) < highwater:
-            return False
-    return True
