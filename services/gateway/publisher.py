@@ -257,16 +257,14 @@ many records it holds."""
 
 async def _shielded(futures: list[asyncio.Future[T]]) -> list[T]:
     """The results of futures other requests may await too: a request that gives up (its
-    timeout) stops waiting without cancelling them for the others.
-
-    A future that fails after everyone gave up has its exception taken here (the request
-    already answered 503), not reported by asyncio as "never retrieved" when collected."""
-    for future in futures:
-        future.add_done_callback(_take_exception)
+    timeout) stops waiting without cancelling them for the others."""
     return await asyncio.gather(*(asyncio.shield(f) for f in futures))
 
 
 def _take_exception(future: asyncio.Future[Any]) -> None:
+    """Given to every future requests share when it is made: one that fails after each of
+    its requests gave up (and answered 503) has its exception taken, not reported by asyncio
+    as "never retrieved" when it is collected."""
     if not future.cancelled():
         future.exception()
 
@@ -299,6 +297,7 @@ class _Lane:
         self._waiting += records
         if self._handed is None:
             self._handed = asyncio.get_running_loop().create_future()
+            self._handed.add_done_callback(_take_exception)
         handed = self._handed
         if self._sender is None:
             self._sender = asyncio.create_task(self._send(), name=f"publish-{self._partition}")
@@ -335,5 +334,5 @@ class _Lane:
     async def _send_batch(self, batch: Any) -> Delivery:
         batch.close()  # a closed batch is sent without lingering, and no other record joins it
         future = await self._producer.send_batch(batch, self._topic, partition=self._partition)
-        future.add_done_callback(_take_exception)  # its request may have given up already
+        future.add_done_callback(_take_exception)
         return future, batch.record_count()
