@@ -42,7 +42,7 @@ import httpx
 import orjson
 
 from bench.common import MANIAC, child, load_average, percentile, write_result
-from services.common.kafka import free_port
+from services.common.kafka import free_port, resident_bytes
 
 KEY = "bench-key"
 WORDS = [
@@ -180,13 +180,8 @@ def request_body(
 
 
 def _rss_kib(pid: int) -> int | None:
-    try:
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1])
-    except OSError:
-        return None
-    return None
+    found = resident_bytes(pid)
+    return None if found is None else found // 1024
 
 
 _TICKS = os.sysconf("SC_CLK_TCK")

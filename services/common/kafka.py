@@ -251,6 +251,18 @@ def _die_with_parent() -> None:
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
 
 
+def resident_bytes(pid: int) -> int | None:
+    """A process's resident memory (``VmRSS`` in Linux ``/proc``); None when unknown."""
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+    except OSError:
+        return None
+    for line in status.splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    return None
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -370,17 +382,10 @@ class EmbeddedBroker:
         return None if self._proc is None else self._proc.poll()
 
     def memory_bytes(self) -> int | None:
-        """Its resident memory (Linux ``/proc``); None when it is not running or unknown."""
+        """Its resident memory; None when it is not running or unknown."""
         if self._proc is None or self._proc.poll() is not None:
             return None
-        try:
-            status = Path(f"/proc/{self._proc.pid}/status").read_text()
-        except OSError:
-            return None
-        for line in status.splitlines():
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) * 1024
-        return None
+        return resident_bytes(self._proc.pid)
 
     def restart(self, timeout_s: float = 10.0) -> None:
         """Stop it and start it again on the same port: on memory storage, empty.
