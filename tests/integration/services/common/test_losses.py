@@ -7,7 +7,7 @@ from datetime import UTC, datetime
 
 from services.common.clickhouse import ClickHouse
 from services.common.losses import DeadLetter, LossRepository
-from services.common.migrations import load_migrations
+from tests.support.migrations import apply_migrations, database_before
 
 AT = datetime(2026, 11, 26, 1, 2, 3, tzinfo=UTC)
 LATER = datetime(2026, 11, 26, 2, 0, 0, tzinfo=UTC)
@@ -53,21 +53,14 @@ async def test_two_dead_letters_at_one_offset_of_two_lives_of_the_log_are_two(
 async def test_dead_letters_stored_before_0012_keep_matching_their_records(
     clickhouse: ClickHouse,
 ) -> None:
-    before = clickhouse.with_database(f"{clickhouse.database}_dead_before")
-    await before.command("CREATE DATABASE {database}")
-    try:
-        migrations = {m.version: m for m in load_migrations()}
-        for version in range(1, 12):
-            for statement in migrations[version].statements:
-                await before.command(statement)
+    async with database_before(clickhouse, 12) as before:
         await before.command(
             "INSERT INTO {database}.dead_letters (project, source_topic, source_partition, "
             "source_offset, completion_id, message_key, reason, dead_at, replayed_at, payload) "
             "VALUES ('p', 'maniac.completions.v1', 0, 41, 'old', 'p/old', 'r', "
             "'2026-11-25 00:00:00', '2026-11-25 01:00:00', 'x')"
         )
-        for statement in migrations[12].statements:
-            await before.command(statement)
+        await apply_migrations(before, 12, 12)
 
         losses = LossRepository(before)
         # its record in the dead-letter topic carries no source_timestamp header: 0
@@ -76,5 +69,3 @@ async def test_dead_letters_stored_before_0012_keep_matching_their_records(
         await losses.record_dead_letters([_dead(41, 1_764_118_923_000, b"new")])
         listed = await losses.list_dead_letters("p", 10)
         assert sorted(d["completion_id"] for d in listed) == ["new", "old"]
-    finally:
-        await before.command("DROP DATABASE IF EXISTS {database}")

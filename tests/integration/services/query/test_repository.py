@@ -11,10 +11,10 @@ import pytest
 
 from schemas.events import encode_event
 from services.common.clickhouse import ClickHouse
-from services.common.migrations import load_migrations
 from services.query.repository import CompletionsRepository
 from services.worker.pipeline import process
 from services.worker.pipeline.types import Row
+from tests.support.migrations import apply_migrations, database_before
 from tests.support.worker import store
 
 
@@ -394,13 +394,7 @@ async def test_retractions_not_merged_away_do_not_shorten_a_page(
 async def test_list_is_exact_over_what_was_stored_before_migration_0008(
     clickhouse: ClickHouse,
 ) -> None:
-    before = clickhouse.with_database(f"{clickhouse.database}_before")
-    await before.command("CREATE DATABASE {database}")
-    try:
-        migrations = {m.version: m for m in load_migrations()}
-        for version in range(1, 8):
-            for statement in migrations[version].statements:
-                await before.command(statement)
+    async with database_before(clickhouse, 8) as before:
         history = _History(random.Random(7))
         # the worker of that time wrote into `completions` itself, response included
         await before.command(
@@ -420,14 +414,10 @@ async def test_list_is_exact_over_what_was_stored_before_migration_0008(
             _row(_event({"id": "legacy", "created": 5, "received_at_ms": 9})) * 2
             + _row(_event({"id": "legacy", "created": 6, "received_at_ms": 10})),
         )
-        for version in sorted(v for v in migrations if v >= 8):
-            for statement in migrations[version].statements:
-                await before.command(statement)
+        await apply_migrations(before, 8)
         repo = CompletionsRepository(before)
         await _same_as_truth(before, repo, random.Random(8))
         for _ in range(3):  # and the views keep it exact from there
             legacy = {"id": "legacy", "created": 7, "received_at_ms": 11}
             await _store(before, *history.batch(), legacy)
             await _same_as_truth(before, repo, random.Random(9))
-    finally:
-        await before.command("DROP DATABASE IF EXISTS {database}")
