@@ -269,6 +269,17 @@ def _take_exception(future: asyncio.Future[Any]) -> None:
         future.exception()
 
 
+def _build(batch: Any) -> None:
+    """Encode and compress a closed batch, as the producer would when it sends it.
+
+    Run in a thread, off the event loop: zstd (cramjam) releases the GIL, so the compression,
+    4-5 us of CPU per 2 KB record, runs beside the requests and the worker instead of between
+    them. aiokafka keeps the built buffer (``BatchBuilder._build`` builds once), so the
+    producer's sender sends it as it is.
+    """
+    batch._build()
+
+
 class _Lane:
     """One partition's records on their way to the producer, from every request at once.
 
@@ -333,6 +344,7 @@ class _Lane:
 
     async def _send_batch(self, batch: Any) -> Delivery:
         batch.close()  # a closed batch is sent without lingering, and no other record joins it
+        await asyncio.to_thread(_build, batch)
         future = await self._producer.send_batch(batch, self._topic, partition=self._partition)
         future.add_done_callback(_take_exception)
         return future, batch.record_count()

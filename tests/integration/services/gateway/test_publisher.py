@@ -100,6 +100,41 @@ class _CountingBatches:
         return await self._producer.send_batch(batch, topic, partition=partition)
 
 
+class _BuiltBatches:
+    """The real producer, noting the size of each batch handed to it if already built."""
+
+    def __init__(self, producer: Any) -> None:
+        self._producer = producer
+        self.built: list[int | None] = []
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._producer, name)
+
+    async def send_batch(self, batch: Any, topic: str, *, partition: int) -> Any:
+        buffer = batch._buffer  # aiokafka keeps a batch's encoded bytes here once built
+        self.built.append(None if buffer is None else len(buffer))
+        return await self._producer.send_batch(batch, topic, partition=partition)
+
+
+async def test_batches_reach_the_producer_encoded_and_compressed(
+    broker: EmbeddedBroker, producer: Any
+) -> None:
+    """Each batch is encoded and compressed (zstd) before it is handed to the producer, in a
+    thread beside the event loop, not later by the producer's sender on the loop itself."""
+    topic = unique("built")
+    await ensure_topics(broker.bootstrap, [topic], partitions=1)
+    built = _BuiltBatches(producer)
+    publisher = Publisher(built, topic, timeout_s=30)
+    messages = [(f"p/c{i}".encode(), b"%d:" % i + b"abc" * 2_000) for i in range(200)]
+    await publisher.publish(messages)
+
+    assert built.built
+    assert None not in built.built, built.built
+    assert sum(size or 0 for size in built.built) < 200 * 6_000 / 10  # compressed
+    records = await _read_all(broker.bootstrap, topic, len(messages))
+    assert [(r.key, r.value) for r in records] == messages
+
+
 async def _publish_while_frozen(
     requests: list[list[tuple[bytes, bytes]]], *, producer_timeout_s: float, frozen_s: float
 ) -> tuple[Publisher, _CountingBatches, list[Any]]:
