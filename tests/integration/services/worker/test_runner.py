@@ -11,6 +11,7 @@ from prometheus_client import REGISTRY
 from services.common.clickhouse import ClickHouse
 from services.common.kafka import create_consumer
 from services.common.settings import ServeSettings
+from services.worker.runner import stored_versions
 from tests.conftest import Broker, eventually
 from tests.support.worker import (
     RunningWorker,
@@ -203,3 +204,38 @@ async def test_with_worker_processes_rows_and_dead_letters_are_the_same(
         await eventually(lambda: all_committed(worker, 36))
     ids = {r[0] for r in await clickhouse.rows("SELECT completion_id FROM {database}.completions")}
     assert ids == {f"id-{i}" for i in range(30)}
+
+
+_TRICKY_IDS = ["plain", "it's", 'back\\slash "quoted"', "a,b", "ünïcödé ✓", "new\nline"]
+
+
+async def _store(ch: ClickHouse, project: str, versions: dict[str, str], sign: int = 1) -> None:
+    for completion_id, received_at in versions.items():
+        await ch.command(
+            "INSERT INTO {database}.completions_in (project, completion_id, received_at, agg_sign) "
+            "VALUES ({project:String}, {id:String}, {at:String}, {sign:Int8})",
+            {"project": project, "id": completion_id, "at": received_at, "sign": sign},
+        )
+
+
+async def test_stored_versions_are_the_newest_of_each_stored_completion_and_only_those(
+    clickhouse: ClickHouse,
+) -> None:
+    """What FINAL would keep, read without it: the newest received_at of each stored completion
+    of the project, whatever other versions and retractions are still in other parts."""
+    await _store(clickhouse, "p", dict.fromkeys(_TRICKY_IDS, "2026-11-26 01:00:00.000"))
+    await _store(clickhouse, "p", {"plain": "2026-11-26 02:00:00.500"})  # a newer version
+    await _store(clickhouse, "p", {"plain": "2026-11-26 01:00:00.000"}, sign=-1)  # its retraction
+    await _store(clickhouse, "other", {"only-elsewhere": "2026-11-26 03:00:00.000"})
+    new = [f"new-{i}" for i in range(3000)]  # a batch is mostly completions never seen
+
+    found = await stored_versions(clickhouse, "p", [*new, *_TRICKY_IDS, "only-elsewhere"])
+
+    earlier = 1_795_654_800_000  # 2026-11-26 01:00:00 UTC
+    assert found == dict.fromkeys(_TRICKY_IDS, earlier) | {"plain": earlier + 3_600_500}
+    assert await stored_versions(clickhouse, "p", new) == {}
+    [(final,)] = await clickhouse.rows(
+        "SELECT toUnixTimestamp64Milli(received_at) FROM {database}.completions FINAL "
+        "WHERE project = 'p' AND completion_id = 'plain'"
+    )
+    assert final == found["plain"]
