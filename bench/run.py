@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import argparse
 
-from bench import gateway_latency, ingest, query
+from bench import dedup, gateway_latency, ingest, query
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -21,6 +21,8 @@ def main(argv: list[str] | None = None) -> None:
     ingest.main(["--items", "100000"] if args.quick else [])
     print("== list and get latency ==")
     query.main(["--rows", "1000000", "--runs", "50"] if args.quick else [])
+    print("== the worker's deduplication lookup, as a project grows ==")
+    dedup.main(["--sizes", "200000,1000000"] if args.quick else [])
 
 
 if __name__ == "__main__":
