@@ -85,32 +85,20 @@ async def test_a_topic_of_one_partition_gets_every_record_in_order(
     assert publisher.acked == {0: records[-1].offset}
 
 
-class _CountingBatches:
-    """The real producer, counting the record batches handed to it per partition."""
+class _HandedBatches:
+    """The real producer, noting each record batch handed to it: how many per partition, and
+    the size of its encoded bytes if it came already built."""
 
     def __init__(self, producer: Any) -> None:
         self._producer = producer
         self.batches: dict[int, int] = {}
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._producer, name)
-
-    async def send_batch(self, batch: Any, topic: str, *, partition: int) -> Any:
-        self.batches[partition] = self.batches.get(partition, 0) + 1
-        return await self._producer.send_batch(batch, topic, partition=partition)
-
-
-class _BuiltBatches:
-    """The real producer, noting the size of each batch handed to it if already built."""
-
-    def __init__(self, producer: Any) -> None:
-        self._producer = producer
         self.built: list[int | None] = []
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._producer, name)
 
     async def send_batch(self, batch: Any, topic: str, *, partition: int) -> Any:
+        self.batches[partition] = self.batches.get(partition, 0) + 1
         buffer = batch._buffer  # aiokafka keeps a batch's encoded bytes here once built
         self.built.append(None if buffer is None else len(buffer))
         return await self._producer.send_batch(batch, topic, partition=partition)
@@ -123,7 +111,7 @@ async def test_batches_reach_the_producer_encoded_and_compressed(
     thread beside the event loop, not later by the producer's sender on the loop itself."""
     topic = unique("built")
     await ensure_topics(broker.bootstrap, [topic], partitions=1)
-    built = _BuiltBatches(producer)
+    built = _HandedBatches(producer)
     publisher = Publisher(built, topic, timeout_s=30)
     messages = [(f"p/c{i}".encode(), b"%d:" % i + b"abc" * 2_000) for i in range(200)]
     await publisher.publish(messages)
@@ -137,14 +125,14 @@ async def test_batches_reach_the_producer_encoded_and_compressed(
 
 async def _publish_while_frozen(
     requests: list[list[tuple[bytes, bytes]]], *, producer_timeout_s: float, frozen_s: float
-) -> tuple[Publisher, _CountingBatches, list[Any]]:
+) -> tuple[Publisher, _HandedBatches, list[Any]]:
     """Publish every request at once to a broker frozen behind a proxy for ``frozen_s``: the
     first batches go out and wait for their answer, the rest queue. The publisher, the batches
     it handed to the producer, and every record read back."""
     topic = unique("frozen")
     async with proxied_broker() as (proxy, bootstrap):
         producer = create_producer(bootstrap, linger_ms=0, timeout_s=producer_timeout_s)
-        counting = _CountingBatches(producer)
+        counting = _HandedBatches(producer)
         try:
             await ensure_topics(bootstrap, [topic], partitions=4)
             await producer.start()
