@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import copy
+import gc
 import json
+import uuid
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -338,6 +340,38 @@ async def test_bytes_held_across_requests_are_bounded(start_stack: StackFactory)
         assert accepted.json()["summary"]["accepted"] == 1
         metrics = (await client.get("/metrics")).text
         assert "maniac_gateway_inflight_body_bytes 0.0" in metrics
+
+
+async def test_a_request_waiting_for_the_broker_no_longer_holds_its_parsed_items(
+    api: RunningStack,
+) -> None:
+    """While its records go to the broker, a register request holds them encoded, not its
+    parsed items (some 60 objects each, which the garbage collector would scan again and
+    again while requests wait their turn)."""
+    publisher = api.stack.publisher
+    assert publisher is not None
+    marker = f"probe-{uuid.uuid4()}"
+    alive_at_publish: list[int] = []
+    publish = publisher.publish
+
+    async def observed(messages: list[tuple[bytes, bytes]]) -> None:
+        alive_at_publish.append(
+            sum(1 for o in gc.get_objects() if type(o) is dict and o.get("tags") == [marker])
+        )
+        await publish(messages)
+
+    # only the request's bytes name the marker in this process: no dict of the test's own
+    body = json.dumps(
+        {"container": "held", "items": [{**_item(n), "tags": [marker]} for n in range(900, 950)]}
+    ).encode()
+    publisher.publish = observed  # type: ignore[method-assign]
+    try:
+        async with api.client(KEY_A) as client:
+            response = await client.post("/v1/chat/completions/register", content=body)
+    finally:
+        del publisher.publish
+    assert response.json()["summary"] == {"received": 50, "accepted": 50, "rejected": 0}
+    assert alive_at_publish == [0]
 
 
 async def test_health_readiness_and_spec(api: RunningStack) -> None:
