@@ -1,8 +1,14 @@
-"""What flows between the worker's steps."""
+"""What flows between the worker's steps.
+
+What is made once per record (``Message``, ``Row`` or ``Invalid``, ``Processed``) is an
+immutable named tuple, built at the cost of a plain tuple: a frozen dataclass sets each field
+through ``object.__setattr__`` (1.0 against 0.28 us for five fields; three are made per record).
+"""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 
 @dataclass(frozen=True, slots=True)
@@ -11,8 +17,7 @@ class Partition:
     partition: int
 
 
-@dataclass(frozen=True, slots=True)
-class Message:
+class Message(NamedTuple):
     """One Kafka record as the runner received it."""
 
     partition: Partition
@@ -22,8 +27,7 @@ class Message:
     timestamp_ms: int = 0
 
 
-@dataclass(frozen=True, slots=True)
-class Row:
+class Row(NamedTuple):
     """A valid message turned into one JSONEachRow line for ClickHouse."""
 
     json: bytes
@@ -33,15 +37,13 @@ class Row:
     """The completion's version (gateway receive time): the newest one is the one kept."""
 
 
-@dataclass(frozen=True, slots=True)
-class Invalid:
+class Invalid(NamedTuple):
     """A message that can never be stored; it goes to the dead-letter topic."""
 
     reason: str
 
 
-@dataclass(frozen=True, slots=True)
-class Processed:
+class Processed(NamedTuple):
     message: Message
     result: Row | Invalid
 
