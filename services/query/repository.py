@@ -34,9 +34,10 @@ class CompletionsRepository:
     ) -> tuple[list[str], int]:
         """The page of stored responses (JSON text) and the total matching the filters.
 
-        Read from ``completion_listing`` (migration 0008): rows in page order, +1 for a stored
-        version and -1 for its retraction, so the completions that match are the
-        ``(created, completion_id)`` whose signs sum to 1, and the total is the sum of signs.
+        The total is read from ``completion_counts`` (migration 0013), the page from
+        ``completion_listing`` (0008): rows in page order, +1 for a stored version and -1 for
+        its retraction, so the completions that match are the ``(created, completion_id)``
+        whose signs sum to 1.
         """
         offset = min(offset, MAX_OFFSET)
         where = ["project = {project:String}"]
@@ -48,16 +49,16 @@ class CompletionsRepository:
             where.append("container = {container:String}")
             params["container"] = container
         condition = " AND ".join(where)
-        direction = "ASC" if order == "asc" else "DESC"
         counted = await self._ch.rows(
-            f"SELECT sum(sign), count() FROM {{database}}.completion_listing WHERE {condition}",
+            "SELECT sum(completions), sum(rows) FROM {database}.completion_counts "
+            f"WHERE {condition}",
             params,
         )
         total, stored_rows = max(int(counted[0][0]), 0), int(counted[0][1])
         expected = max(min(limit, total - offset), 0)  # the page's length, known from the total
         if not expected:
             return [], total
-        page = await self._page(condition, params, direction, offset + limit, expected, stored_rows)
+        page = await self._page(condition, params, order, offset + limit, expected, stored_rows)
         bodies = await self._bodies(project, page)
         return [bodies[i] for i in page if i in bodies], total
 
@@ -65,35 +66,43 @@ class CompletionsRepository:
         self,
         condition: str,
         params: dict[str, object],
-        direction: str,
+        order: Literal["asc", "desc"],
         wanted: int,
         expected: int,
         stored_rows: int,
     ) -> Sequence[str]:
-        """The page's ids: the first rows in key order (read in order, so ClickHouse stops
-        early: no FINAL, no sort of the project), netted per ``(created, completion_id)``.
+        """The page's ids: the first ``window`` rows in key order (read in order, so
+        ClickHouse stops after them: no FINAL, no sort of the project), netted per
+        ``(created, completion_id)``.
 
-        ``LIMIT ... WITH TIES`` keeps every row of the last ``(created, completion_id)`` it
-        reaches, so a version is never cut from its retraction: the rows read are a prefix of
-        the order made of whole groups, and the completions in them are the first ones of the
-        list. Retractions not yet merged away take room in that prefix; when they leave the
-        page shorter than the total says, the prefix is read again, longer, until it holds the
-        page or every row.
+        The window may end inside the rows of its last ``(created, completion_id)`` (the
+        edge) and cut a version from its retraction, so when the window is full the edge's
+        net is not trusted: the edge is dropped from the page. (``LIMIT ... WITH TIES`` would
+        keep the edge whole, but ClickHouse then reads every row of the project: 35 against
+        9 ms at 1,000,000 rows.) Retractions not yet merged away take room in the window too;
+        when the page is shorter than the total says, the window is read again, longer, until
+        it holds the page or every row (``stored_rows`` bounds them).
         """
+        direction, edge = ("ASC", "max") if order == "asc" else ("DESC", "min")
+        key = f"ORDER BY created {direction}, completion_id {direction}"
         sql = (
-            "SELECT completion_id FROM ("
+            "SELECT completion_id, (created, completion_id) = edge, read FROM ("
+            "SELECT created, completion_id, sum(sign) AS net, any(edge) AS edge, "
+            "any(read) AS read FROM ("
+            f"SELECT created, completion_id, sign, {edge}((created, completion_id)) OVER () "
+            "AS edge, count() OVER () AS read FROM ("
             "SELECT created, completion_id, sign FROM {database}.completion_listing "
-            f"WHERE {condition} ORDER BY created {direction}, completion_id {direction} "
-            "LIMIT {window:UInt64} WITH TIES"
-            ") GROUP BY created, completion_id HAVING sum(sign) > 0 "
-            f"ORDER BY created {direction}, completion_id {direction} "
-            "LIMIT {limit:UInt32} OFFSET {offset:UInt64}"
+            f"WHERE {condition} {key} LIMIT {{window:UInt64}}"
+            ")) GROUP BY created, completion_id HAVING net > 0"
+            f") {key} LIMIT {{limit:UInt32}} OFFSET {{offset:UInt64}}"
         )
         window = wanted + _SLACK
         while True:
             rows = await self._ch.rows(sql, {**params, "window": window})
-            if len(rows) >= expected or window >= stored_rows:
-                return [str(row[0]) for row in rows]
+            read_all = bool(rows) and int(rows[0][2]) < window
+            ids = [str(row[0]) for row in rows if read_all or not row[1]]
+            if len(ids) >= expected or read_all or window > stored_rows:
+                return ids
             window *= 4
 
     async def get(self, project: str, completion_id: str) -> str | None:

@@ -370,11 +370,11 @@ async def test_retractions_not_merged_away_do_not_shorten_a_page(
         model = "m1" if version % 2 else "m2"
         await _store(clickhouse, *({**r, "model": model, "received_at_ms": version} for r in first))
     # 7 rows per completion (4 versions, 3 retractions), so the first rows read for a page of
-    # 20 (20 + 64, and the ties of the last) hold only 12 completions
+    # 20 (20 + 64) hold only 12 completions
     short = await clickhouse.rows(
         "SELECT count() FROM (SELECT created, completion_id FROM (SELECT created, completion_id, "
-        "sign FROM {database}.completion_listing ORDER BY created, completion_id LIMIT 84 WITH "
-        "TIES) GROUP BY created, completion_id HAVING sum(sign) > 0)"
+        "sign FROM {database}.completion_listing ORDER BY created, completion_id LIMIT 84) "
+        "GROUP BY created, completion_id HAVING sum(sign) > 0)"
     )
     assert short[0][0] == 12
     for order in ("asc", "desc"):
@@ -389,6 +389,50 @@ async def test_retractions_not_merged_away_do_not_shorten_a_page(
             page, total = await repo.list("p", **args)
             assert (page, total) == await _truth(clickhouse, "p", **args)
             assert len(page) == min(20, 100 - offset)
+
+
+async def test_a_window_that_ends_inside_a_completion_s_rows_never_trusts_their_sum(
+    clickhouse: ClickHouse, repo: CompletionsRepository
+) -> None:
+    """The first rows read for a page can end inside the rows of one (created, completion_id):
+    what they add up to there is not that place's sum. Which of its rows come first is the
+    engine's choice (equal keys from two parts), so both orders are written here, one per
+    project: in one of them the cut shows a version without its retraction."""
+    await clickhouse.command("SYSTEM STOP MERGES {database}.completion_listing")
+    cuts = {}
+    for project, signs in (("p", (1, -1)), ("q", (-1, 1))):
+        await _store(
+            clickhouse,
+            *({"id": f"id-{i:03d}", "created": 5_000 + i, "project": project} for i in range(100)),
+        )
+        for sign in signs:  # the old places of 40 of them, each a version and its retraction
+            await clickhouse.command(
+                "INSERT INTO {database}.completion_listing SELECT {project:String}, "
+                "toDateTime64(1000 + number, 3, 'UTC'), "
+                "concat('id-', leftPad(toString(number), 3, '0')), 'm1', 'c1', {sign:Int8} "
+                "FROM numbers(40)",
+                {"project": project, "sign": sign},
+            )
+        await clickhouse.command(
+            "INSERT INTO {database}.completion_counts VALUES ({project:String}, 'm1', 'c1', 0, 80)",
+            {"project": project},
+        )
+        # a page of 1 reads 65 rows first: 32 old places whole, and one row of the 33rd
+        cut = await clickhouse.rows(
+            "SELECT completion_id FROM (SELECT created, completion_id, sign FROM "
+            "{database}.completion_listing WHERE project = {project:String} "
+            "ORDER BY created, completion_id LIMIT 65) "
+            "GROUP BY created, completion_id HAVING sum(sign) > 0",
+            {"project": project},
+        )
+        cuts[project] = [str(r[0]) for r in cut]
+    assert sorted(cuts.values()) == [[], ["id-032"]]
+    for project in ("p", "q"):
+        for offset in (0, 1, 50, 99):
+            page, total = await repo.list(
+                project, limit=1, offset=offset, model=None, container=None, order="asc"
+            )
+            assert (_ids(page), total) == ([f"id-{offset:03d}"], 100)
 
 
 async def test_list_is_exact_over_what_was_stored_before_migration_0008(
@@ -421,3 +465,34 @@ async def test_list_is_exact_over_what_was_stored_before_migration_0008(
             legacy = {"id": "legacy", "created": 7, "received_at_ms": 11}
             await _store(before, *history.batch(), legacy)
             await _same_as_truth(before, repo, random.Random(9))
+
+
+async def test_totals_are_exact_over_what_was_stored_before_migration_0013(
+    clickhouse: ClickHouse,
+) -> None:
+    """0013 fills ``completion_counts`` from the listing as it stands, retractions not merged
+    away included, and its view keeps the totals exact from there."""
+    async with database_before(clickhouse, 13) as before:
+        await before.command("SYSTEM STOP MERGES {database}.completion_listing")
+        history = _History(random.Random(13))
+        for _ in range(6):
+            await _store(before, *history.batch())
+        await apply_migrations(before, 13)
+        listed = await before.rows(
+            "SELECT project, model, container, sum(sign), count() "
+            "FROM {database}.completion_listing GROUP BY project, model, container "
+            "ORDER BY project, model, container"
+        )
+        assert any(rows > net for *_, net, rows in listed)  # retractions not merged away
+        counted = await before.rows(
+            "SELECT project, model, container, sum(completions), sum(rows) "
+            "FROM {database}.completion_counts GROUP BY project, model, container "
+            "ORDER BY project, model, container"
+        )
+        assert counted == listed
+        repo = CompletionsRepository(before)
+        await _same_as_truth(before, repo, random.Random(14))
+        for _ in range(3):
+            await _store(before, *history.batch())
+            await _same_as_truth(before, repo, random.Random(15))
+            await _same_as_truth(before, repo, random.Random(16), project="q")
