@@ -131,6 +131,9 @@ class Stack:
             self.clickhouse,
             prices=self._prices,
             assign=self.broker is not None,
+            # the worker before it on the same partitions (the stack's own broker) added
+            # every id it asked about, even those of an insert still running when it stopped
+            known=self.worker.known if self.worker is not None and self.broker else None,
         )
         self._worker_task = asyncio.create_task(self.worker.run(), name="worker")
 

@@ -32,6 +32,12 @@ WORKER_DUPLICATES = Counter(
 WORKER_BATCH_ROWS = Histogram(
     "maniac_worker_batch_rows", "Rows per insert.", buckets=(1, 10, 100, 500, 1000, 5000, 20000)
 )
+WORKER_DEDUP_IDS = Counter(
+    "maniac_worker_dedup_ids_total",
+    "Completions whose stored version the worker looked up: answered by its set of known "
+    "ids (certainly not stored), or asked of ClickHouse.",
+    ["answered_by"],
+)
 WORKER_INSERT_SECONDS = Histogram("maniac_worker_insert_seconds", "Time of one bulk insert.")
 WORKER_RETRIES = Counter(
     "maniac_worker_retries_total", "Transient failures retried by the worker.", ["what"]

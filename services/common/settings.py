@@ -89,6 +89,11 @@ class WorkerSettings(CommonSettings):
         description="Child processes that decode messages and build rows; 0: in the worker's "
         "own process.",
     )
+    known_ids: bool = Field(
+        default=True,
+        description="Hold a hash of every stored completion (8 bytes each) so that new ones "
+        "skip the stored-version lookup in ClickHouse; off: every id is looked up.",
+    )
     session_timeout_ms: int = Field(default=6_000, ge=1_000)
     heartbeat_interval_ms: int = Field(default=1_000, ge=100)
     insert_retry_initial_s: float = Field(default=0.2, gt=0)

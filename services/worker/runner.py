@@ -20,9 +20,10 @@ from schemas import COMPLETIONS_INSERT_TABLE
 from services.common.clickhouse import ClickHouse, StringArray
 from services.common.kafka import create_consumer
 from services.common.losses import LossRepository
-from services.common.metrics import CONSUMER_LAG, WORKER_INSERT_SECONDS
+from services.common.metrics import CONSUMER_LAG, WORKER_DEDUP_IDS, WORKER_INSERT_SECONDS
 from services.common.pricing import PriceCatalog
 from services.common.settings import WorkerSettings
+from services.worker.known import KnownIds, load_known
 from services.worker.pipeline import Pipeline, ProcessPool, build_pipeline
 from services.worker.pipeline.dead import dead_letter_headers, dead_letter_record
 from services.worker.pipeline.types import Message, Partition, Processed
@@ -44,6 +45,7 @@ class _FlushOnRevoke(ConsumerRebalanceListener):  # type: ignore[misc]
 
     async def on_partitions_assigned(self, assigned: Any) -> None:
         log.info("partitions_assigned", partitions=sorted(tp.partition for tp in assigned))
+        await self._worker.load_known(trust_after_s=self._worker.partition_handover_s)
 
 
 def create_worker_consumer(bootstrap: str, settings: WorkerSettings) -> Any:
@@ -88,10 +90,15 @@ class Worker:
         *,
         prices: PriceCatalog | None = None,
         assign: bool = False,
+        known: KnownIds | None = None,
     ) -> None:
         """``assign``: read every partition of the topic without joining the group (offsets
         are still committed to it), for a worker that is the topic's only consumer, as in
-        ``maniac serve`` on its embedded broker; a join there waits half a session timeout."""
+        ``maniac serve`` on its embedded broker; a join there waits half a session timeout.
+
+        ``known``: the completions known to be stored, from a worker this one replaces on
+        the same partitions (which added everything it asked about); without it, this worker
+        loads them (see :mod:`services.worker.known`)."""
         self.settings = settings
         self._assign = assign
         self.topic = settings.topic
@@ -104,6 +111,9 @@ class Worker:
         self._detached = False
         self._lock = asyncio.Lock()
         self._first_offsets: dict[int, int] = {}
+        self._known = known if settings.known_ids else None
+        self._trusted_from = 0.0
+        """Until then (monotonic), every id is asked of ClickHouse anyway."""
         self._pool = (
             ProcessPool(settings.worker_processes, prices) if settings.worker_processes else None
         )
@@ -133,7 +143,47 @@ class Worker:
         log.debug("batch_inserted", bytes=len(body), ms=round(seconds * 1e3, 1))
 
     async def _lookup(self, project: str, ids: list[str]) -> dict[str, int]:
-        return await stored_versions(self._clickhouse, project, ids)
+        """The stored versions of these completions; ClickHouse is asked only about the ids
+        whose hash the set of known ids holds (about all of them while there is no set)."""
+        known = self._known
+        asked = known.maybe_stored(project, ids) if known is not None and self.trusts_known else ids
+        WORKER_DEDUP_IDS.labels("known_ids").inc(len(ids) - len(asked))
+        WORKER_DEDUP_IDS.labels("clickhouse").inc(len(asked))
+        stored = await stored_versions(self._clickhouse, project, asked) if asked else {}
+        if known is not None:
+            known.add(project, ids)  # before they are inserted: never missing, at worst extra
+        return stored
+
+    @property
+    def partition_handover_s(self) -> float:
+        """How long a worker that lost partitions without knowing it yet may go on writing:
+        until its session times out, and an insert it started then."""
+        return 2 * self.settings.session_timeout_ms / 1000
+
+    @property
+    def known(self) -> KnownIds | None:
+        return self._known
+
+    @property
+    def trusts_known(self) -> bool:
+        """Whether an id the known set lacks is taken as new without asking ClickHouse."""
+        return self._known is not None and time.monotonic() >= self._trusted_from
+
+    async def load_known(self, *, trust_after_s: float = 0.0) -> None:
+        """(Re)load the set of known ids from ClickHouse, between batches: on a worker's own
+        partitions only it stores, so from then on it adds what it stores. Partitions taken
+        over from another worker may still get a late write of that one's: for
+        ``trust_after_s`` every id is asked anyway (and added)."""
+        if not self.settings.known_ids:
+            return
+        async with self._lock:
+            await self.pipeline.first.join()
+            self._known = None
+            self._trusted_from = time.monotonic() + trust_after_s
+            try:
+                self._known = await load_known(self._clickhouse)
+            except Exception as exc:  # without it every id is asked: slower, never wrong
+                log.warning("known_ids_not_loaded", error=repr(exc))
 
     async def _retract(self, project: str, ids: list[str]) -> list[bytes]:
         """Retractions (agg_sign = -1) of the stored versions of these completions."""
@@ -185,6 +235,8 @@ class Worker:
             await self._consumer.topics()  # the topic's partitions, fresh
             partitions = sorted(self._consumer.partitions_for_topic(self.topic) or ())
             self._consumer.assign([TopicPartition(self.topic, p) for p in partitions])
+            if self._known is None:
+                await self.load_known()
         else:
             self._consumer.subscribe([self.topic], listener=_FlushOnRevoke(self))
         if self._pool is not None:

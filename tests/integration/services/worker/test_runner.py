@@ -6,11 +6,14 @@ import asyncio
 import time
 from typing import Any
 
+import pytest
 from prometheus_client import REGISTRY
 
+from schemas.events import encode_event, message_key
 from services.common.clickhouse import ClickHouse
 from services.common.kafka import create_consumer
 from services.common.settings import ServeSettings
+from services.worker.known import STORED_HASHES, load_known
 from services.worker.runner import stored_versions
 from tests.conftest import Broker, eventually
 from tests.support.worker import (
@@ -239,3 +242,84 @@ async def test_stored_versions_are_the_newest_of_each_stored_completion_and_only
         "WHERE project = 'p' AND completion_id = 'plain'"
     )
     assert final == found["plain"]
+
+
+async def test_the_ids_loaded_from_clickhouse_are_every_stored_completion_s(
+    clickhouse: ClickHouse,
+) -> None:
+    """ClickHouse's hash of what is stored is the one Python computes for a batch, whatever
+    the characters of the ids; the rows are read in chunks of whole rows."""
+    await _store(clickhouse, "p", dict.fromkeys(_TRICKY_IDS, "2026-11-26 01:00:00.000"))
+    await _store(clickhouse, "prójekt", {"x": "2026-11-26 01:00:00.000"})
+    await clickhouse.command(
+        "INSERT INTO {database}.completions (project, completion_id) "
+        "SELECT 'p', concat('gen-', toString(number)) FROM numbers(2500)"
+    )
+    chunks: list[int] = []
+    await clickhouse.read_row_binary(
+        STORED_HASHES, 8, lambda chunk: chunks.append(len(chunk)), chunk_rows=1000
+    )
+    assert sum(chunks) == (2500 + len(_TRICKY_IDS) + 1) * 8
+    assert all(size % 8 == 0 for size in chunks)
+    assert max(chunks) < 2 * 1000 * 8
+
+    known = await load_known(clickhouse)
+    generated = [f"gen-{n}" for n in range(2500)]
+    assert known.maybe_stored("p", [*_TRICKY_IDS, *generated]) == [*_TRICKY_IDS, *generated]
+    assert known.maybe_stored("prójekt", ["x"]) == ["x"]
+    assert known.maybe_stored("p", [f"new-{n}" for n in range(2000)]) == []
+
+
+def _version(completion_id: str, received_at_ms: int) -> tuple[bytes, bytes]:
+    item = {"input": {"messages": []}, "output": {"choices": [], "model": "m"}}
+    value = encode_event(
+        kind="register",
+        project="p",
+        container="c",
+        completion_id=completion_id,
+        received_at_ms=received_at_ms,
+        item=item,
+    )
+    return message_key("p", completion_id), value
+
+
+async def _true(value: bool) -> bool:
+    return value
+
+
+def _dedup_ids(answered_by: str) -> float:
+    value = REGISTRY.get_sample_value("maniac_worker_dedup_ids_total", {"answered_by": answered_by})
+    return value or 0.0
+
+
+@pytest.mark.parametrize("assign", [True, False], ids=["assigned", "in_the_group"])
+async def test_a_new_worker_knows_what_was_stored_before_it_and_asks_only_about_that(
+    settings: ServeSettings, broker: Broker, clickhouse: ClickHouse, producer: Any, assign: bool
+) -> None:
+    """Newer versions of completions a previous worker stored replace them (a retraction
+    each, so every aggregate counts them once); only those are asked of ClickHouse, the new
+    ones are known not to be stored. A worker in the group loads the ids it knows when it is
+    given partitions (and trusts them once the worker before may no longer write), as
+    `maniac serve`'s does at start."""
+    first = [_version(f"old-{i}", 1_000) for i in range(30)]
+    await produce(producer, settings.topic, first)
+    async with RunningWorker(settings, broker, clickhouse, assign=assign) as worker:
+        await eventually(lambda: all_committed(worker, 30))
+
+    again = [_version(f"old-{i}", 2_000) for i in range(30)]
+    new = [_version(f"new-{i}", 2_000) for i in range(1_000)]
+    async with RunningWorker(settings, broker, clickhouse, assign=assign) as worker:
+        await eventually(lambda: _true(worker.trusts_known), timeout_s=30)
+        by_known, by_clickhouse = _dedup_ids("known_ids"), _dedup_ids("clickhouse")
+        await produce(producer, settings.topic, again + new)
+        await eventually(lambda: all_committed(worker, 30 + 1_030))  # offsets, from the first
+
+    asked = _dedup_ids("clickhouse") - by_clickhouse
+    assert asked == 30  # the stored ones only
+    assert _dedup_ids("known_ids") - by_known == 1_030 - asked
+    # without a retraction each, the 30 would count twice: 1,060
+    [(requests, listed)] = await clickhouse.rows(
+        "SELECT (SELECT sum(requests) FROM {database}.usage_hourly), "
+        "(SELECT sum(completions) FROM {database}.completion_counts)"
+    )
+    assert (requests, listed) == (1_030, 1_030)

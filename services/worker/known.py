@@ -1,0 +1,114 @@
+"""Which completions may be stored already: the 64-bit hashes of every stored (project, id).
+
+For each batch the worker asks ClickHouse which of its completions are stored, and in which
+version (its deduplication). Providers' ids look random, so a batch's ids fall into every
+granule of the project, and that question reads the project's whole id column: its cost grows
+with the project (``python -m bench.dedup``). Most ids of an import are new. This set says "not
+stored" for them without asking ClickHouse; only the ids whose hash it holds (registered or
+delivered again) are asked. Even one id asked reads a granule of every part, so the set is
+exact up to a collision of 64-bit hashes (with 10,000,000 stored, one batch of 5,000 new ids
+in some 300 million has one), not a Bloom filter, whose false positives would leave most
+batches with a few ids to ask: 8 bytes per stored completion.
+
+An id whose hash it does not hold was never stored, as long as it holds every completion
+stored when it was loaded (:func:`load_known` reads ``completions``), the worker adds a batch's
+ids when it asks about them, before they are inserted, every write goes through a worker that
+knows it (as the aggregates already require, see README), and a worker loads it again when it
+is given partitions another worker wrote.
+
+The hash is the first 8 bytes of MD5 of ``project NUL completion_id``, little-endian: ClickHouse
+computes it for what is stored (:data:`STORED_HASHES`), Python for a batch. The hashes are kept
+in sorted arrays of geometrically decreasing size (a log-structured merge): a batch's are sorted
+into a small one, and an array at least half the size of the one before it is merged into it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Iterable, Sequence
+
+import numpy as np
+import numpy.typing as npt
+import structlog
+
+from services.common.clickhouse import ClickHouse
+
+log = structlog.get_logger(__name__)
+
+HASH_BYTES = 8
+STORED_HASHES = (
+    "SELECT reinterpretAsUInt64(MD5(concat(project, '\\0', completion_id))) "
+    "FROM {database}.completions"
+)
+"""Every stored row's hash (retractions and older versions only repeat a completion's)."""
+
+Hashes = npt.NDArray[np.uint64]
+
+
+def hashes(project: str, ids: Iterable[str]) -> Hashes:
+    prefix = project.encode() + b"\0"
+    digests = b"".join(hashlib.md5(prefix + i.encode()).digest()[:HASH_BYTES] for i in ids)
+    return _as_hashes(digests)
+
+
+def _as_hashes(data: bytes) -> Hashes:
+    return np.frombuffer(data, dtype="<u8").astype(np.uint64)
+
+
+class KnownIds:
+    """The completions that may be stored, with no false negatives (see the module)."""
+
+    def __init__(self) -> None:
+        self._levels: list[Hashes] = []
+        """Sorted arrays, each less than half the size of the one before it."""
+
+    @property
+    def count(self) -> int:
+        """Hashes held (a completion added twice may count twice)."""
+        return sum(len(level) for level in self._levels)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(level.nbytes for level in self._levels)
+
+    @property
+    def levels(self) -> int:
+        return len(self._levels)
+
+    def add_hashes(self, values: Hashes) -> None:
+        if not len(values):
+            return
+        levels = self._levels
+        levels.append(np.sort(values))
+        while len(levels) > 1 and 2 * len(levels[-1]) >= len(levels[-2]):
+            last = levels.pop()
+            # two sorted runs: a stable sort (timsort) merges them in linear time
+            levels[-1] = np.sort(np.concatenate((levels[-1], last)), kind="stable")
+
+    def add(self, project: str, ids: Sequence[str]) -> None:
+        self.add_hashes(hashes(project, ids))
+
+    def maybe_stored(self, project: str, ids: Sequence[str]) -> list[str]:
+        """Those of ``ids`` that may be stored; every other one certainly is not."""
+        if not ids:
+            return []
+        values = hashes(project, ids)
+        order = np.argsort(values)
+        needles = values[order]  # in order, the searches walk each level once
+        in_order = np.zeros(len(values), dtype=bool)
+        for level in self._levels:
+            at = np.minimum(np.searchsorted(level, needles), len(level) - 1)
+            in_order |= level[at] == needles
+        found = np.empty_like(in_order)
+        found[order] = in_order
+        return [i for i, hit in zip(ids, found.tolist(), strict=True) if hit]
+
+
+async def load_known(clickhouse: ClickHouse) -> KnownIds:
+    """The hashes of every completion stored now."""
+    known = KnownIds()
+    await clickhouse.read_row_binary(
+        STORED_HASHES, HASH_BYTES, lambda chunk: known.add_hashes(_as_hashes(chunk))
+    )
+    log.info("known_ids_loaded", hashes=known.count, mb=round(known.nbytes / 2**20, 1))
+    return known
