@@ -10,7 +10,8 @@ rotating over the projects:
   10,000 (page of 20);
 * get by id (a random stored completion of the project).
 
-``--data-dir`` keeps the generated table for later runs (generation takes minutes).
+``--data-dir`` keeps the generated table for later runs (generation takes minutes);
+``--projects 1`` puts every row in one project, as a large import into one container does.
 """
 
 from __future__ import annotations
@@ -62,8 +63,8 @@ def _text(words: int, salt: int) -> str:
     )
 
 
-def insert_sql(start: int, count: int) -> str:
-    """``count`` completions numbered from ``start``: project = number % 100."""
+def insert_sql(start: int, count: int, projects: int = PROJECTS) -> str:
+    """``count`` completions numbered from ``start``: project = number % ``projects``."""
     return f"""
 INSERT INTO {{database}}.completions_in (project, completion_id, created, received_at, kind, model,
     provider, container, finish_reason, prompt_tokens, completion_tokens, total_tokens,
@@ -84,7 +85,7 @@ SELECT project, completion_id, created, created + toIntervalSecond(1), 'register
         '"temperature":0.2,"metadata":{{"customer":"c', toString(number % 977), '"}}}}')
 FROM (
     SELECT number,
-        concat('p', toString(number % {PROJECTS})) AS project,
+        concat('p', toString(number % {projects})) AS project,
         concat('chatcmpl-', lower(hex(MD5(toString(number))))) AS completion_id,
         toDateTime64(1760000000 + intHash32(number) % 7776000, 3, 'UTC')
             + toIntervalMillisecond(cityHash64(number, 1) % 1000) AS created,
@@ -103,12 +104,12 @@ def completion_id(number: int) -> str:
     return f"chatcmpl-{hashlib.md5(str(number).encode()).hexdigest()}"
 
 
-async def generate(ch: ClickHouse, rows: int, chunk: int) -> float:
+async def generate(ch: ClickHouse, rows: int, chunk: int, projects: int = PROJECTS) -> float:
     started = time.perf_counter()
     stored = int((await ch.rows("SELECT count() FROM {database}.completions"))[0][0])
     for start in range(stored, rows, chunk):
         count = min(chunk, rows - start)
-        await ch.command(insert_sql(start, count))
+        await ch.command(insert_sql(start, count, projects))
         print(f"    generated {start + count:>10} rows ({time.perf_counter() - started:.0f} s)")
     return time.perf_counter() - started
 
@@ -122,14 +123,16 @@ def cases() -> list[dict[str, Any]]:
     return result
 
 
-async def measure(ch: ClickHouse, runs: int, rows: int, seed: int = 11) -> list[dict[str, Any]]:
+async def measure(
+    ch: ClickHouse, runs: int, rows: int, seed: int = 11, projects: int = PROJECTS
+) -> list[dict[str, Any]]:
     repository = CompletionsRepository(ch)
     rng = random.Random(seed)
     results = []
     for case in cases():
         timings = []
         for run in range(runs + 3):  # the first three warm the caches, and are not counted
-            project = f"p{rng.randrange(PROJECTS)}"
+            project = f"p{rng.randrange(projects)}"
             model = rng.choice(MODELS) if "model" in case["filters"] else None
             container = rng.choice(CONTAINERS) if "container" in case["filters"] else None
             started = time.perf_counter()
@@ -151,7 +154,7 @@ async def measure(ch: ClickHouse, runs: int, rows: int, seed: int = 11) -> list[
     for run in range(runs + 3):
         number = rng.randrange(rows)
         started = time.perf_counter()
-        found = await repository.get(f"p{number % PROJECTS}", completion_id(number))
+        found = await repository.get(f"p{number % projects}", completion_id(number))
         if run >= 3:
             timings.append((time.perf_counter() - started) * 1000)
         if found is None:
@@ -179,12 +182,12 @@ def _line(row: dict[str, Any]) -> str:
     return f"{what}  p50 {row['p50_ms']:>7.1f} ms  p99 {row['p99_ms']:>7.1f} ms"
 
 
-async def _run(data_dir: Path, rows: int, runs: int, chunk: int) -> dict[str, Any]:
+async def _run(data_dir: Path, rows: int, runs: int, chunk: int, projects: int) -> dict[str, Any]:
     ch = ClickHouse.connect(ClickHouseTarget.embedded(data_dir))
     try:
         await migrate(ch)
-        print(f"  generating {rows} rows across {PROJECTS} projects")
-        generate_s = await generate(ch, rows, chunk)
+        print(f"  generating {rows} rows across {projects} projects")
+        generate_s = await generate(ch, rows, chunk, projects)
         table = (
             await ch.rows(
                 "SELECT count(), sum(rows), sum(data_compressed_bytes), "
@@ -208,10 +211,10 @@ async def _run(data_dir: Path, rows: int, runs: int, chunk: int) -> dict[str, An
         }
         print(f"  tables the list reads: {read_tables}")
         load_before = load_average()
-        results = await measure(ch, runs, rows)
+        results = await measure(ch, runs, rows, projects=projects)
         return {
             "rows": rows,
-            "projects": PROJECTS,
+            "projects": projects,
             "generate_s": round(generate_s, 1),
             "parts": int(table[0]),
             "compressed_gib": round(table[2] / 2**30, 2),
@@ -230,14 +233,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--rows", type=int, default=10_000_000)
     parser.add_argument("--runs", type=int, default=200, help="timed runs per case")
     parser.add_argument("--chunk", type=int, default=1_000_000, help="rows per INSERT")
+    parser.add_argument("--projects", type=int, default=PROJECTS, help="rows spread over")
     parser.add_argument("--data-dir", type=Path, default=None, help="keep the table here")
     parser.add_argument("--name", default="query", help="result file: bench/results/NAME.json")
     args = parser.parse_args(argv)
     if args.data_dir is not None:
-        figures = asyncio.run(_run(args.data_dir, args.rows, args.runs, args.chunk))
+        figures = asyncio.run(_run(args.data_dir, args.rows, args.runs, args.chunk, args.projects))
     else:
         with tempfile.TemporaryDirectory(prefix="maniac-bench-") as tmp:
-            figures = asyncio.run(_run(Path(tmp), args.rows, args.runs, args.chunk))
+            figures = asyncio.run(_run(Path(tmp), args.rows, args.runs, args.chunk, args.projects))
     figures["target"] = {"p99_ms": 50}
     path = write_result(args.name, figures)
     print(f"written to {path}")

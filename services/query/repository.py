@@ -58,7 +58,9 @@ class CompletionsRepository:
         expected = max(min(limit, total - offset), 0)  # the page's length, known from the total
         if not expected:
             return [], total
-        page = await self._page(condition, params, order, offset + limit, expected, stored_rows)
+        page = await self._page(
+            condition, params, order, limit, offset + limit, expected, stored_rows
+        )
         bodies = await self._bodies(project, page)
         return [bodies[i] for i in page if i in bodies], total
 
@@ -67,6 +69,7 @@ class CompletionsRepository:
         condition: str,
         params: dict[str, object],
         order: Literal["asc", "desc"],
+        limit: int,
         wanted: int,
         expected: int,
         stored_rows: int,
@@ -75,34 +78,34 @@ class CompletionsRepository:
         ClickHouse stops after them: no FINAL, no sort of the project), netted per
         ``(created, completion_id)``.
 
-        The window may end inside the rows of its last ``(created, completion_id)`` (the
-        edge) and cut a version from its retraction, so when the window is full the edge's
-        net is not trusted: the edge is dropped from the page. (``LIMIT ... WITH TIES`` would
-        keep the edge whole, but ClickHouse then reads every row of the project: 35 against
-        9 ms at 1,000,000 rows.) Retractions not yet merged away take room in the window too;
-        when the page is shorter than the total says, the window is read again, longer, until
-        it holds the page or every row (``stored_rows`` bounds them).
+        A full window may end inside the rows of its last ``(created, completion_id)`` and
+        cut a version from its retraction, so what they add up to there is not trusted: that
+        one is the last in order, so one more than the page is asked for, and when there is
+        no more the last one is left out. (``LIMIT ... WITH TIES`` would keep it whole, but
+        ClickHouse then reads every row of the project: 35 against 9 ms at 1,000,000 rows.)
+        Retractions not yet merged away take room in the window too; when the page is
+        shorter than the total says, the window is read again, longer, until it holds the
+        page or every row (``stored_rows`` bounds them).
         """
-        direction, edge = ("ASC", "max") if order == "asc" else ("DESC", "min")
+        direction = "ASC" if order == "asc" else "DESC"
         key = f"ORDER BY created {direction}, completion_id {direction}"
         sql = (
-            "SELECT completion_id, (created, completion_id) = edge, read FROM ("
-            "SELECT created, completion_id, sum(sign) AS net, any(edge) AS edge, "
-            "any(read) AS read FROM ("
-            f"SELECT created, completion_id, sign, {edge}((created, completion_id)) OVER () "
-            "AS edge, count() OVER () AS read FROM ("
+            "SELECT completion_id, read FROM ("
+            "SELECT created, completion_id, sum(sign) AS net, any(read) AS read FROM ("
+            "SELECT created, completion_id, sign, count() OVER () AS read FROM ("
             "SELECT created, completion_id, sign FROM {database}.completion_listing "
             f"WHERE {condition} {key} LIMIT {{window:UInt64}}"
             ")) GROUP BY created, completion_id HAVING net > 0"
-            f") {key} LIMIT {{limit:UInt32}} OFFSET {{offset:UInt64}}"
+            f") {key} LIMIT {{more:UInt32}} OFFSET {{offset:UInt64}}"
         )
         window = wanted + _SLACK
         while True:
-            rows = await self._ch.rows(sql, {**params, "window": window})
-            read_all = bool(rows) and int(rows[0][2]) < window
-            ids = [str(row[0]) for row in rows if read_all or not row[1]]
-            if len(ids) >= expected or read_all or window > stored_rows:
-                return ids
+            rows = await self._ch.rows(sql, {**params, "window": window, "more": limit + 1})
+            ids = [str(row[0]) for row in rows]
+            if (rows and int(rows[0][1]) < window) or len(ids) > limit:
+                return ids[:limit]  # every row read, or the last one read not in the page
+            if len(ids) > expected or window > stored_rows:
+                return ids[:-1]  # without the last one read, maybe cut
             window *= 4
 
     async def get(self, project: str, completion_id: str) -> str | None:
