@@ -243,8 +243,8 @@ class ClickHouse:
         chunk_rows: int = 1 << 20,
     ) -> None:
         """Stream a query's result as RowBinary rows of ``row_bytes`` each to ``consume``, in
-        chunks of up to ``chunk_rows`` whole rows, in a worker thread (so a large result is
-        never held whole on this side)."""
+        chunks of whole rows (``chunk_rows`` to twice as many, the last fewer), in a worker
+        thread, so a large result is never held whole on this side."""
 
         def read() -> None:
             stream = self._client.raw_stream(

@@ -6,8 +6,8 @@ granule of the project, and that question reads the project's whole id column: i
 with the project (``python -m bench.dedup``). Most ids of an import are new. This set says "not
 stored" for them without asking ClickHouse; only the ids whose hash it holds (registered or
 delivered again) are asked. Even one id asked reads a granule of every part, so the set is
-exact up to a collision of 64-bit hashes (with 10,000,000 stored, one batch of 5,000 new ids
-in some 300 million has one), not a Bloom filter, whose false positives would leave most
+exact up to a collision of 64-bit hashes (with 10,000,000 stored, about one batch of 5,000 new
+ids in 370 million has one), not a Bloom filter, whose false positives would leave most
 batches with a few ids to ask: 8 bytes per stored completion.
 
 An id whose hash it does not hold was never stored, as long as it holds every completion
