@@ -30,6 +30,9 @@ from services.worker.pipeline.types import Message, Partition, Processed
 
 log = structlog.get_logger(__name__)
 
+KNOWN_IDS_RETRY_S = 30.0
+"""After the known ids failed to load, how long until a batch's lookup loads them again."""
+
 YIELD_EVERY = 256
 """Records processed between two turns of the event loop: building a fetch's rows takes tens
 of milliseconds per thousand records, which a gateway in the same process must not wait for."""
@@ -114,6 +117,8 @@ class Worker:
         self._known = known if settings.known_ids else None
         self._trusted_from = 0.0
         """Until then (monotonic), every id is asked of ClickHouse anyway."""
+        self._known_retry_at: float | None = None
+        """When (monotonic) to load the known ids again, after they failed to load."""
         self._pool = (
             ProcessPool(settings.worker_processes, prices) if settings.worker_processes else None
         )
@@ -145,6 +150,8 @@ class Worker:
     async def _lookup(self, project: str, ids: list[str]) -> dict[str, int]:
         """The stored versions of these completions; ClickHouse is asked only about the ids
         whose hash the set of known ids holds (about all of them while there is no set)."""
+        if self._known_retry_at is not None and time.monotonic() >= self._known_retry_at:
+            await self._load_known()  # between batches: the one before this is stored
         known = self._known
         asked = known.maybe_stored(project, ids) if known is not None and self.trusts_known else ids
         WORKER_DEDUP_IDS.labels("known_ids").inc(len(ids) - len(asked))
@@ -180,10 +187,16 @@ class Worker:
             await self.pipeline.first.join()
             self._known = None
             self._trusted_from = time.monotonic() + trust_after_s
-            try:
-                self._known = await load_known(self._clickhouse)
-            except Exception as exc:  # without it every id is asked: slower, never wrong
-                log.warning("known_ids_not_loaded", error=repr(exc))
+            await self._load_known()
+
+    async def _load_known(self) -> None:
+        try:
+            self._known = await load_known(self._clickhouse)
+        except Exception as exc:  # until they load, every id is asked: slower, never wrong
+            self._known_retry_at = time.monotonic() + KNOWN_IDS_RETRY_S
+            log.warning("known_ids_not_loaded", retry_in_s=KNOWN_IDS_RETRY_S, error=repr(exc))
+        else:
+            self._known_retry_at = None
 
     async def _retract(self, project: str, ids: list[str]) -> list[bytes]:
         """Retractions (agg_sign = -1) of the stored versions of these completions."""

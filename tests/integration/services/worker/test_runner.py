@@ -13,6 +13,7 @@ from schemas.events import encode_event, message_key
 from services.common.clickhouse import ClickHouse
 from services.common.kafka import create_consumer
 from services.common.settings import ServeSettings
+from services.worker import runner
 from services.worker.known import STORED_HASHES, load_known
 from services.worker.runner import stored_versions
 from tests.conftest import Broker, eventually
@@ -323,3 +324,31 @@ async def test_a_new_worker_knows_what_was_stored_before_it_and_asks_only_about_
         "(SELECT sum(completions) FROM {database}.completion_counts)"
     )
     assert (requests, listed) == (1_030, 1_030)
+
+
+async def test_known_ids_that_failed_to_load_are_loaded_again_by_a_later_batch(
+    settings: ServeSettings,
+    broker: Broker,
+    clickhouse: ClickHouse,
+    producer: Any,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(runner, "KNOWN_IDS_RETRY_S", 0.5)
+    # the load at start fails for real: the table is not there
+    await clickhouse.command("RENAME TABLE {database}.completions TO {database}.completions_away")
+    try:
+        async with RunningWorker(settings, broker, clickhouse, assign=True) as worker:
+            await asyncio.sleep(1.0)
+            assert worker.known is None
+            await clickhouse.command(
+                "RENAME TABLE {database}.completions_away TO {database}.completions"
+            )
+            by_known = _dedup_ids("known_ids")
+            await produce(producer, settings.topic, [_version(f"n-{i}", 1_000) for i in range(50)])
+            await eventually(lambda: all_committed(worker, 50))
+            assert worker.known is not None
+            assert _dedup_ids("known_ids") - by_known == 50
+    finally:
+        await clickhouse.command(
+            "RENAME TABLE IF EXISTS {database}.completions_away TO {database}.completions"
+        )
