@@ -41,7 +41,7 @@ class CompletionsRepository:
         """
         offset = min(offset, MAX_OFFSET)
         where = ["project = {project:String}"]
-        params: dict[str, object] = {"project": project, "limit": limit, "offset": offset}
+        params: dict[str, object] = {"project": project, "offset": offset}
         if model is not None:
             where.append("model = {model:String}")
             params["model"] = normalize_slug(model)

@@ -71,10 +71,6 @@ class KnownIds:
     def nbytes(self) -> int:
         return sum(level.nbytes for level in self._levels)
 
-    @property
-    def levels(self) -> int:
-        return len(self._levels)
-
     def add_hashes(self, values: Hashes) -> None:
         if not len(values):
             return
