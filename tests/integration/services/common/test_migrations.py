@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import asyncio
+import math
 
 import pytest
 
@@ -194,3 +195,86 @@ async def test_wait_for_schema_names_the_missing_migrations_when_none_come(
         assert [m.version for m in await missing_migrations(db)] == [last.version]
     finally:
         await db.command("DROP DATABASE IF EXISTS {database}")
+
+
+def _usage_event(n: int, *, version: int = 0) -> bytes:
+    """Completion ``n`` of three days, five hours each, two models; two in five timed."""
+    output: dict[str, object] = {
+        "model": ["openai/gpt-4o", "openai/gpt-4o-mini"][n % 2],
+        "created": 1_767_225_600 + (n % 3) * 86_400 + (n % 5) * 3_600 + n,
+        "usage": {
+            "prompt_tokens": 10 + n + version,
+            "completion_tokens": n,
+            "total_tokens": 10 + 2 * n + version,
+        },
+        "choices": [],
+    }
+    if n % 4:
+        output["spend"] = n / 1000 + version
+    item: dict[str, object] = {"input": {"messages": []}, "output": output}
+    if n % 5 < 2 and not version:
+        item["operation"] = {
+            "status": "error" if n % 11 == 0 else "ok",
+            "latency_ms": 10.0 * n,
+            "ttft_ms": float(n),
+        }
+    return encode_event(
+        kind="register",
+        project="p-daily",
+        container=f"c{n % 2}",
+        completion_id=f"cmpl-{n}",
+        received_at_ms=1_767_225_600_000 + version,
+        item=item,
+    )
+
+
+async def test_usage_daily_adds_up_each_day_as_computed_from_the_completions(
+    clickhouse: ClickHouse,
+) -> None:
+    """0014: usage_daily is fed from usage_hourly; per day it holds what the stored
+    completions add up to, a completion registered again counted once, in its newer form."""
+    await clickhouse.insert_json_each_row(
+        COMPLETIONS_INSERT_TABLE, b"\n".join(_row(_usage_event(n)) for n in range(0, 120))
+    )
+    await clickhouse.insert_json_each_row(
+        COMPLETIONS_INSERT_TABLE, b"\n".join(_row(_usage_event(n)) for n in range(120, 200))
+    )
+    again = [n for n in range(200) if n % 5 >= 2 and n % 7 == 0]  # registered again, untimed
+    retractions = await clickhouse.json_each_row(
+        "SELECT * REPLACE (toInt8(-1) AS agg_sign) FROM {database}.completions FINAL "
+        "WHERE project = 'p-daily' AND completion_id IN {ids:Array(String)}",
+        {"ids": [f"cmpl-{n}" for n in again]},
+    )
+    newer = b"\n".join(_row(_usage_event(n, version=5)) for n in again)
+    await clickhouse.insert_json_each_row(COMPLETIONS_INSERT_TABLE, retractions + newer)
+
+    keys = "bucket, container, model, provider"
+    daily = await clickhouse.rows(
+        f"SELECT {keys}, sum(requests), sum(errors), sum(unpriced), sum(prompt_tokens), "
+        "sum(completion_tokens), sum(total_tokens), sum(spend), "
+        "quantilesMerge(0.5, 0.9, 0.99)(latency_ms), quantilesMerge(0.5, 0.9, 0.99)(ttft_ms) "
+        f"FROM {{database}}.usage_daily WHERE project = 'p-daily' GROUP BY {keys} ORDER BY {keys}"
+    )
+    computed = await clickhouse.rows(
+        "SELECT toStartOfDay(created) AS bucket, container, model, provider, count(), "
+        "countIf(status = 'error'), countIf(spend IS NULL), sum(prompt_tokens), "
+        "sum(completion_tokens), sum(total_tokens), sum(ifNull(spend, 0)), "
+        "quantilesIf(0.5, 0.9, 0.99)(toFloat32(latency_ms), latency_ms IS NOT NULL), "
+        "quantilesIf(0.5, 0.9, 0.99)(toFloat32(ttft_ms), ttft_ms IS NOT NULL) "
+        "FROM {database}.completions FINAL WHERE project = 'p-daily' "
+        f"GROUP BY {keys} ORDER BY {keys}"
+    )
+    assert len(daily) == 3 * 2  # three days, two (container, model) pairs
+    assert [list(r) for r in daily] == [list(r) for r in computed]
+    assert sum(r[4] for r in daily) == 200
+    assert sum(r[5] for r in daily) == len([n for n in range(200) if n % 5 < 2 and n % 11 == 0])
+    assert not any(math.isnan(q) for r in daily for q in r[-2] + r[-1])  # each day timed
+
+    views = {
+        r[0]
+        for r in await clickhouse.rows(
+            "SELECT name FROM system.tables WHERE database = {db:String} AND name LIKE 'usage_%'",
+            {"db": clickhouse.database},
+        )
+    }
+    assert views == {"usage_hourly", "usage_hourly_mv", "usage_daily", "usage_daily_from_hourly_mv"}
