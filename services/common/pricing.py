@@ -50,24 +50,6 @@ class Spend(NamedTuple):
     price_version: str
 
 
-def spend_columns(spend: Spend | None) -> dict[str, Any]:
-    """The completions table's spend columns for a computed spend (or for no price)."""
-    if spend is None:
-        return {"spend": None, "spend_source": "unknown", "price_version": ""} | dict.fromkeys(
-            SPEND_CLASSES, Decimal(0)
-        )
-    return {
-        "spend": spend.total,
-        "spend_source": "computed",
-        "price_version": spend.price_version,
-        "spend_input": spend.input,
-        "spend_cache_read": spend.cache_read,
-        "spend_cache_write": spend.cache_write,
-        "spend_reasoning": spend.reasoning,
-        "spend_output": spend.output,
-    }
-
-
 SPEND_CLASSES = (
     "spend_input",
     "spend_cache_read",
@@ -75,6 +57,36 @@ SPEND_CLASSES = (
     "spend_reasoning",
     "spend_output",
 )
+
+SPEND_COLUMNS = ("spend", "spend_source", "price_version", *SPEND_CLASSES)
+"""The completions table's spend columns, in the order of :func:`spend_values`."""
+
+NOTHING_BY_CLASS: tuple[Decimal, Decimal, Decimal, Decimal, Decimal] = (Decimal(0),) * 5
+"""No charge, in each of :data:`SPEND_CLASSES`."""
+
+SpendValues = tuple[Decimal | None, str, str, Decimal, Decimal, Decimal, Decimal, Decimal]
+
+
+def spend_values(spend: Spend | None, *, source: str = "unknown") -> SpendValues:
+    """The values of :data:`SPEND_COLUMNS` for a computed spend; for none, no charge, with
+    ``source`` saying why."""
+    if spend is None:
+        return (None, source, "", *NOTHING_BY_CLASS)
+    return (
+        spend.total,
+        "computed",
+        spend.price_version,
+        spend.input,
+        spend.cache_read,
+        spend.cache_write,
+        spend.reasoning,
+        spend.output,
+    )
+
+
+def spend_columns(spend: Spend | None) -> dict[str, Any]:
+    """The completions table's spend columns for a computed spend (or for no price)."""
+    return dict(zip(SPEND_COLUMNS, spend_values(spend), strict=True))
 
 
 def _money(value: Any) -> Decimal:

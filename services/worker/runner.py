@@ -16,7 +16,7 @@ import structlog
 from aiokafka import ConsumerRebalanceListener, TopicPartition
 from aiokafka.errors import CommitFailedError, IllegalStateError
 
-from schemas import COMPLETIONS_INSERT_TABLE
+from schemas import COMPLETIONS_INSERT_COLUMNS, COMPLETIONS_INSERT_TABLE
 from services.common.clickhouse import ClickHouse, StringArray
 from services.common.kafka import create_consumer
 from services.common.losses import LossRepository
@@ -81,6 +81,30 @@ async def stored_versions(clickhouse: ClickHouse, project: str, ids: list[str]) 
     return {str(r[0]): int(r[1]) for r in rows}
 
 
+_RETRACTION_COLUMNS = ", ".join(
+    "toInt8(-1) AS agg_sign" if column == "agg_sign" else column
+    for column in COMPLETIONS_INSERT_COLUMNS
+)
+
+
+async def retractions(clickhouse: ClickHouse, project: str, ids: list[str]) -> list[bytes]:
+    """Rows (as :func:`insert_rows` takes them) that retract the stored versions of these
+    completions: copies with ``agg_sign = -1``, written with the versions that replace them."""
+    body = await clickhouse.json_compact(
+        f"SELECT {_RETRACTION_COLUMNS} FROM {{database}}.completions FINAL "
+        "WHERE project = {project:String} AND completion_id IN {ids:Array(String)}",
+        {"project": project, "ids": StringArray(ids)},
+    )
+    return [line for line in body.split(b"\n") if line.strip()]
+
+
+async def insert_rows(
+    clickhouse: ClickHouse, body: bytes, *, table: str = COMPLETIONS_INSERT_TABLE
+) -> None:
+    """Insert completion rows (``Row.json`` lines, retractions among them) in one insert."""
+    await clickhouse.insert_json_compact(table, COMPLETIONS_INSERT_COLUMNS, body)
+
+
 class Worker:
     """One consumer in the workers' group, writing into one ClickHouse database."""
 
@@ -142,7 +166,7 @@ class Worker:
 
     async def _insert(self, body: bytes) -> None:
         started = time.perf_counter()
-        await self._clickhouse.insert_json_each_row(COMPLETIONS_INSERT_TABLE, body)
+        await insert_rows(self._clickhouse, body)
         seconds = time.perf_counter() - started
         WORKER_INSERT_SECONDS.observe(seconds)
         log.debug("batch_inserted", bytes=len(body), ms=round(seconds * 1e3, 1))
@@ -199,13 +223,7 @@ class Worker:
             self._known_retry_at = None
 
     async def _retract(self, project: str, ids: list[str]) -> list[bytes]:
-        """Retractions (agg_sign = -1) of the stored versions of these completions."""
-        body = await self._clickhouse.json_each_row(
-            "SELECT * REPLACE (toInt8(-1) AS agg_sign) FROM {database}.completions FINAL "
-            "WHERE project = {project:String} AND completion_id IN {ids:Array(String)}",
-            {"project": project, "ids": StringArray(ids)},
-        )
-        return [line for line in body.split(b"\n") if line.strip()]
+        return await retractions(self._clickhouse, project, ids)
 
     async def _dead_letter(self, dead: list[Processed]) -> None:
         futures = [

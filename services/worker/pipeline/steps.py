@@ -16,6 +16,7 @@ from typing import Protocol, TypeVar
 
 import structlog
 
+from schemas import COMPLETIONS_INSERT_COLUMNS
 from schemas.events import split_key
 from services.common.clickhouse import rejects_data
 from services.common.codec import loads
@@ -35,6 +36,9 @@ from services.worker.pipeline.dead import reason_of
 from services.worker.pipeline.types import Batch, Invalid, Message, Partition, Processed, Row
 
 log = structlog.get_logger(__name__)
+
+_ID = COMPLETIONS_INSERT_COLUMNS.index("completion_id")
+"""Where a row (a retraction as ClickHouse gives it) has its completion's id."""
 
 T = TypeVar("T")
 
@@ -234,7 +238,7 @@ class Deduplicate:
                 old = await self._retrying.run(
                     "dedup_retract", partial(self._retract, project, replaced)
                 )
-                retractions += [Row(line, project, loads(line)["completion_id"]) for line in old]
+                retractions += [Row(line, project, loads(line)[_ID]) for line in old]
         skipped = len(batch.rows) - len(kept)
         if skipped:
             WORKER_DUPLICATES.inc(skipped)

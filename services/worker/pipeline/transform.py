@@ -1,4 +1,5 @@
-"""Step 2, pure: a :class:`CompletionEvent` -> one ClickHouse row (JSONEachRow bytes).
+"""Step 2, pure: a :class:`CompletionEvent` -> one ClickHouse row (a JSONCompactEachRow line:
+the values of ``COMPLETIONS_INSERT_COLUMNS``, in their order).
 
 The row carries the columns list queries and dashboards filter on, the full request, and the
 response exactly as list/get return it (``ChatResRelaxed``), so reads never rebuild it.
@@ -18,7 +19,13 @@ from orjson import Fragment
 
 from schemas.events import CompletionEvent
 from services.common.codec import dumps
-from services.common.pricing import PriceCatalog, compute_spend, spend_columns
+from services.common.pricing import (
+    NOTHING_BY_CLASS,
+    PriceCatalog,
+    SpendValues,
+    compute_spend,
+    spend_values,
+)
 from services.common.records import (
     RecordError,
     normalize_slug,
@@ -57,19 +64,24 @@ def _number(value: Any) -> float | None:
     return float(value) if isinstance(value, int | float) and not isinstance(value, bool) else None
 
 
-def _operation_columns(operation: dict[str, Any]) -> dict[str, Any]:
+OperationValues = tuple[str, str, int, float | None, float | None, str]
+
+_NO_OPERATION: OperationValues = ("", "", 0, None, None, "")
+
+
+def _operation_values(operation: dict[str, Any]) -> OperationValues:
     """Columns of a created completion: its operation id, status, latency and attempts."""
     if not operation:
-        return {}
+        return _NO_OPERATION
     attempts = operation.get("attempts")
-    return {
-        "operation_id": str(operation.get("id") or ""),
-        "status": str(operation.get("status") or ""),
-        "stream": 1 if operation.get("stream") else 0,
-        "ttft_ms": _number(operation.get("ttft_ms")),
-        "latency_ms": _number(operation.get("latency_ms")),
-        "attempts": dumps(attempts).decode() if isinstance(attempts, list) else "",
-    }
+    return (
+        str(operation.get("id") or ""),
+        str(operation.get("status") or ""),
+        1 if operation.get("stream") else 0,
+        _number(operation.get("ttft_ms")),
+        _number(operation.get("latency_ms")),
+        dumps(attempts).decode() if isinstance(attempts, list) else "",
+    )
 
 
 def _priced(
@@ -80,14 +92,14 @@ def _priced(
     created: float,
     counts: dict[str, int],
     has_usage: bool,
-) -> dict[str, Any]:
+) -> SpendValues:
     """Spend columns: the caller's spend kept, else computed at the price then in force."""
     if caller_spend is not None:
-        return {"spend": caller_spend, "spend_source": "caller"}
+        return (caller_spend, "caller", "", *NOTHING_BY_CLASS)
     if not has_usage:
-        return {"spend": None, "spend_source": "no_usage"}
+        return spend_values(None, source="no_usage")
     price = prices.find(provider, model, created) if prices and model else None
-    return spend_columns(compute_spend(price, counts) if price else None)
+    return spend_values(compute_spend(price, counts) if price else None)
 
 
 def _usage_source(has_usage: bool, operation: dict[str, Any]) -> str:
@@ -129,7 +141,7 @@ def to_row(event: CompletionEvent, prices: PriceCatalog | None = None) -> Row | 
         "provider": output.get("provider"),
         "container": container,
         "model_id": output.get("model_id"),
-        "spend": priced["spend"],
+        "spend": priced[0],
         "tags": tags,
         "metadata": _merge_metadata(
             request.get("metadata"), output.get("metadata"), item.get("metadata")
@@ -140,25 +152,31 @@ def to_row(event: CompletionEvent, prices: PriceCatalog | None = None) -> Row | 
         response["operation"] = operation
     choices = response["choices"]
     first_choice = choices[0] if choices and isinstance(choices[0], dict) else {}
-    row = {
-        "project": event.project,
-        "completion_id": event.completion_id,
-        "created": _datetime64(created),
-        "received_at": _datetime64(event.received_at_ms / 1000.0),
-        "kind": event.kind,
-        "model": slug,
-        "provider": provider,
-        "container": container or "",
-        "model_id": output.get("model_id") or "",
-        "finish_reason": first_choice.get("finish_reason") or "",
-        **counts,
-        **priced,
-        "usage_source": _usage_source(usage is not None, operation),
-        "usage_flags": usage_flags(counts, usage is not None),
-        "tags": tags,
-        "trace_id": _dict(trace).get("id") or "",
-        "response": Fragment(dumps(response)),
-        "request": Fragment(dumps(request)),
-        **_operation_columns(operation),
-    }
-    return Row(dumps(row), event.project, event.completion_id, event.received_at_ms)
+    values = [  # COMPLETIONS_INSERT_COLUMNS
+        event.project,
+        event.completion_id,
+        _datetime64(created),
+        _datetime64(event.received_at_ms / 1000.0),
+        event.kind,
+        slug,
+        provider,
+        container or "",
+        output.get("model_id") or "",
+        first_choice.get("finish_reason") or "",
+        counts["prompt_tokens"],
+        counts["completion_tokens"],
+        counts["total_tokens"],
+        counts["cached_tokens"],
+        counts["reasoning_tokens"],
+        counts["cache_write_tokens"],
+        *priced,
+        _usage_source(usage is not None, operation),
+        usage_flags(counts, usage is not None),
+        tags,
+        _dict(trace).get("id") or "",
+        Fragment(dumps(response)),
+        Fragment(dumps(request)),
+        *_operation_values(operation),
+        1,  # agg_sign: a version, not a retraction
+    ]
+    return Row(dumps(values), event.project, event.completion_id, event.received_at_ms)

@@ -28,7 +28,8 @@ class Message(NamedTuple):
 
 
 class Row(NamedTuple):
-    """A valid message turned into one JSONEachRow line for ClickHouse."""
+    """A valid message turned into one row for ClickHouse: a JSON array of the values of
+    ``COMPLETIONS_INSERT_COLUMNS`` (a JSONCompactEachRow line)."""
 
     json: bytes
     project: str = ""

@@ -8,12 +8,12 @@ from typing import Any
 
 import pytest
 
-from schemas import COMPLETIONS_INSERT_TABLE
 from schemas.events import encode_event
 from services.common.clickhouse import ClickHouse
 from services.common.pricing import PriceCatalog
 from services.worker.pipeline import processor
 from services.worker.pipeline.types import Row
+from services.worker.runner import insert_rows
 
 DASHBOARD = Path(__file__).resolve().parents[3] / "deploy/grafana/dashboards/maniac-usage.json"
 PANELS = json.loads(DASHBOARD.read_text())["panels"]
@@ -49,7 +49,7 @@ async def test_dashboard_query_runs(clickhouse: ClickHouse, panel: dict[str, Any
         result = process(value)
         assert isinstance(result, Row)
         rows.append(result.json)
-    await clickhouse.insert_json_each_row(COMPLETIONS_INSERT_TABLE, b"\n".join(rows))
+    await insert_rows(clickhouse, b"\n".join(rows))
     [target] = panel["targets"]
     answer = await clickhouse.rows(_runnable(target["rawSql"]))
     assert answer, panel["title"]

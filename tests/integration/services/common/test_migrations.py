@@ -5,7 +5,7 @@ import math
 
 import pytest
 
-from schemas import COMPLETIONS_INSERT_TABLE
+from schemas import COMPLETIONS_INSERT_COLUMNS, COMPLETIONS_INSERT_TABLE
 from schemas.events import encode_event
 from services.common.clickhouse import ClickHouse
 from services.common.migrations import (
@@ -17,6 +17,7 @@ from services.common.migrations import (
 )
 from services.worker.pipeline import process
 from services.worker.pipeline.types import Row
+from services.worker.runner import insert_rows, retractions
 from tests.conftest import unique
 
 
@@ -33,6 +34,20 @@ async def test_migrate_again_applies_nothing(clickhouse: ClickHouse) -> None:
     assert await migrate(clickhouse) == []
     rows = await clickhouse.rows("SELECT count() FROM {database}.schema_migrations FINAL")
     assert rows[0][0] == len(load_migrations())
+
+
+async def test_the_worker_s_row_has_every_column_of_the_completions_tables(
+    clickhouse: ClickHouse,
+) -> None:
+    """A column a migration adds must join ``COMPLETIONS_INSERT_COLUMNS``: a retraction is a
+    copy of those columns, and a view summing one it lacks would count it wrong."""
+    for table in ("completions", COMPLETIONS_INSERT_TABLE):
+        columns = await clickhouse.rows(
+            "SELECT name FROM system.columns WHERE database = {db:String} AND table = {t:String}",
+            {"db": clickhouse.database, "t": table},
+        )
+        assert {c for (c,) in columns} == {*COMPLETIONS_INSERT_COLUMNS, "inserted_at"}, table
+    assert len(set(COMPLETIONS_INSERT_COLUMNS)) == len(COMPLETIONS_INSERT_COLUMNS)
 
 
 def test_migrations_are_numbered_without_gaps() -> None:
@@ -62,7 +77,7 @@ async def test_a_batch_of_completions_is_stored_in_compact_parts(clickhouse: Cli
     ]
     lines = [row.json for row in map(process, rows) if isinstance(row, Row)]
     assert len(lines) == 4_000
-    await clickhouse.insert_json_each_row(COMPLETIONS_INSERT_TABLE, b"\n".join(lines))
+    await insert_rows(clickhouse, b"\n".join(lines))
 
     parts = await clickhouse.rows(
         "SELECT table, part_type, sum(data_uncompressed_bytes) FROM system.parts "
@@ -130,15 +145,12 @@ async def test_a_response_is_stored_once_and_an_earlier_writer_still_stores_its_
     """0011: what is written to completions_in keeps its response only in
     completion_responses; a row still written to completions itself is copied there too."""
     new, old = _row(_event("new")), _row(_event("old"))
-    await clickhouse.insert_json_each_row(COMPLETIONS_INSERT_TABLE, new)
-    await clickhouse.insert_json_each_row("completions", old)  # a worker of an earlier release
+    await insert_rows(clickhouse, new)
+    await insert_rows(clickhouse, old, table="completions")  # a worker of an earlier release
     # a newer version with the retraction of the stored one, as the worker writes it
-    retraction = await clickhouse.json_each_row(
-        "SELECT * REPLACE (toInt8(-1) AS agg_sign) FROM {database}.completions FINAL "
-        "WHERE project = 'p-once' AND completion_id = 'new'"
-    )
+    [retraction] = await retractions(clickhouse, "p-once", ["new"])
     newer = _row(_event("new", received_at_ms=1_767_225_600_500))
-    await clickhouse.insert_json_each_row(COMPLETIONS_INSERT_TABLE, retraction + newer)
+    await insert_rows(clickhouse, retraction + b"\n" + newer)
 
     completions = await _stored(clickhouse, "completions")
     responses = await _stored(clickhouse, "completion_responses")
@@ -233,20 +245,13 @@ async def test_usage_daily_adds_up_each_day_as_computed_from_the_completions(
 ) -> None:
     """0014: usage_daily is fed from usage_hourly; per day it holds what the stored
     completions add up to, a completion registered again counted once, in its newer form."""
-    await clickhouse.insert_json_each_row(
-        COMPLETIONS_INSERT_TABLE, b"\n".join(_row(_usage_event(n)) for n in range(0, 120))
-    )
-    await clickhouse.insert_json_each_row(
-        COMPLETIONS_INSERT_TABLE, b"\n".join(_row(_usage_event(n)) for n in range(120, 200))
-    )
+    await insert_rows(clickhouse, b"\n".join(_row(_usage_event(n)) for n in range(0, 120)))
+    await insert_rows(clickhouse, b"\n".join(_row(_usage_event(n)) for n in range(120, 200)))
     again = [n for n in range(200) if n % 5 >= 2 and n % 7 == 0]  # registered again, untimed
-    retractions = await clickhouse.json_each_row(
-        "SELECT * REPLACE (toInt8(-1) AS agg_sign) FROM {database}.completions FINAL "
-        "WHERE project = 'p-daily' AND completion_id IN {ids:Array(String)}",
-        {"ids": [f"cmpl-{n}" for n in again]},
-    )
-    newer = b"\n".join(_row(_usage_event(n, version=5)) for n in again)
-    await clickhouse.insert_json_each_row(COMPLETIONS_INSERT_TABLE, retractions + newer)
+    retracted = await retractions(clickhouse, "p-daily", [f"cmpl-{n}" for n in again])
+    assert len(retracted) == len(again)
+    newer = [_row(_usage_event(n, version=5)) for n in again]
+    await insert_rows(clickhouse, b"\n".join(retracted + newer))
 
     keys = "bucket, container, model, provider"
     daily = await clickhouse.rows(

@@ -14,6 +14,7 @@ from services.common.clickhouse import ClickHouse
 from services.query.repository import CompletionsRepository
 from services.worker.pipeline import process
 from services.worker.pipeline.types import Row
+from services.worker.runner import insert_rows
 from tests.support.migrations import apply_migrations, database_before
 from tests.support.worker import store
 
@@ -453,10 +454,11 @@ async def test_list_is_exact_over_what_was_stored_before_migration_0008(
         await before.command("DROP VIEW {database}.then_written")
         await before.command("DROP TABLE {database}.completions_in")
         # as stored before the worker deduplicated: the same version twice, no retraction
-        await before.insert_json_each_row(
-            "completions",
+        await insert_rows(
+            before,
             _row(_event({"id": "legacy", "created": 5, "received_at_ms": 9})) * 2
             + _row(_event({"id": "legacy", "created": 6, "received_at_ms": 10})),
+            table="completions",
         )
         await apply_migrations(before, 8)
         repo = CompletionsRepository(before)

@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import asyncio
 
+import orjson
 import pytest
 
-from schemas import COMPLETIONS_INSERT_TABLE
+from schemas import COMPLETIONS_INSERT_COLUMNS
 from services.common.clickhouse import ClickHouse
 from services.worker.pipeline import process
 from services.worker.pipeline.steps import CommitOffsets, Retrying, WriteBatch
 from services.worker.pipeline.types import Batch, Invalid, Message, Partition, Processed, Row
+from services.worker.runner import insert_rows
 from tests.support.worker import count
 
 P0 = Partition("t", 0)
@@ -34,7 +36,7 @@ class Sinks:
 
 def _write_step(clickhouse: ClickHouse, sinks: Sinks, stopping: asyncio.Event) -> WriteBatch:
     async def insert(body: bytes) -> None:
-        await clickhouse.insert_json_each_row(COMPLETIONS_INSERT_TABLE, body)
+        await insert_rows(clickhouse, body)
 
     retrying = Retrying(0.01, 0.05, stopping)
     commit = CommitOffsets(sinks.commit, retrying)
@@ -72,8 +74,10 @@ async def test_a_row_clickhouse_refuses_is_dead_lettered_and_the_rest_stored(
     clickhouse: ClickHouse, column: str, value: str, code: str
 ) -> None:
     sinks = Sinks()
-    bad_json = b'{"project":"p","completion_id":"bad","%s":%s}' % (column.encode(), value.encode())
-    bad = (Message(P0, 2, b"p/bad", b"{}"), Row(bad_json, "p", "bad"))
+    values = orjson.loads(_good(2)[1].json)
+    values[COMPLETIONS_INSERT_COLUMNS.index("completion_id")] = "bad"
+    values[COMPLETIONS_INSERT_COLUMNS.index(column)] = orjson.Fragment(value)
+    bad = (Message(P0, 2, b"p/bad", b"{}"), Row(orjson.dumps(values), "p", "bad"))
     rows = [_good(0), _good(1), bad, _good(3)]
     await _write_step(clickhouse, sinks, asyncio.Event()).submit(_batch(rows))
 

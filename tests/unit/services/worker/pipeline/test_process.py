@@ -9,7 +9,7 @@ from typing import Any
 import orjson
 import pytest
 
-from schemas import SCHEMAS_DIR
+from schemas import COMPLETIONS_INSERT_COLUMNS, SCHEMAS_DIR
 from schemas.api import ChatResRelaxed
 from schemas.events import CompletionEvent, encode_event
 from services.gateway.register import RegisterEnvelope, build_events
@@ -37,7 +37,7 @@ def _row(value: bytes) -> dict[str, Any]:
     """The row as ClickHouse stores it: ``response`` and ``request`` as their JSON text."""
     result = process(value)
     assert isinstance(result, Row), result
-    row: dict[str, Any] = orjson.loads(result.json)
+    row = dict(zip(COMPLETIONS_INSERT_COLUMNS, orjson.loads(result.json), strict=True))
     for column in ("response", "request"):
         assert isinstance(row[column], dict)  # written as an object, stored as its text
         row[column] = orjson.dumps(row[column]).decode()
@@ -91,7 +91,11 @@ def test_spend_is_written_as_an_exact_decimal() -> None:
     result = process(_event(item))
     assert isinstance(result, Row)
     # the spend column and the response's spend, both exact
-    assert result.json.count(b'"spend":0.000000000123,') == 2
+    assert COMPLETIONS_INSERT_COLUMNS.index("spend_source") == (
+        COMPLETIONS_INSERT_COLUMNS.index("spend") + 1
+    )
+    assert b',0.000000000123,"caller",' in result.json
+    assert b'"spend":0.000000000123,' in result.json
 
 
 @pytest.mark.parametrize(

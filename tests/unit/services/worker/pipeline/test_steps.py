@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import asyncio
 
+import orjson
 import pytest
 
+from schemas import COMPLETIONS_INSERT_COLUMNS
 from services.common.pricing import PriceCatalog
 from services.worker.pipeline import (
     Offload,
@@ -58,7 +60,7 @@ class Recorder:
 
     async def retract(self, project: str, ids: list[str]) -> list[bytes]:
         self.calls.append(("retract", sorted(ids)))
-        return [b'{"completion_id":"%s","agg_sign":-1}' % i.encode() for i in sorted(ids)]
+        return [b'["%s","%s",-1]' % (project.encode(), i.encode()) for i in sorted(ids)]
 
 
 def _pipeline(
@@ -251,7 +253,7 @@ async def test_redelivered_and_older_versions_are_not_written_again() -> None:
     await pipeline.first.submit(_valid(P0, 3, "fresh", version=1))  # twice in one batch
     await pipeline.first.join()
     assert rec.calls == [("insert", 1), ("commit", {P0: 4})]
-    assert b'"completion_id":"fresh"' in rec.inserted[0]
+    assert rec.inserted[0].startswith(b'["p","fresh",')
 
 
 async def test_a_newer_version_is_written_with_a_retraction_of_the_stored_one() -> None:
@@ -262,8 +264,9 @@ async def test_a_newer_version_is_written_with_a_retraction_of_the_stored_one() 
     await pipeline.first.submit(_valid(P0, 1, "changed", version=7))  # newest in batch wins
     await pipeline.first.join()
     assert rec.calls == [("retract", ["changed"]), ("insert", 2), ("commit", {P0: 2})]
-    assert rec.inserted[0] == b'{"completion_id":"changed","agg_sign":-1}'
-    assert b'"received_at":"1970-01-01 00:00:00.007"' in rec.inserted[1]
+    assert rec.inserted[0] == b'["p","changed",-1]'
+    received_at = orjson.loads(rec.inserted[1])[COMPLETIONS_INSERT_COLUMNS.index("received_at")]
+    assert received_at == "1970-01-01 00:00:00.007"
 
 
 async def _offloaded(values: list[bytes | None]) -> list[Row | Invalid]:
@@ -316,7 +319,7 @@ class Rejecting(Recorder):
     """ClickHouse as it answers an insert holding a row it cannot parse: all refused."""
 
     async def insert(self, body: bytes) -> None:
-        if b'"completion_id":"bad' in body:
+        if b',"bad' in body:  # a row of a completion "bad...", or its retraction
             self.calls.append(("insert_rejected", body.count(b"\n") + 1))
             raise RuntimeError("Code: 41. DB::Exception: Cannot read DateTime: (at row 1)")
         await super().insert(body)
@@ -351,5 +354,5 @@ async def test_a_retraction_is_never_split_from_its_new_version() -> None:
     # the retraction and the new version are refused together, and neither is stored
     assert inserts == [("insert_rejected", 3), ("insert_rejected", 2), ("insert", 1)]
     assert len(rec.inserted) == 1
-    assert b'"completion_id":"ok"' in rec.inserted[0]
+    assert rec.inserted[0].startswith(b'["p","ok",')
     assert rec.calls[-3:] == [("dead_letter", [0]), ("record_dead", [0]), ("commit", {P0: 2})]
