@@ -84,11 +84,15 @@ class KnownIds:
     def add(self, project: str, ids: Sequence[str]) -> None:
         self.add_hashes(hashes(project, ids))
 
-    def maybe_stored(self, project: str, ids: Sequence[str]) -> list[str]:
-        """Those of ``ids`` that may be stored; every other one certainly is not."""
+    def maybe_stored(
+        self, project: str, ids: Sequence[str], values: Hashes | None = None
+    ) -> list[str]:
+        """Those of ``ids`` that may be stored; every other one certainly is not. ``values``:
+        their hashes, if the caller has them already."""
         if not ids:
             return []
-        values = hashes(project, ids)
+        if values is None:
+            values = hashes(project, ids)
         order = np.argsort(values)
         needles = values[order]  # in order, the searches walk each level once
         in_order = np.zeros(len(values), dtype=bool)

@@ -23,7 +23,7 @@ from services.common.losses import LossRepository
 from services.common.metrics import CONSUMER_LAG, WORKER_DEDUP_IDS, WORKER_INSERT_SECONDS
 from services.common.pricing import PriceCatalog
 from services.common.settings import WorkerSettings
-from services.worker.known import KnownIds, load_known
+from services.worker.known import KnownIds, hashes, load_known
 from services.worker.pipeline import Pipeline, ProcessPool, build_pipeline
 from services.worker.pipeline.dead import dead_letter_headers, dead_letter_record
 from services.worker.pipeline.types import Message, Partition, Processed
@@ -177,12 +177,17 @@ class Worker:
         if self._known_retry_at is not None and time.monotonic() >= self._known_retry_at:
             await self._load_known()  # between batches: the one before this is stored
         known = self._known
-        asked = known.maybe_stored(project, ids) if known is not None and self.trusts_known else ids
+        values = hashes(project, ids) if known is not None else None
+        asked = (
+            known.maybe_stored(project, ids, values)
+            if known is not None and self.trusts_known
+            else ids
+        )
         WORKER_DEDUP_IDS.labels("known_ids").inc(len(ids) - len(asked))
         WORKER_DEDUP_IDS.labels("clickhouse").inc(len(asked))
         stored = await stored_versions(self._clickhouse, project, asked) if asked else {}
-        if known is not None:
-            known.add(project, ids)  # before they are inserted: never missing, at worst extra
+        if known is not None and values is not None:
+            known.add_hashes(values)  # before they are inserted: never missing, at worst extra
         return stored
 
     @property
