@@ -16,8 +16,9 @@ Figures per configuration:
 * request latency p50/p99;
 * RSS of `maniac serve` (gateway, worker and query service in one process) and of the broker,
   sampled every 0.5 s from /proc: at start, peak and end;
-* CPU time per item of `maniac serve`, the broker and the clients (from /proc): on a shared
-  machine this moves far less with other load than the throughput does.
+* CPU time per item of `maniac serve` (and of its main thread alone: the Python code, which
+  holds the GIL, against the ClickHouse engine's threads), the broker and the clients (from
+  /proc): on a shared machine this moves far less with other load than the throughput does.
 
 Against real infrastructure: ``--url`` and ``--key`` point the clients at a running gateway
 (with its own workers and query service) instead of starting one.
@@ -198,10 +199,11 @@ def _rss_kib(pid: int) -> int | None:
 _TICKS = os.sysconf("SC_CLK_TCK")
 
 
-def _cpu_s(pid: int) -> float:
-    """User + system CPU seconds a process has used so far."""
+def _cpu_s(pid: int, *, thread: int | None = None) -> float:
+    """User + system CPU seconds a process (or one of its threads) has used so far."""
+    stat = f"/proc/{pid}/stat" if thread is None else f"/proc/{pid}/task/{thread}/stat"
     try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        fields = Path(stat).read_text().rsplit(")", 1)[1].split()
     except OSError:
         return 0.0
     return (int(fields[11]) + int(fields[12])) / _TICKS
@@ -256,7 +258,7 @@ class MemorySampler:
         first = {c: _cpu_s(c) for c in broker + others}
         last = dict(first)
         ever_broker = set(broker)
-        cpu = (_cpu_s(self.pid), time.process_time())
+        cpu = (_cpu_s(self.pid), time.process_time(), _cpu_s(self.pid, thread=self.pid))
         while not self._stop.is_set():
             broker, others = self._groups()
             ever_broker.update(broker)
@@ -276,6 +278,9 @@ class MemorySampler:
             self._stop.wait(self.interval_s)
         self.cpu = {
             "serve": round(_cpu_s(self.pid) - cpu[0], 2),
+            # of which its main thread: Python (gateway, worker, query service) holding the
+            # GIL; the rest is the ClickHouse engine's threads and compression off the GIL
+            "serve_main_thread": round(_cpu_s(self.pid, thread=self.pid) - cpu[2], 2),
             "broker": round(sum(max(last[c], _cpu_s(c)) - first[c] for c in ever_broker), 2),
             "worker_processes": round(sum(_cpu_s(c) - first[c] for c in others), 2),
             "clients": round(time.process_time() - cpu[1], 2),
@@ -488,7 +493,8 @@ def _print(row: dict[str, Any]) -> None:
     if row.get("cpu_us_per_item"):
         cpu = row["cpu_us_per_item"]
         print(
-            f"    CPU per item: serve {cpu['serve']} us, worker processes "
+            f"    CPU per item: serve {cpu['serve']} us (main thread "
+            f"{cpu.get('serve_main_thread', '-')} us), worker processes "
             f"{cpu['worker_processes']} us, broker {cpu['broker']} us, clients {cpu['clients']} us"
         )
 
