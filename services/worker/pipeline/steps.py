@@ -238,7 +238,9 @@ class Deduplicate:
                 old = await self._retrying.run(
                     "dedup_retract", partial(self._retract, project, replaced)
                 )
-                retractions += [Row(line, project, loads(line)[_ID]) for line in old]
+                retractions += [
+                    Row(line, project, loads(line)[_ID], retraction=True) for line in old
+                ]
         skipped = len(batch.rows) - len(kept)
         if skipped:
             WORKER_DUPLICATES.inc(skipped)
@@ -255,7 +257,7 @@ def observe_stored(rows: list[Row], now_s: float) -> None:
     """Per-project stored counts and ingestion lag (gateway receipt -> inserted)."""
     lags: dict[str, list[float]] = {}
     for row in rows:
-        if row.project:  # not a retraction
+        if not row.retraction:
             lags.setdefault(row.project, []).append(max(now_s - row.version_ms / 1000.0, 0.0))
     for project, values in lags.items():
         label = project_label(project)

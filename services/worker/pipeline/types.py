@@ -36,6 +36,8 @@ class Row(NamedTuple):
     completion_id: str = ""
     version_ms: int = 0
     """The completion's version (gateway receive time): the newest one is the one kept."""
+    retraction: bool = False
+    """A copy of a stored version, written to cancel it in the aggregates: no completion."""
 
 
 class Invalid(NamedTuple):
