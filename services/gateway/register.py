@@ -8,7 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict
 from pydantic_core import ErrorDetails
 
 from schemas.api import Item
@@ -33,7 +33,7 @@ class RegisterEnvelope(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     items: list[Any]
-    container: str = Field(min_length=1)
+    container: str
 
 
 @dataclass
