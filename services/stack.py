@@ -15,8 +15,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import time
-from collections.abc import AsyncIterator, Awaitable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Iterator, Mapping
 from typing import Any
 
 import structlog
@@ -52,6 +53,35 @@ before it gives up (and publishing resumes on the broker as it is)."""
 
 RESTART_RETRY_S = 60.0
 """After a restart given up, how long until the next attempt."""
+
+
+class _PlannedRestarts(logging.Filter):
+    """aiokafka's client logs, as errors, every failed connection to the broker and the
+    metadata it could not update. While ``maniac serve`` restarts its own broker on purpose,
+    its clients cannot reach it for that moment by design (the restart is logged as
+    ``broker_restarted``): those records are dropped then, and only then."""
+
+    EXPECTED = ("Unable connect to", "Unable to update metadata")
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.under_way = 0
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        expected = isinstance(record.msg, str) and record.msg.startswith(self.EXPECTED)
+        return not (self.under_way and expected)
+
+    @contextlib.contextmanager
+    def planned(self) -> Iterator[None]:
+        self.under_way += 1
+        try:
+            yield
+        finally:
+            self.under_way -= 1
+
+
+_PLANNED_RESTARTS = _PlannedRestarts()
+logging.getLogger("aiokafka").addFilter(_PLANNED_RESTARTS)  # aiokafka/client.py logs here
 
 
 async def bounded(work: Awaitable[Any], seconds: float, what: str) -> None:
@@ -244,12 +274,13 @@ class Stack:
                     log.error("broker_restart_skipped", reason="not drained", acked=acked)
                     return False
                 drained = time.monotonic()
-                await self._stop_worker()
-                try:
-                    kept = await self._replace_broker(broker, gateway.producer)
-                    publisher.restart_offsets()
-                finally:
-                    await self._start_worker()  # on the old log still, if it failed before
+                with _PLANNED_RESTARTS.planned():
+                    await self._stop_worker()
+                    try:
+                        kept = await self._replace_broker(broker, gateway.producer)
+                        publisher.restart_offsets()
+                    finally:
+                        await self._start_worker()  # on the old log still, if it failed before
             finally:
                 publisher.resume()
             BROKER_RESTARTS.labels(reason).inc()
