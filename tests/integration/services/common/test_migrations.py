@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import asyncio
 import math
+from collections.abc import Awaitable, Callable
 
 import pytest
 
@@ -19,6 +20,7 @@ from services.worker.pipeline import process
 from services.worker.pipeline.types import Row
 from services.worker.runner import insert_rows, retractions
 from tests.conftest import unique
+from tests.support.migrations import apply_migrations, database_before
 
 
 async def test_fixture_database_is_fully_migrated(clickhouse: ClickHouse) -> None:
@@ -240,27 +242,26 @@ def _usage_event(n: int, *, version: int = 0) -> bytes:
     )
 
 
-async def test_usage_daily_adds_up_each_day_as_computed_from_the_completions(
-    clickhouse: ClickHouse,
-) -> None:
-    """0014: usage_daily is fed from usage_hourly; per day it holds what the stored
-    completions add up to, a completion registered again counted once, in its newer form."""
-    await insert_rows(clickhouse, b"\n".join(_row(_usage_event(n)) for n in range(0, 120)))
-    await insert_rows(clickhouse, b"\n".join(_row(_usage_event(n)) for n in range(120, 200)))
+async def _daily_as_computed(ch: ClickHouse, migrate_0014: Callable[[], Awaitable[None]]) -> None:
+    """Completions stored, ``migrate_0014`` called once some are, more stored and some of them
+    registered again; then usage_daily must hold, per day, what the completions add up to."""
+    await insert_rows(ch, b"\n".join(_row(_usage_event(n)) for n in range(0, 120)))
+    await migrate_0014()
+    await insert_rows(ch, b"\n".join(_row(_usage_event(n)) for n in range(120, 200)))
     again = [n for n in range(200) if n % 5 >= 2 and n % 7 == 0]  # registered again, untimed
-    retracted = await retractions(clickhouse, "p-daily", [f"cmpl-{n}" for n in again])
+    retracted = await retractions(ch, "p-daily", [f"cmpl-{n}" for n in again])
     assert len(retracted) == len(again)
     newer = [_row(_usage_event(n, version=5)) for n in again]
-    await insert_rows(clickhouse, b"\n".join(retracted + newer))
+    await insert_rows(ch, b"\n".join(retracted + newer))
 
     keys = "bucket, container, model, provider"
-    daily = await clickhouse.rows(
+    daily = await ch.rows(
         f"SELECT {keys}, sum(requests), sum(errors), sum(unpriced), sum(prompt_tokens), "
         "sum(completion_tokens), sum(total_tokens), sum(spend), "
         "quantilesMerge(0.5, 0.9, 0.99)(latency_ms), quantilesMerge(0.5, 0.9, 0.99)(ttft_ms) "
         f"FROM {{database}}.usage_daily WHERE project = 'p-daily' GROUP BY {keys} ORDER BY {keys}"
     )
-    computed = await clickhouse.rows(
+    computed = await ch.rows(
         "SELECT toStartOfDay(created) AS bucket, container, model, provider, count(), "
         "countIf(status = 'error'), countIf(spend IS NULL), sum(prompt_tokens), "
         "sum(completion_tokens), sum(total_tokens), sum(ifNull(spend, 0)), "
@@ -277,9 +278,31 @@ async def test_usage_daily_adds_up_each_day_as_computed_from_the_completions(
 
     views = {
         r[0]
-        for r in await clickhouse.rows(
+        for r in await ch.rows(
             "SELECT name FROM system.tables WHERE database = {db:String} AND name LIKE 'usage_%'",
-            {"db": clickhouse.database},
+            {"db": ch.database},
         )
     }
     assert views == {"usage_hourly", "usage_hourly_mv", "usage_daily", "usage_daily_from_hourly_mv"}
+
+
+async def test_usage_daily_adds_up_each_day_as_computed_from_the_completions(
+    clickhouse: ClickHouse,
+) -> None:
+    """0014: usage_daily is fed from usage_hourly; per day it holds what the stored
+    completions add up to, a completion registered again counted once, in its newer form."""
+
+    async def migrated_already() -> None:
+        pass
+
+    await _daily_as_computed(clickhouse, migrated_already)
+
+
+async def test_usage_daily_stays_exact_across_migration_0014(clickhouse: ClickHouse) -> None:
+    """What the view of 0004 summed into usage_daily stays, and what follows adds to it."""
+    async with database_before(clickhouse, 14) as before:
+
+        async def migrate_0014() -> None:
+            await apply_migrations(before, 14)
+
+        await _daily_as_computed(before, migrate_0014)
