@@ -225,22 +225,16 @@ class ClickHouse:
 
     async def json_each_row(self, sql: str, parameters: Mapping[str, Any] | None = None) -> bytes:
         """A query's result as JSONEachRow bytes (ready to insert again)."""
-        result = await asyncio.to_thread(
-            self._client.raw_query,
-            self.render(sql),
-            parameters=dict(parameters or {}),
-            fmt="JSONEachRow",
-        )
-        return bytes(result)
+        return await self._raw_query(sql, parameters, "JSONEachRow")
 
     async def json_compact(self, sql: str, parameters: Mapping[str, Any] | None = None) -> bytes:
         """A query's result as JSONCompactEachRow bytes: a JSON array of its columns' values
         per line (ready to insert again with :meth:`insert_json_compact`)."""
+        return await self._raw_query(sql, parameters, "JSONCompactEachRow")
+
+    async def _raw_query(self, sql: str, parameters: Mapping[str, Any] | None, fmt: str) -> bytes:
         result = await asyncio.to_thread(
-            self._client.raw_query,
-            self.render(sql),
-            parameters=dict(parameters or {}),
-            fmt="JSONCompactEachRow",
+            self._client.raw_query, self.render(sql), parameters=dict(parameters or {}), fmt=fmt
         )
         return bytes(result)
 
@@ -283,25 +277,26 @@ class ClickHouse:
         A JSON object given for a ``String`` column is stored as its text, exactly as written
         (so rows can carry a JSON document without encoding it a second time as a string).
         """
-        await asyncio.to_thread(
-            self._client.raw_insert,
-            f"{self.database}.{check_identifier(table)}",
-            insert_block=body,
-            settings=_JSON_INSERT_SETTINGS,
-            fmt="JSONEachRow",
-        )
+        await self._insert_json(table, None, body, "JSONEachRow")
 
     async def insert_json_compact(self, table: str, columns: Sequence[str], body: bytes) -> None:
         """Bulk-insert newline-delimited JSON arrays, each the values of ``columns`` in their
         order (JSONCompactEachRow), in one request; objects for ``String`` columns as in
         :meth:`insert_json_each_row`."""
+        await self._insert_json(
+            table, [check_identifier(column) for column in columns], body, "JSONCompactEachRow"
+        )
+
+    async def _insert_json(
+        self, table: str, columns: list[str] | None, body: bytes, fmt: str
+    ) -> None:
         await asyncio.to_thread(
             self._client.raw_insert,
             f"{self.database}.{check_identifier(table)}",
-            column_names=[check_identifier(column) for column in columns],
+            column_names=columns,
             insert_block=body,
             settings=_JSON_INSERT_SETTINGS,
-            fmt="JSONCompactEachRow",
+            fmt=fmt,
         )
 
     async def insert_rows(
