@@ -79,6 +79,8 @@ MAX_TOKENS = 10**12
 MAX_SPEND = Decimal(10**15)
 
 TOKEN_FIELDS = ("prompt_tokens", "completion_tokens", "total_tokens")
+COUNT_FIELDS = (*TOKEN_FIELDS, "cached_tokens", "reasoning_tokens", "cache_write_tokens")
+"""The counts :func:`usage_counts` gives, each a column of ``completions``."""
 
 
 def token_count(value: Any, loc: tuple[str | int, ...]) -> int:
@@ -116,9 +118,7 @@ def parse_spend(value: Any) -> Decimal | None:
 def usage_counts(usage: dict[str, Any] | None) -> dict[str, int]:
     """prompt/completion/total/cached/reasoning token counts from an OpenAI usage object."""
     if not usage:
-        return dict.fromkeys(
-            (*TOKEN_FIELDS, "cached_tokens", "reasoning_tokens", "cache_write_tokens"), 0
-        )
+        return dict.fromkeys(COUNT_FIELDS, 0)
     counts = {f: token_count(usage.get(f), ("output", "usage", f)) for f in TOKEN_FIELDS}
     prompt_details = usage.get("prompt_tokens_details") or {}
     completion_details = usage.get("completion_tokens_details") or {}

@@ -25,6 +25,7 @@ from services.common.bodies import stored_responses
 from services.common.clickhouse import ClickHouse
 from services.common.codec import dumps
 from services.common.pricing import PriceCatalog, compute_spend, spend_columns
+from services.common.records import COUNT_FIELDS
 
 log = structlog.get_logger(__name__)
 
@@ -46,17 +47,7 @@ def _dec(value: Any) -> Decimal | None:
 
 def repriced(row: dict[str, Any], prices: PriceCatalog) -> dict[str, Any] | None:
     """The row's spend columns at current prices, or None when nothing changes."""
-    counts = {
-        k: int(row.get(k) or 0)
-        for k in (
-            "prompt_tokens",
-            "completion_tokens",
-            "total_tokens",
-            "cached_tokens",
-            "reasoning_tokens",
-            "cache_write_tokens",
-        )
-    }
+    counts = {k: int(row.get(k) or 0) for k in COUNT_FIELDS}
     price = prices.find(row["provider"], row["model"], _ts(row["created"]).timestamp())
     new = spend_columns(compute_spend(price, counts) if price else None)
     same = _dec(row["spend"]) == new["spend"] and row["price_version"] == new["price_version"]
