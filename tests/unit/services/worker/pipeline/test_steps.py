@@ -272,37 +272,27 @@ async def test_a_newer_version_is_written_with_a_retraction_of_the_stored_one() 
     assert received_at == "1970-01-01 00:00:00.007"
 
 
-def _sample(name: str) -> float:
-    return REGISTRY.get_sample_value(name, {"project": project_label("p")}) or 0.0
+_STORED_AND_LAG = (
+    "maniac_project_records_stored_total",
+    "maniac_ingestion_lag_seconds_count",
+    "maniac_ingestion_lag_seconds_sum",
+)
+
+
+def _samples() -> list[float]:
+    label = {"project": project_label("p")}
+    return [REGISTRY.get_sample_value(name, label) or 0.0 for name in _STORED_AND_LAG]
 
 
 async def test_a_retraction_is_neither_counted_as_stored_nor_timed() -> None:
     rec = Recorder()
     rec.stored = {("p", "changed"): 5}
     pipeline = _pipeline(rec, max_rows=10)
-    before = [
-        _sample(name)
-        for name in (
-            "maniac_project_records_stored_total",
-            "maniac_ingestion_lag_seconds_count",
-            "maniac_ingestion_lag_seconds_sum",
-        )
-    ]
+    before = _samples()
     await pipeline.first.submit(_valid(P0, 0, "changed", version=int(time.time() * 1000)))
     await pipeline.first.join()
     assert rec.calls[1] == ("insert", 2)  # the retraction and the new version
-    stored, timed, lag = (
-        _sample(name) - value
-        for name, value in zip(
-            (
-                "maniac_project_records_stored_total",
-                "maniac_ingestion_lag_seconds_count",
-                "maniac_ingestion_lag_seconds_sum",
-            ),
-            before,
-            strict=True,
-        )
-    )
+    stored, timed, lag = (after - was for after, was in zip(_samples(), before, strict=True))
     assert (stored, timed) == (1, 1)
     assert 0 <= lag < 60  # not the age of a version of 0 ms (a retraction's)
 
