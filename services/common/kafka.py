@@ -31,6 +31,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+import numpy.typing as npt
 import structlog
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
@@ -74,6 +76,37 @@ def partition_of(key: bytes, partitions: int) -> int:
     if partitions == 1:  # `maniac serve`'s topics: no key to hash
         return 0
     return (murmur2(key) & 0x7FFFFFFF) % partitions
+
+
+def partitions_of(keys: Sequence[bytes], partitions: int) -> npt.NDArray[np.int64]:
+    """:func:`partition_of` of many keys at once: the same values, for a batch of thousands in
+    about the time :func:`murmur2` takes for a few dozen. The keys are laid out as rows of
+    32-bit words (zero-padded); each step of the hash runs over one word of every key, and
+    wraps at 32 bits as Java's ints do (numpy's ``uint32`` arithmetic)."""
+    count = len(keys)
+    if partitions == 1 or count == 0:
+        return np.zeros(count, dtype=np.int64)
+    lengths = np.fromiter((len(k) for k in keys), dtype=np.uint32, count=count)
+    width = (int(lengths.max()) // 4 + 1) * 4  # room for the tail's three bytes
+    data = np.array(keys, dtype=f"S{width}").view(np.uint8).reshape(count, width)
+    words = data.view("<u4").astype(np.uint32)
+    m = np.uint32(_M)
+    h: npt.NDArray[Any] = np.uint32(0x9747B28C) ^ lengths
+    whole = lengths // 4
+    for w in range(int(whole.max())):
+        k: npt.NDArray[Any] = words[:, w] * m
+        k = (k ^ (k >> 24)) * m
+        h = np.where(whole > w, (h * m) ^ k, h)
+    extra = lengths & 3
+    tail = (lengths & ~np.uint32(3)).astype(np.intp)
+    rows = np.arange(count)
+    h = np.where(extra == 3, h ^ (data[rows, tail + 2].astype(np.uint32) << 16), h)
+    h = np.where(extra >= 2, h ^ (data[rows, tail + 1].astype(np.uint32) << 8), h)
+    h = np.where(extra >= 1, (h ^ data[rows, tail].astype(np.uint32)) * m, h)
+    h ^= h >> 13
+    h *= m
+    h ^= h >> 15
+    return ((h & np.uint32(0x7FFFFFFF)) % np.uint32(partitions)).astype(np.int64)
 
 
 def partition_for_key(

@@ -21,7 +21,7 @@ import structlog
 
 from schemas.events import split_key
 from services.common.errors import ServiceUnavailable
-from services.common.kafka import partition_of
+from services.common.kafka import partitions_of
 from services.common.losses import Dropped
 from services.common.metrics import (
     PROJECT_ACKNOWLEDGED,
@@ -169,8 +169,9 @@ class Publisher:
     ) -> tuple[list[Any], list[Delivery]]:
         partitions = len(await self._producer.partitions_for(self.topic))
         by_partition: dict[int, list[tuple[bytes, bytes]]] = {}
-        for key, value in messages:
-            by_partition.setdefault(partition_of(key, partitions), []).append((key, value))
+        chosen = partitions_of([key for key, _ in messages], partitions).tolist()
+        for partition, message in zip(chosen, messages, strict=True):
+            by_partition.setdefault(partition, []).append(message)
         handed = [self._lane(p).add(records) for p, records in by_partition.items()]
         batches = [b for found in await _shielded(handed) for b in found]
         return await _shielded([delivery for delivery, _ in batches]), batches
