@@ -67,6 +67,10 @@ def message_key(project: str, completion_id: str) -> bytes:
     return f"{project}/{completion_id}".encode()
 
 
+MESSAGE_KEY_SQL = "concat(project, '/', completion_id)"
+""":func:`message_key` of a stored row, in ClickHouse."""
+
+
 def split_key(key: bytes | None) -> tuple[str, str]:
     """``(project, completion_id)`` from a message key; empty strings where it has none.
 

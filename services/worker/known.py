@@ -16,6 +16,13 @@ ids when it asks about them, before they are inserted, every write goes through 
 knows it (as the aggregates already require, see README), and a worker loads it again when it
 is given partitions another worker wrote.
 
+A worker given some of the topic's partitions holds only the completions whose message key
+(``project/completion_id``) Kafka's default partitioner puts into them (:class:`Scope`): the
+gateway, the only producer, keys every record that way, so those are the only ones it stores.
+Workers that share a topic share its completions out, and one standing by holds none. An id
+outside the scope (a record the producer put elsewhere, or one written before the topic got
+more partitions) is always asked.
+
 The hash is the first 8 bytes of MD5 of ``project NUL completion_id``, little-endian: ClickHouse
 computes it for what is stored (:data:`STORED_HASHES`), Python for a batch. The hashes are kept
 in sorted arrays of geometrically decreasing size (a log-structured merge): a batch's are sorted
@@ -26,12 +33,16 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import numpy.typing as npt
 import structlog
 
+from schemas.events import MESSAGE_KEY_SQL, message_key
 from services.common.clickhouse import ClickHouse
+from services.common.kafka import partitions_of
 
 log = structlog.get_logger(__name__)
 
@@ -41,6 +52,13 @@ STORED_HASHES = (
     "FROM {database}.completions"
 )
 """Every stored row's hash (retractions and older versions only repeat a completion's)."""
+
+IN_SCOPE = (
+    f" WHERE kafkaMurmurHash({MESSAGE_KEY_SQL}) % {{partitions:UInt32}}"
+    " IN {assigned:Array(UInt32)}"
+)
+"""The rows whose message key the default partitioner puts into the assigned partitions:
+ClickHouse's ``kafkaMurmurHash`` is Kafka's murmur2 without its sign bit."""
 
 Hashes = npt.NDArray[np.uint64]
 
@@ -55,10 +73,31 @@ def _as_hashes(data: bytes) -> Hashes:
     return np.frombuffer(data, dtype="<u8").astype(np.uint64)
 
 
-class KnownIds:
-    """The completions that may be stored, with no false negatives (see the module)."""
+@dataclass(frozen=True)
+class Scope:
+    """The completions of some partitions of a topic: those whose message key Kafka's default
+    partitioner puts into ``assigned``, of ``partitions``."""
 
-    def __init__(self) -> None:
+    partitions: int
+    assigned: frozenset[int]
+
+    def covers(self, project: str, ids: Sequence[str]) -> npt.NDArray[np.bool_]:
+        """Whether each of these completions is in the scope."""
+        keys = [message_key(project, i) for i in ids]
+        return np.isin(partitions_of(keys, self.partitions), list(self.assigned))
+
+    @property
+    def parameters(self) -> dict[str, Any]:
+        return {"partitions": self.partitions, "assigned": sorted(self.assigned)}
+
+
+class KnownIds:
+    """The completions that may be stored, with no false negatives (see the module).
+
+    ``scope``: the completions it holds, all of them when None; any other may be stored."""
+
+    def __init__(self, scope: Scope | None = None) -> None:
+        self.scope = scope
         self._levels: list[Hashes] = []
         """Sorted arrays, each less than half the size of the one before it."""
 
@@ -101,14 +140,26 @@ class KnownIds:
             in_order |= level[at] == needles
         found = np.empty_like(in_order)
         found[order] = in_order
+        if self.scope is not None:
+            found |= ~self.scope.covers(project, ids)
         return [i for i, hit in zip(ids, found.tolist(), strict=True) if hit]
 
 
-async def load_known(clickhouse: ClickHouse) -> KnownIds:
-    """The hashes of every completion stored now."""
-    known = KnownIds()
-    await clickhouse.read_row_binary(
-        STORED_HASHES, HASH_BYTES, lambda chunk: known.add_hashes(_as_hashes(chunk))
+async def load_known(clickhouse: ClickHouse, scope: Scope | None = None) -> KnownIds:
+    """The hashes of every completion stored now (of ``scope``, if given)."""
+    known = KnownIds(scope)
+    if scope is None:
+        sql, parameters = STORED_HASHES, {}
+    else:
+        sql, parameters = STORED_HASHES + IN_SCOPE, scope.parameters
+    if scope is None or scope.assigned:
+        await clickhouse.read_row_binary(
+            sql, HASH_BYTES, lambda chunk: known.add_hashes(_as_hashes(chunk)), parameters
+        )
+    log.info(
+        "known_ids_loaded",
+        hashes=known.count,
+        mb=round(known.nbytes / 2**20, 1),
+        partitions="all" if scope is None else sorted(scope.assigned),
     )
-    log.info("known_ids_loaded", hashes=known.count, mb=round(known.nbytes / 2**20, 1))
     return known

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
+from collections.abc import Iterable
 from datetime import UTC, datetime
 from typing import Any
 
@@ -23,7 +24,7 @@ from services.common.losses import LossRepository
 from services.common.metrics import CONSUMER_LAG, WORKER_DEDUP_IDS, WORKER_INSERT_SECONDS
 from services.common.pricing import PriceCatalog
 from services.common.settings import WorkerSettings
-from services.worker.known import KnownIds, hashes, load_known
+from services.worker.known import KnownIds, Scope, hashes, load_known
 from services.worker.pipeline import Pipeline, ProcessPool, build_pipeline
 from services.worker.pipeline.dead import dead_letter_headers, dead_letter_record
 from services.worker.pipeline.types import Message, Partition, Processed
@@ -48,7 +49,10 @@ class _FlushOnRevoke(ConsumerRebalanceListener):  # type: ignore[misc]
 
     async def on_partitions_assigned(self, assigned: Any) -> None:
         log.info("partitions_assigned", partitions=sorted(tp.partition for tp in assigned))
-        await self._worker.load_known(trust_after_s=self._worker.partition_handover_s)
+        await self._worker.load_known(
+            trust_after_s=self._worker.partition_handover_s,
+            scope=self._worker.scope_of(tp.partition for tp in assigned),
+        )
 
 
 def create_worker_consumer(bootstrap: str, settings: WorkerSettings) -> Any:
@@ -139,6 +143,8 @@ class Worker:
         self._lock = asyncio.Lock()
         self._first_offsets: dict[int, int] = {}
         self._known = known if settings.known_ids else None
+        self._scope: Scope | None = None
+        """The completions the known ids are loaded for (all when None)."""
         self._trusted_from = 0.0
         """Until then (monotonic), every id is asked of ClickHouse anyway."""
         self._known_retry_at: float | None = None
@@ -205,22 +211,31 @@ class Worker:
         """Whether an id the known set lacks is taken as new without asking ClickHouse."""
         return self._known is not None and time.monotonic() >= self._trusted_from
 
-    async def load_known(self, *, trust_after_s: float = 0.0) -> None:
+    def scope_of(self, assigned: Iterable[int]) -> Scope | None:
+        """The completions of these partitions of the topic; None for all of them (or when
+        the topic's partitions are not known)."""
+        every = self._consumer.partitions_for_topic(self.topic) or set()
+        mine = frozenset(assigned)
+        return None if not every or mine >= every else Scope(len(every), mine)
+
+    async def load_known(self, *, trust_after_s: float = 0.0, scope: Scope | None = None) -> None:
         """(Re)load the set of known ids from ClickHouse, between batches: on a worker's own
         partitions only it stores, so from then on it adds what it stores. Partitions taken
         over from another worker may still get a late write of that one's: for
-        ``trust_after_s`` every id is asked anyway (and added)."""
+        ``trust_after_s`` every id is asked anyway (and added). ``scope``: the completions of
+        the worker's partitions, if it was not given all of them."""
         if not self.settings.known_ids:
             return
         async with self._lock:
             await self.pipeline.first.join()
             self._known = None
+            self._scope = scope
             self._trusted_from = time.monotonic() + trust_after_s
             await self._load_known()
 
     async def _load_known(self) -> None:
         try:
-            self._known = await load_known(self._clickhouse)
+            self._known = await load_known(self._clickhouse, self._scope)
         except Exception as exc:  # until they load, every id is asked: slower, never wrong
             self._known_retry_at = time.monotonic() + KNOWN_IDS_RETRY_S
             log.warning("known_ids_not_loaded", retry_in_s=KNOWN_IDS_RETRY_S, error=repr(exc))

@@ -11,10 +11,10 @@ from prometheus_client import REGISTRY
 
 from schemas.events import encode_event, message_key
 from services.common.clickhouse import ClickHouse
-from services.common.kafka import create_consumer
+from services.common.kafka import create_consumer, partitions_of
 from services.common.settings import ServeSettings
 from services.worker import runner
-from services.worker.known import STORED_HASHES, load_known
+from services.worker.known import STORED_HASHES, Scope, load_known
 from services.worker.runner import stored_versions
 from tests.conftest import Broker, eventually
 from tests.support.worker import (
@@ -271,6 +271,42 @@ async def test_the_ids_loaded_from_clickhouse_are_every_stored_completion_s(
     assert known.maybe_stored("p", [f"new-{n}" for n in range(2000)]) == []
 
 
+async def test_the_ids_loaded_for_some_partitions_are_those_their_keys_go_to(
+    clickhouse: ClickHouse,
+) -> None:
+    """ClickHouse puts a stored completion's key into the partition the producer does: a set
+    loaded for some partitions holds exactly their completions, and says any other may be
+    stored; one loaded for no partition (a worker standing by) holds nothing."""
+    ids = {p: [*_TRICKY_IDS, *(f"gen-{n}" for n in range(300))] for p in ("p", "prójekt")}
+    for project, project_ids in ids.items():
+        await _store(clickhouse, project, dict.fromkeys(_TRICKY_IDS, "2026-11-26 01:00:00.000"))
+        await clickhouse.command(
+            "INSERT INTO {database}.completions (project, completion_id) "
+            "SELECT {project:String}, concat('gen-', toString(number)) FROM numbers(300)",
+            {"project": project},
+        )
+        assert len(project_ids) == 306
+    scope = Scope(3, frozenset({1}))
+    known = await load_known(clickhouse, scope)
+    held = 0
+    for project, project_ids in ids.items():
+        partitions = partitions_of([message_key(project, i) for i in project_ids], 3).tolist()
+        mine = [i for i, partition in zip(project_ids, partitions, strict=True) if partition == 1]
+        assert 60 < len(mine) < 150
+        held += len(mine)
+        assert known.maybe_stored(project, mine) == mine
+        new = [f"new-{n}" for n in range(1000)]
+        new_partitions = partitions_of([message_key(project, i) for i in new], 3).tolist()
+        assert known.maybe_stored(project, new) == [
+            i for i, partition in zip(new, new_partitions, strict=True) if partition != 1
+        ]
+    assert known.count == held
+
+    standby = await load_known(clickhouse, Scope(3, frozenset()))
+    assert standby.count == 0
+    assert standby.maybe_stored("p", ["gen-1", "new-1"]) == ["gen-1", "new-1"]
+
+
 def _version(completion_id: str, received_at_ms: int) -> tuple[bytes, bytes]:
     item = {"input": {"messages": []}, "output": {"choices": [], "model": "m"}}
     value = encode_event(
@@ -352,3 +388,68 @@ async def test_known_ids_that_failed_to_load_are_loaded_again_by_a_later_batch(
         await clickhouse.command(
             "RENAME TABLE IF EXISTS {database}.completions_away TO {database}.completions"
         )
+
+
+async def test_workers_sharing_a_topic_each_know_their_partitions_completions_and_no_more(
+    settings: ServeSettings, broker: Broker, clickhouse: ClickHouse, producer: Any
+) -> None:
+    """Two workers in the group each load the stored completions of the partitions they are
+    given, which together are every one; newer versions of those are asked of ClickHouse and
+    replace them, new completions are not asked. A record the producer put into another
+    partition than its key's is asked too: its worker does not hold its completion."""
+    first = [_version(f"old-{i}", 1_000) for i in range(200)]
+    await produce(producer, settings.topic, first)
+    async with RunningWorker(settings, broker, clickhouse) as worker:
+        await eventually(lambda: all_committed(worker, 200), timeout_s=30)
+
+    async with (
+        RunningWorker(settings, broker, clickhouse) as a,
+        RunningWorker(settings, broker, clickhouse) as b,
+    ):
+
+        async def shared_out() -> bool:
+            scoped = all(w.known is not None and w.known.scope is not None for w in (a, b))
+            return scoped and a.trusts_known and b.trusts_known
+
+        await eventually(shared_out, timeout_s=40)
+        every = partitions_of([key for key, _ in first], 4).tolist()
+        held = []
+        for w in (a, b):
+            known = w.known
+            assert known is not None
+            assert known.scope is not None
+            assert known.scope.partitions == 4
+            assert known.count == sum(p in known.scope.assigned for p in every)
+            held.append(known.scope.assigned)
+        assert held[0] | held[1] == {0, 1, 2, 3}
+        assert not held[0] & held[1]
+
+        by_known, by_clickhouse = _dedup_ids("known_ids"), _dedup_ids("clickhouse")
+        again = [_version(f"old-{i}", 2_000) for i in range(150)]
+        new = [_version(f"new-{i}", 2_000) for i in range(300)]
+        await produce(producer, settings.topic, again + new)
+        misplaced = [_version(f"old-{i}", 2_000) for i in range(150, 160)]
+        owners = partitions_of([key for key, _ in misplaced], 4).tolist()
+        for (key, value), own in zip(misplaced, owners, strict=True):
+            await producer.send_and_wait(
+                settings.topic, value=value, key=key, partition=(own + 1) % 4
+            )
+
+        async def all_done() -> bool:
+            done: dict[int, int] = {}
+            for w in (a, b):
+                for partition, offset in w.committed_offsets().items():
+                    done[partition] = max(done.get(partition, 0), offset)
+            return sum(done.values()) == 200 + 150 + 300 + 10
+
+        await eventually(all_done, timeout_s=30)
+
+    assert _dedup_ids("clickhouse") - by_clickhouse == 150 + 10
+    assert _dedup_ids("known_ids") - by_known == 300
+    # without a retraction each, the 160 would count twice
+    [(requests, listed, stored)] = await clickhouse.rows(
+        "SELECT (SELECT sum(requests) FROM {database}.usage_hourly), "
+        "(SELECT sum(completions) FROM {database}.completion_counts), "
+        "(SELECT count() FROM {database}.completions FINAL)"
+    )
+    assert (requests, listed, stored) == (500, 500, 500)

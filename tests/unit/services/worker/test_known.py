@@ -7,7 +7,9 @@ import random
 
 import numpy as np
 
-from services.worker.known import KnownIds, hashes
+from schemas.events import message_key
+from services.common.kafka import partitions_of
+from services.worker.known import KnownIds, Scope, hashes
 
 
 def _ids(rng: random.Random, n: int) -> list[str]:
@@ -47,6 +49,19 @@ def test_ids_are_known_per_project() -> None:
     assert known.maybe_stored("q", ["a", "b"]) == []
     assert known.maybe_stored("p", []) == []
     assert KnownIds().maybe_stored("p", ["a"]) == []
+
+
+def test_a_set_for_some_partitions_says_any_completion_outside_them_may_be_stored() -> None:
+    known = KnownIds(Scope(4, frozenset({0, 2})))
+    ids = _ids(random.Random(3), 2_000)
+    partitions = partitions_of([message_key("p", i) for i in ids], 4).tolist()
+    outside = {i for i, p in zip(ids, partitions, strict=True) if p not in (0, 2)}
+    inside = [i for i in ids if i not in outside]
+    assert 800 < len(inside) < 1_200
+    known.add("p", inside[:300])
+    added = set(inside[:300])
+    assert known.maybe_stored("p", ids) == [i for i in ids if i in outside or i in added]
+    assert known.maybe_stored("p", inside[300:]) == []
 
 
 def test_the_hash_is_the_first_8_bytes_of_md5_of_project_nul_id_little_endian() -> None:
