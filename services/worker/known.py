@@ -17,11 +17,13 @@ knows it (as the aggregates already require, see README), and a worker loads it 
 is given partitions another worker wrote.
 
 A worker given some of the topic's partitions holds only the completions whose message key
-(``project/completion_id``) Kafka's default partitioner puts into them (:class:`Scope`): the
-gateway, the only producer, keys every record that way, so those are the only ones it stores.
-Workers that share a topic share its completions out, and one standing by holds none. An id
-outside the scope (a record the producer put elsewhere, or one written before the topic got
-more partitions) is always asked.
+(``project/completion_id``) Kafka's default partitioner puts into them, for the partition
+count its consumer knows (:class:`Scope`), and asks about every other id. That stays exact
+whatever the count: an id it does not ask about is one the set was loaded for, and no other
+worker stores it as long as all records of a completion reach one partition, which the set
+relied on already. The gateway (the only producer) partitions that way, so workers sharing a
+topic share its completions out, one standing by holds none, and the ids asked are those of
+records put elsewhere (or written before the topic got more partitions).
 
 The hash is the first 8 bytes of MD5 of ``project NUL completion_id``, little-endian: ClickHouse
 computes it for what is stored (:data:`STORED_HASHES`), Python for a batch. The hashes are kept
