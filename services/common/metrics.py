@@ -25,6 +25,12 @@ WORKER_ROWS = Counter("maniac_worker_rows_inserted_total", "Rows inserted into C
 WORKER_DEAD = Counter(
     "maniac_worker_dead_lettered_total", "Messages sent to the dead-letter topic."
 )
+WORKER_GIVEN_UP = Counter(
+    "maniac_worker_batches_given_up_total",
+    "Batches given up before they were stored, uncommitted, to be fetched again: their "
+    "partitions were revoked, or they could not be stored for too long.",
+    ["reason"],
+)
 WORKER_DUPLICATES = Counter(
     "maniac_worker_duplicates_skipped_total",
     "Completions not written again: re-delivered, or older than the stored version.",

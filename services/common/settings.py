@@ -98,6 +98,14 @@ class WorkerSettings(CommonSettings):
     heartbeat_interval_ms: int = Field(default=1_000, ge=100)
     insert_retry_initial_s: float = Field(default=0.2, gt=0)
     insert_retry_max_s: float = Field(default=10.0, gt=0)
+    give_up_after_s: float = Field(
+        default=300.0,
+        gt=0,
+        description="A batch that could not be stored for this long since the last fetch "
+        "(ClickHouse or the broker down) is given up, uncommitted, and fetched again: the "
+        "worker keeps fetching, so Kafka (max.poll.interval 600 s) does not drop it from its "
+        "group while it still holds a batch it might write.",
+    )
 
 
 class QuerySettings(CommonSettings):

@@ -21,12 +21,18 @@ from schemas import COMPLETIONS_INSERT_COLUMNS, COMPLETIONS_INSERT_TABLE
 from services.common.clickhouse import ClickHouse, StringArray
 from services.common.kafka import create_consumer
 from services.common.losses import LossRepository
-from services.common.metrics import CONSUMER_LAG, WORKER_DEDUP_IDS, WORKER_INSERT_SECONDS
+from services.common.metrics import (
+    CONSUMER_LAG,
+    WORKER_DEDUP_IDS,
+    WORKER_GIVEN_UP,
+    WORKER_INSERT_SECONDS,
+)
 from services.common.pricing import PriceCatalog
 from services.common.settings import WorkerSettings
 from services.worker.known import KnownIds, Scope, hashes, load_known
 from services.worker.pipeline import Pipeline, ProcessPool, build_pipeline
 from services.worker.pipeline.dead import dead_letter_headers, dead_letter_record
+from services.worker.pipeline.steps import GivenUp
 from services.worker.pipeline.types import Message, Partition, Processed
 
 log = structlog.get_logger(__name__)
@@ -45,10 +51,11 @@ class _FlushOnRevoke(ConsumerRebalanceListener):  # type: ignore[misc]
 
     async def on_partitions_revoked(self, revoked: Any) -> None:
         log.info("partitions_revoked", partitions=sorted(tp.partition for tp in revoked))
-        await self._worker.flush()
+        await self._worker.let_go()
 
     async def on_partitions_assigned(self, assigned: Any) -> None:
         log.info("partitions_assigned", partitions=sorted(tp.partition for tp in assigned))
+        await self._worker.rewind_if_given_up()
         await self._worker.load_known(
             trust_after_s=self._worker.partition_handover_s,
             scope=self._worker.scope_of(tp.partition for tp in assigned),
@@ -143,6 +150,11 @@ class Worker:
         self._lock = asyncio.Lock()
         self._first_offsets: dict[int, int] = {}
         self._known = known if settings.known_ids else None
+        self._letting_go = False
+        """Set while partitions are revoked: a failing step gives up instead of retrying."""
+        self._fetched_at = time.monotonic()
+        self._rewind_pending = False
+        """A batch was given up while partitions were revoked: rewind those assigned next."""
         self._scope: Scope | None = None
         """The completions the known ids are loaded for (all when None)."""
         self._trusted_from = 0.0
@@ -165,6 +177,7 @@ class Worker:
             retry_initial_s=settings.insert_retry_initial_s,
             retry_max_s=settings.insert_retry_max_s,
             stopping=self._stopping,
+            give_up=self._give_up,
             offload=self._pool,
         )
 
@@ -274,6 +287,70 @@ class Worker:
             # re-deliver them; storage deduplicates, so nothing is lost or counted twice.
             log.warning("commit_skipped_after_rebalance", error=repr(exc))
 
+    # -- giving a batch up ------------------------------------------------------------------
+
+    def _give_up(self) -> str | None:
+        """Why a failing step should stop retrying now, if it should.
+
+        While its partitions are revoked, a worker must not write them any more: another one
+        may be given them as soon as it lets go, and would not know about a late write. And a
+        worker in a group that does not fetch for Kafka's max.poll.interval is dropped from
+        it while still holding its batch, with the same risk once the write goes through.
+        """
+        if self._letting_go:
+            return "revoked"
+        if not self._assign and time.monotonic() - self._fetched_at >= (
+            self.settings.give_up_after_s
+        ):
+            return "not_stored_in_time"
+        return None
+
+    async def _given_up(self, exc: GivenUp) -> None:
+        """Drop what the pipeline holds; it is fetched again from the committed offsets."""
+        WORKER_GIVEN_UP.labels(str(exc)).inc()
+        self.pipeline.first.discard()
+        if self._letting_go:
+            self._rewind_pending = True  # the partitions are going: rewind those given next
+        else:
+            await self._rewind()
+
+    async def _rewind(self) -> None:
+        """Fetch every assigned partition again from its committed offset."""
+        while True:
+            try:
+                for tp in self._consumer.assignment():
+                    offset = await self._consumer.committed(tp)
+                    if offset is None:
+                        await self._consumer.seek_to_beginning(tp)
+                    else:
+                        self._consumer.seek(tp, offset)
+            except Exception as exc:  # the broker is gone too: fetching on would skip records
+                if self._stopping.is_set():
+                    raise
+                log.warning("rewind_failed", error=repr(exc))
+                await asyncio.sleep(1.0)
+            else:
+                log.info("rewound", partitions=self.partitions)
+                return
+
+    async def rewind_if_given_up(self) -> None:
+        if self._rewind_pending:
+            self._rewind_pending = False
+            await self._rewind()
+
+    async def let_go(self) -> None:
+        """Before the partitions are taken: store what is held, or give it up if it cannot
+        be stored now (it is not written after this returns)."""
+        self._letting_go = True
+        try:
+            async with self._lock:
+                try:
+                    await self.pipeline.first.join()
+                except GivenUp as exc:
+                    await self._given_up(exc)
+        finally:
+            self._letting_go = False
+
     # -- the loop ----------------------------------------------------------------------------
 
     async def flush(self) -> None:
@@ -314,25 +391,13 @@ class Worker:
                         await fetch
                     break
                 fetched = fetch.result()
+                self._fetched_at = time.monotonic()
                 self._observe_lag()
                 async with self._lock:
-                    for tp, records in fetched.items():
-                        partition = Partition(tp.topic, tp.partition)
-                        if records:
-                            self._first_offsets.setdefault(tp.partition, records[0].offset)
-                        for n, record in enumerate(records, 1):
-                            if n % YIELD_EVERY == 0:
-                                await asyncio.sleep(0)  # let the gateway and queries run
-                            await self.pipeline.first.submit(
-                                Message(
-                                    partition,
-                                    record.offset,
-                                    record.key,
-                                    record.value,
-                                    record.timestamp,
-                                )
-                            )
-                    await self.pipeline.first.poll()
+                    try:
+                        await self._submit(fetched)
+                    except GivenUp as exc:
+                        await self._given_up(exc)
         finally:
             with contextlib.suppress(Exception):
                 await self.flush()
@@ -340,6 +405,19 @@ class Worker:
             if self._pool is not None:
                 await asyncio.to_thread(self._pool.close)
             log.info("worker_stopped", committed=self.committed_offsets())
+
+    async def _submit(self, fetched: dict[Any, list[Any]]) -> None:
+        for tp, records in fetched.items():
+            partition = Partition(tp.topic, tp.partition)
+            if records:
+                self._first_offsets.setdefault(tp.partition, records[0].offset)
+            for n, record in enumerate(records, 1):
+                if n % YIELD_EVERY == 0:
+                    await asyncio.sleep(0)  # let the gateway and queries run
+                await self.pipeline.first.submit(
+                    Message(partition, record.offset, record.key, record.value, record.timestamp)
+                )
+        await self.pipeline.first.poll()
 
     def _observe_lag(self) -> None:
         """Consumer lag per assigned partition: high watermark minus committed offset."""
@@ -383,6 +461,11 @@ class Worker:
         broker is gone (and whose offsets must not reach the one started in its place)."""
         self._detached = True
         self.stop()
+
+    @property
+    def partitions(self) -> list[int]:
+        """The partitions of the topic this worker is given now."""
+        return sorted(tp.partition for tp in self._consumer.assignment() if tp.topic == self.topic)
 
     def committed_offsets(self) -> dict[int, int]:
         return {p.partition: o for p, o in self.pipeline.commit.committed.items()}

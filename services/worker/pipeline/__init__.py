@@ -124,9 +124,10 @@ def build_pipeline(
     retry_initial_s: float,
     retry_max_s: float,
     stopping: asyncio.Event,
+    give_up: Callable[[], str | None] = lambda: None,
     offload: Offload | None = None,
 ) -> Pipeline:
-    retrying = Retrying(retry_initial_s, retry_max_s, stopping)
+    retrying = Retrying(retry_initial_s, retry_max_s, stopping, give_up)
     commit_step = CommitOffsets(commit, retrying)
     write_step = WriteBatch(insert, dead_letter, record_dead, retrying, next_step=commit_step)
     dedup_step = Deduplicate(lookup, retract, retrying, next_step=write_step)

@@ -136,6 +136,13 @@ class ProcessAndBatch:
             await self._flush()
         await self._written()
 
+    def discard(self) -> None:
+        """Drop what is held, after the batch in flight was given up (:class:`GivenUp`): the
+        messages after it must not be committed before it, so they are fetched again too."""
+        self._batch = Batch()
+        self._held = []
+        self._writing = None
+
     async def _written(self) -> None:
         writing, self._writing = self._writing, None
         if writing is not None:
@@ -152,13 +159,27 @@ class ProcessAndBatch:
         self._writing = asyncio.ensure_future(self._next.submit(batch))
 
 
-class Retrying:
-    """Retries a transient failure with exponential backoff until it succeeds or we stop."""
+class GivenUp(Exception):
+    """A failing step was given up (see :class:`Retrying`): what the pipeline holds is not
+    stored, nor its offsets committed; the worker drops it and fetches it again."""
 
-    def __init__(self, initial_s: float, max_s: float, stopping: asyncio.Event) -> None:
+
+class Retrying:
+    """Retries a transient failure with exponential backoff until it succeeds, we stop, or
+    ``give_up`` names a reason to stop trying (then :class:`GivenUp`, with no attempt after
+    the reason came up: a worker whose partitions are being taken must not write them)."""
+
+    def __init__(
+        self,
+        initial_s: float,
+        max_s: float,
+        stopping: asyncio.Event,
+        give_up: Callable[[], str | None] = lambda: None,
+    ) -> None:
         self.initial_s = initial_s
         self.max_s = max_s
         self.stopping = stopping
+        self.give_up = give_up
 
     async def run(
         self,
@@ -180,10 +201,27 @@ class Retrying:
                 if self.stopping.is_set():
                     log.error("gave_up_on_shutdown", what=what, attempts=attempt, error=repr(exc))
                     raise
-                log.warning("retrying", what=what, attempt=attempt, delay_s=delay, error=repr(exc))
-                WORKER_RETRIES.labels(what).inc()
-                await asyncio.sleep(delay)
+                if (reason := self.give_up()) is None:
+                    log.warning(
+                        "retrying", what=what, attempt=attempt, delay_s=delay, error=repr(exc)
+                    )
+                    WORKER_RETRIES.labels(what).inc()
+                    reason = await self._pause(delay)
+                if reason is not None:
+                    log.warning(
+                        "given_up", what=what, reason=reason, attempts=attempt, error=repr(exc)
+                    )
+                    raise GivenUp(reason) from exc
                 delay = min(delay * 2, self.max_s)
+
+    async def _pause(self, delay: float) -> str | None:
+        """Wait ``delay``, or less if a reason to give up comes up meanwhile (returned)."""
+        deadline = time.monotonic() + delay
+        while (left := deadline - time.monotonic()) > 0:
+            await asyncio.sleep(min(left, 0.1))
+            if (reason := self.give_up()) is not None:
+                return reason
+        return None
 
 
 Lookup = Callable[[str, list[str]], Awaitable[dict[str, int]]]

@@ -453,3 +453,107 @@ async def test_workers_sharing_a_topic_each_know_their_partitions_completions_an
         "(SELECT count() FROM {database}.completions FINAL)"
     )
     assert (requests, listed, stored) == (500, 500, 500)
+
+
+async def test_a_worker_stuck_on_clickhouse_hands_its_partitions_over_without_writing_later(
+    settings: ServeSettings, broker: Broker, clickhouse: ClickHouse, producer: Any
+) -> None:
+    """While ClickHouse is down, a rebalance does not wait for it: the worker gives up the
+    batch it could not store (it commits nothing of it) and lets its partitions go at once,
+    so it can never write that batch after another worker took them. Once ClickHouse is back,
+    every completion is stored and counted once."""
+    await clickhouse.command("RENAME TABLE {database}.completions TO {database}.completions_away")
+    try:
+        await produce(producer, settings.topic, [event(f"id-{i}") for i in range(40)])
+        before, revoked_before = _retries(), _given_up("revoked")
+        async with RunningWorker(settings, broker, clickhouse) as a:
+
+            async def stuck() -> bool:
+                return _retries() > before
+
+            await eventually(stuck, timeout_s=20)
+            async with RunningWorker(settings, broker, clickhouse) as b:
+
+                async def both_have_partitions() -> bool:
+                    return bool(a.partitions) and bool(b.partitions)
+
+                await eventually(both_have_partitions, timeout_s=15)
+                assert a.committed_offsets() == {}
+                assert _given_up("revoked") > revoked_before
+                await clickhouse.command(
+                    "RENAME TABLE {database}.completions_away TO {database}.completions"
+                )
+
+                async def all_done() -> bool:
+                    done: dict[int, int] = {}
+                    for w in (a, b):
+                        for partition, offset in w.committed_offsets().items():
+                            done[partition] = max(done.get(partition, 0), offset)
+                    return sum(done.values()) == 40
+
+                await eventually(all_done, timeout_s=30)
+    finally:
+        await clickhouse.command(
+            "RENAME TABLE IF EXISTS {database}.completions_away TO {database}.completions"
+        )
+    [(requests, listed, stored)] = await clickhouse.rows(
+        "SELECT (SELECT sum(requests) FROM {database}.usage_hourly), "
+        "(SELECT sum(completions) FROM {database}.completion_counts), "
+        "(SELECT count() FROM {database}.completions FINAL)"
+    )
+    assert (requests, listed, stored) == (40, 40, 40)
+
+
+def _retries() -> float:
+    return sum(
+        REGISTRY.get_sample_value("maniac_worker_retries_total", {"what": what}) or 0.0
+        for what in ("dedup_lookup", "insert")
+    )
+
+
+def _given_up(reason: str) -> float:
+    value = REGISTRY.get_sample_value("maniac_worker_batches_given_up_total", {"reason": reason})
+    return value or 0.0
+
+
+async def test_a_batch_not_stored_in_time_is_given_up_and_fetched_again(
+    settings: ServeSettings, broker: Broker, clickhouse: ClickHouse, producer: Any
+) -> None:
+    """A worker in a group that cannot store a batch stops fetching once the next batch is
+    ready (one batch in flight at a time); past ``give_up_after_s`` without a fetch, it gives
+    the batch up, uncommitted, and fetches everything again from the committed offsets (so
+    Kafka keeps it in the group). Once ClickHouse is back, everything is stored once."""
+    settings = settings.model_copy(update={"give_up_after_s": 1.0})
+    await clickhouse.command("RENAME TABLE {database}.completions TO {database}.completions_away")
+    given_up, retries = _given_up("not_stored_in_time"), _retries()
+    try:
+        await produce(producer, settings.topic, [event(f"id-{i}") for i in range(30)])
+        async with RunningWorker(settings, broker, clickhouse) as worker:
+
+            async def retrying() -> bool:
+                return _retries() > retries
+
+            await eventually(retrying, timeout_s=20)
+            # a second batch: the worker waits for the first before it fetches again
+            await produce(producer, settings.topic, [event(f"id-{i}") for i in range(30, 40)])
+
+            async def gave_up() -> bool:
+                return _given_up("not_stored_in_time") > given_up
+
+            await eventually(gave_up, timeout_s=20)
+            retries = _retries()
+            await eventually(retrying, timeout_s=20)  # fetched again, and asking again
+            assert worker.committed_offsets() == {}
+            await clickhouse.command(
+                "RENAME TABLE {database}.completions_away TO {database}.completions"
+            )
+            await eventually(lambda: all_committed(worker, 40), timeout_s=30)
+    finally:
+        await clickhouse.command(
+            "RENAME TABLE IF EXISTS {database}.completions_away TO {database}.completions"
+        )
+    [(requests, stored)] = await clickhouse.rows(
+        "SELECT (SELECT sum(requests) FROM {database}.usage_hourly), "
+        "(SELECT count() FROM {database}.completions FINAL)"
+    )
+    assert (requests, stored) == (40, 40)

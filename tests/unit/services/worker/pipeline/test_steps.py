@@ -20,7 +20,13 @@ from services.worker.pipeline import (
     process,
     processor,
 )
-from services.worker.pipeline.steps import CommitOffsets, ProcessAndBatch, Retrying, WriteBatch
+from services.worker.pipeline.steps import (
+    CommitOffsets,
+    GivenUp,
+    ProcessAndBatch,
+    Retrying,
+    WriteBatch,
+)
 from services.worker.pipeline.types import Invalid, Message, Partition, Processed, Row
 
 P0 = Partition("t", 0)
@@ -232,6 +238,41 @@ async def test_failure_while_stopping_is_raised_not_committed() -> None:
         await pipeline.first.join()
     assert [c[0] for c in rec.calls] == ["insert_failed"]
     assert pipeline.commit.committed == {}
+
+
+async def test_a_failing_write_is_given_up_once_there_is_a_reason_and_tried_no_more() -> None:
+    """No attempt after the reason came up, even in the middle of a long wait between two;
+    nothing is committed, and what the first step held is dropped on discard."""
+    rec = Recorder(failures=100)
+    reason: list[str] = []
+    pipeline = build_pipeline(
+        insert=rec.insert,
+        dead_letter=rec.dead_letter,
+        record_dead=rec.record_dead,
+        commit=rec.commit,
+        lookup=rec.lookup,
+        retract=rec.retract,
+        prices=None,
+        max_rows=1,
+        max_ms=10_000,
+        retry_initial_s=60.0,  # the first wait would outlast the test
+        retry_max_s=60.0,
+        stopping=asyncio.Event(),
+        give_up=lambda: reason[0] if reason else None,
+    )
+    await pipeline.first.submit(_valid(P0, 0))
+    await asyncio.sleep(0.05)  # the insert failed and waits to be tried again
+    asyncio.get_running_loop().call_later(0.1, reason.append, "revoked")
+    started = time.monotonic()
+    with pytest.raises(GivenUp, match="revoked"):
+        # the next batch waits for the first to be written: it is given up instead
+        await pipeline.first.submit(_valid(P0, 1, "second"))
+    assert time.monotonic() - started < 1.0
+    assert [c[0] for c in rec.calls] == ["insert_failed"]
+    assert pipeline.commit.committed == {}
+    pipeline.first.discard()
+    await pipeline.first.join()  # nothing held any more
+    assert [c[0] for c in rec.calls] == ["insert_failed"]
 
 
 async def test_a_write_that_failed_is_raised_by_the_next_poll_without_new_messages() -> None:
