@@ -113,6 +113,11 @@ def project_label(project: str) -> str:
     return project[:64] or "unknown"
 
 
+WORKER_KNOWN_IDS_BYTES = Gauge(
+    "maniac_worker_known_ids_bytes",
+    "Memory of the worker's set of known completion ids (8 bytes per stored completion of "
+    "its partitions; 0 while it is not loaded).",
+)
 GATEWAY_BODY_BYTES = Gauge(
     "maniac_gateway_inflight_body_bytes", "Request-body bytes the gateway holds right now."
 )

@@ -26,6 +26,7 @@ from services.common.metrics import (
     WORKER_DEDUP_IDS,
     WORKER_GIVEN_UP,
     WORKER_INSERT_SECONDS,
+    WORKER_KNOWN_IDS_BYTES,
 )
 from services.common.pricing import PriceCatalog
 from services.common.settings import WorkerSettings
@@ -207,6 +208,7 @@ class Worker:
         stored = await stored_versions(self._clickhouse, project, asked) if asked else {}
         if known is not None and values is not None:
             known.add_hashes(values)  # before they are inserted: never missing, at worst extra
+            WORKER_KNOWN_IDS_BYTES.set(known.nbytes)
         return stored
 
     @property
@@ -254,6 +256,7 @@ class Worker:
             log.warning("known_ids_not_loaded", retry_in_s=KNOWN_IDS_RETRY_S, error=repr(exc))
         else:
             self._known_retry_at = None
+        WORKER_KNOWN_IDS_BYTES.set(self._known.nbytes if self._known is not None else 0)
 
     async def _retract(self, project: str, ids: list[str]) -> list[bytes]:
         return await retractions(self._clickhouse, project, ids)

@@ -350,6 +350,10 @@ async def test_a_new_worker_knows_what_was_stored_before_it_and_asks_only_about_
         by_known, by_clickhouse = _dedup_ids("known_ids"), _dedup_ids("clickhouse")
         await produce(producer, settings.topic, again + new)
         await eventually(lambda: all_committed(worker, 30 + 1_030))  # offsets, from the first
+        assert worker.known is not None
+        # the 30 loaded, then every id asked about added (the 30 again among them)
+        assert worker.known.count == 30 + 1_030
+        assert REGISTRY.get_sample_value("maniac_worker_known_ids_bytes") == 8 * (30 + 1_030)
 
     asked = _dedup_ids("clickhouse") - by_clickhouse
     assert asked == 30  # the stored ones only
