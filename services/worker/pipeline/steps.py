@@ -3,7 +3,9 @@
 Each step holds the next one and passes work forward with ``submit``; ``poll`` lets time-based
 steps act when no message arrives; ``join`` pushes everything held through to the end (on
 partition revoke and at shutdown). The commit step is always last, so an offset is committed
-only after ClickHouse accepted the rows before it and dead letters were acknowledged.
+only after ClickHouse accepted the rows before it and dead letters were acknowledged. A step
+given up (:class:`GivenUp`) commits nothing; ``discard`` then drops what the first step holds,
+to be fetched again.
 """
 
 from __future__ import annotations
