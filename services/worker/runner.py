@@ -329,7 +329,7 @@ class Worker:
                         self._consumer.seek(tp, offset)
             except Exception as exc:  # the broker is gone too: fetching on would skip records
                 if self._stopping.is_set():
-                    raise
+                    return  # nothing more is fetched nor committed
                 log.warning("rewind_failed", error=repr(exc))
                 await asyncio.sleep(1.0)
             else:
