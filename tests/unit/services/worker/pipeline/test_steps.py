@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Callable
 
 import orjson
 import pytest
@@ -79,6 +80,8 @@ def _pipeline(
     *,
     offload: Offload | None = None,
     stopping: asyncio.Event | None = None,
+    retry_s: float = 0.001,
+    give_up: Callable[[], str | None] = lambda: None,
 ) -> Pipeline:
     return build_pipeline(
         insert=recorder.insert,
@@ -90,9 +93,10 @@ def _pipeline(
         prices=None,
         max_rows=max_rows,
         max_ms=max_ms,
-        retry_initial_s=0.001,
-        retry_max_s=0.002,
+        retry_initial_s=retry_s,
+        retry_max_s=2 * retry_s,
         stopping=stopping or asyncio.Event(),
+        give_up=give_up,
         offload=offload,
     )
 
@@ -245,19 +249,10 @@ async def test_a_failing_write_is_given_up_once_there_is_a_reason_and_tried_no_m
     nothing is committed, and what the first step held is dropped on discard."""
     rec = Recorder(failures=100)
     reason: list[str] = []
-    pipeline = build_pipeline(
-        insert=rec.insert,
-        dead_letter=rec.dead_letter,
-        record_dead=rec.record_dead,
-        commit=rec.commit,
-        lookup=rec.lookup,
-        retract=rec.retract,
-        prices=None,
+    pipeline = _pipeline(
+        rec,
         max_rows=1,
-        max_ms=10_000,
-        retry_initial_s=60.0,  # the first wait would outlast the test
-        retry_max_s=60.0,
-        stopping=asyncio.Event(),
+        retry_s=60.0,  # the first wait would outlast the test
         give_up=lambda: reason[0] if reason else None,
     )
     await pipeline.first.submit(_valid(P0, 0))
