@@ -78,7 +78,28 @@ async def count_is(ch: ClickHouse, n: int) -> bool:
 
 
 async def all_committed(worker: Worker, total: int) -> bool:
-    return sum(worker.committed_offsets().values()) == total
+    return await all_committed_by([worker], total)
+
+
+async def all_committed_by(workers: list[Worker], total: int) -> bool:
+    """Whether the furthest offsets these workers committed, partition by partition, add up
+    to ``total`` (partitions move between workers of a group)."""
+    furthest: dict[int, int] = {}
+    for worker in workers:
+        for partition, offset in worker.committed_offsets().items():
+            furthest[partition] = max(furthest.get(partition, 0), offset)
+    return sum(furthest.values()) == total
+
+
+async def counted(ch: ClickHouse) -> tuple[int, int, int]:
+    """Completions as the aggregates count them: requests in ``usage_hourly``, the list's
+    total in ``completion_counts``, and rows of ``completions`` after FINAL."""
+    [(requests, listed, stored)] = await ch.rows(
+        "SELECT (SELECT sum(requests) FROM {database}.usage_hourly), "
+        "(SELECT sum(completions) FROM {database}.completion_counts), "
+        "(SELECT count() FROM {database}.completions FINAL)"
+    )
+    return int(requests), int(listed), int(stored)
 
 
 class _Commits:

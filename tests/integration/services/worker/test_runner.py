@@ -20,8 +20,10 @@ from tests.conftest import Broker, eventually
 from tests.support.worker import (
     RunningWorker,
     all_committed,
+    all_committed_by,
     count,
     count_is,
+    counted,
     event,
     produce,
 )
@@ -359,11 +361,7 @@ async def test_a_new_worker_knows_what_was_stored_before_it_and_asks_only_about_
     assert asked == 30  # the stored ones only
     assert _dedup_ids("known_ids") - by_known == 1_030 - asked
     # without a retraction each, the 30 would count twice: 1,060
-    [(requests, listed)] = await clickhouse.rows(
-        "SELECT (SELECT sum(requests) FROM {database}.usage_hourly), "
-        "(SELECT sum(completions) FROM {database}.completion_counts)"
-    )
-    assert (requests, listed) == (1_030, 1_030)
+    assert await counted(clickhouse) == (1_030, 1_030, 1_030)
 
 
 async def test_known_ids_that_failed_to_load_are_loaded_again_by_a_later_batch(
@@ -439,24 +437,12 @@ async def test_workers_sharing_a_topic_each_know_their_partitions_completions_an
                 settings.topic, value=value, key=key, partition=(own + 1) % 4
             )
 
-        async def all_done() -> bool:
-            done: dict[int, int] = {}
-            for w in (a, b):
-                for partition, offset in w.committed_offsets().items():
-                    done[partition] = max(done.get(partition, 0), offset)
-            return sum(done.values()) == 200 + 150 + 300 + 10
-
-        await eventually(all_done, timeout_s=30)
+        await eventually(lambda: all_committed_by([a, b], 200 + 150 + 300 + 10), timeout_s=30)
 
     assert _dedup_ids("clickhouse") - by_clickhouse == 150 + 10
     assert _dedup_ids("known_ids") - by_known == 300
     # without a retraction each, the 160 would count twice
-    [(requests, listed, stored)] = await clickhouse.rows(
-        "SELECT (SELECT sum(requests) FROM {database}.usage_hourly), "
-        "(SELECT sum(completions) FROM {database}.completion_counts), "
-        "(SELECT count() FROM {database}.completions FINAL)"
-    )
-    assert (requests, listed, stored) == (500, 500, 500)
+    assert await counted(clickhouse) == (500, 500, 500)
 
 
 async def test_a_worker_stuck_on_clickhouse_hands_its_partitions_over_without_writing_later(
@@ -488,24 +474,12 @@ async def test_a_worker_stuck_on_clickhouse_hands_its_partitions_over_without_wr
                     "RENAME TABLE {database}.completions_away TO {database}.completions"
                 )
 
-                async def all_done() -> bool:
-                    done: dict[int, int] = {}
-                    for w in (a, b):
-                        for partition, offset in w.committed_offsets().items():
-                            done[partition] = max(done.get(partition, 0), offset)
-                    return sum(done.values()) == 40
-
-                await eventually(all_done, timeout_s=30)
+                await eventually(lambda: all_committed_by([a, b], 40), timeout_s=30)
     finally:
         await clickhouse.command(
             "RENAME TABLE IF EXISTS {database}.completions_away TO {database}.completions"
         )
-    [(requests, listed, stored)] = await clickhouse.rows(
-        "SELECT (SELECT sum(requests) FROM {database}.usage_hourly), "
-        "(SELECT sum(completions) FROM {database}.completion_counts), "
-        "(SELECT count() FROM {database}.completions FINAL)"
-    )
-    assert (requests, listed, stored) == (40, 40, 40)
+    assert await counted(clickhouse) == (40, 40, 40)
 
 
 def _retries() -> float:
@@ -556,8 +530,4 @@ async def test_a_batch_not_stored_in_time_is_given_up_and_fetched_again(
         await clickhouse.command(
             "RENAME TABLE IF EXISTS {database}.completions_away TO {database}.completions"
         )
-    [(requests, stored)] = await clickhouse.rows(
-        "SELECT (SELECT sum(requests) FROM {database}.usage_hourly), "
-        "(SELECT count() FROM {database}.completions FINAL)"
-    )
-    assert (requests, stored) == (40, 40)
+    assert await counted(clickhouse) == (40, 40, 40)
