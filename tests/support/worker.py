@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 from schemas.events import encode_event, message_key
@@ -89,6 +91,24 @@ async def all_committed_by(workers: list[Worker], total: int) -> bool:
         for partition, offset in worker.committed_offsets().items():
             furthest[partition] = max(furthest.get(partition, 0), offset)
     return sum(furthest.values()) == total
+
+
+@contextlib.asynccontextmanager
+async def completions_away(ch: ClickHouse) -> AsyncIterator[Callable[[], Awaitable[None]]]:
+    """ClickHouse down for the worker, for real: ``completions`` is renamed away, so every
+    lookup and insert fails, until the function yielded brings it back (on leaving at the
+    latest)."""
+    await ch.command("RENAME TABLE {database}.completions TO {database}.completions_away")
+
+    async def back() -> None:
+        await ch.command(
+            "RENAME TABLE IF EXISTS {database}.completions_away TO {database}.completions"
+        )
+
+    try:
+        yield back
+    finally:
+        await back()
 
 
 async def counted(ch: ClickHouse) -> tuple[int, int, int]:

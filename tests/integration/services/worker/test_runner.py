@@ -21,6 +21,7 @@ from tests.support.worker import (
     RunningWorker,
     all_committed,
     all_committed_by,
+    completions_away,
     count,
     count_is,
     counted,
@@ -130,17 +131,14 @@ async def test_a_worker_assigned_every_partition_stores_and_commits_to_its_group
 async def test_insert_failures_are_retried_without_commit_then_resume(
     settings: ServeSettings, broker: Broker, clickhouse: ClickHouse, producer: Any
 ) -> None:
-    # Make ClickHouse refuse inserts for a while by renaming the table away, for real.
-    await clickhouse.command("RENAME TABLE {database}.completions TO {database}.completions_away")
-    await produce(producer, settings.topic, [event(f"id-{i}") for i in range(5)])
-    async with RunningWorker(settings, broker, clickhouse) as worker:
-        await asyncio.sleep(1.5)
-        assert worker.committed_offsets() == {}
-        await clickhouse.command(
-            "RENAME TABLE {database}.completions_away TO {database}.completions"
-        )
-        await eventually(lambda: count_is(clickhouse, 5))
-        await eventually(lambda: all_committed(worker, 5))
+    async with completions_away(clickhouse) as back:
+        await produce(producer, settings.topic, [event(f"id-{i}") for i in range(5)])
+        async with RunningWorker(settings, broker, clickhouse) as worker:
+            await asyncio.sleep(1.5)
+            assert worker.committed_offsets() == {}
+            await back()
+            await eventually(lambda: count_is(clickhouse, 5))
+            await eventually(lambda: all_committed(worker, 5))
 
 
 async def _dead_letters(ch: ClickHouse) -> list[tuple[Any, ...]]:
@@ -373,23 +371,18 @@ async def test_known_ids_that_failed_to_load_are_loaded_again_by_a_later_batch(
 ) -> None:
     monkeypatch.setattr(runner, "KNOWN_IDS_RETRY_S", 0.5)
     # the load at start fails for real: the table is not there
-    await clickhouse.command("RENAME TABLE {database}.completions TO {database}.completions_away")
-    try:
-        async with RunningWorker(settings, broker, clickhouse, assign=True) as worker:
-            await asyncio.sleep(1.0)
-            assert worker.known is None
-            await clickhouse.command(
-                "RENAME TABLE {database}.completions_away TO {database}.completions"
-            )
-            by_known = _dedup_ids("known_ids")
-            await produce(producer, settings.topic, [_version(f"n-{i}", 1_000) for i in range(50)])
-            await eventually(lambda: all_committed(worker, 50))
-            assert worker.known is not None
-            assert _dedup_ids("known_ids") - by_known == 50
-    finally:
-        await clickhouse.command(
-            "RENAME TABLE IF EXISTS {database}.completions_away TO {database}.completions"
-        )
+    async with (
+        completions_away(clickhouse) as back,
+        RunningWorker(settings, broker, clickhouse, assign=True) as worker,
+    ):
+        await asyncio.sleep(1.0)
+        assert worker.known is None
+        await back()
+        by_known = _dedup_ids("known_ids")
+        await produce(producer, settings.topic, [_version(f"n-{i}", 1_000) for i in range(50)])
+        await eventually(lambda: all_committed(worker, 50))
+        assert worker.known is not None
+        assert _dedup_ids("known_ids") - by_known == 50
 
 
 async def test_workers_sharing_a_topic_each_know_their_partitions_completions_and_no_more(
@@ -452,8 +445,7 @@ async def test_a_worker_stuck_on_clickhouse_hands_its_partitions_over_without_wr
     batch it could not store (it commits nothing of it) and lets its partitions go at once,
     so it can never write that batch after another worker took them. Once ClickHouse is back,
     every completion is stored and counted once."""
-    await clickhouse.command("RENAME TABLE {database}.completions TO {database}.completions_away")
-    try:
+    async with completions_away(clickhouse) as back:
         await produce(producer, settings.topic, [event(f"id-{i}") for i in range(40)])
         before, revoked_before = _retries(), _given_up("revoked")
         async with RunningWorker(settings, broker, clickhouse) as a:
@@ -470,15 +462,8 @@ async def test_a_worker_stuck_on_clickhouse_hands_its_partitions_over_without_wr
                 await eventually(both_have_partitions, timeout_s=15)
                 assert a.committed_offsets() == {}
                 assert _given_up("revoked") > revoked_before
-                await clickhouse.command(
-                    "RENAME TABLE {database}.completions_away TO {database}.completions"
-                )
-
+                await back()
                 await eventually(lambda: all_committed_by([a, b], 40), timeout_s=30)
-    finally:
-        await clickhouse.command(
-            "RENAME TABLE IF EXISTS {database}.completions_away TO {database}.completions"
-        )
     assert await counted(clickhouse) == (40, 40, 40)
 
 
@@ -502,9 +487,8 @@ async def test_a_batch_not_stored_in_time_is_given_up_and_fetched_again(
     the batch up, uncommitted, and fetches everything again from the committed offsets (so
     Kafka keeps it in the group). Once ClickHouse is back, everything is stored once."""
     settings = settings.model_copy(update={"give_up_after_s": 1.0})
-    await clickhouse.command("RENAME TABLE {database}.completions TO {database}.completions_away")
     given_up, retries = _given_up("not_stored_in_time"), _retries()
-    try:
+    async with completions_away(clickhouse) as back:
         await produce(producer, settings.topic, [event(f"id-{i}") for i in range(30)])
         async with RunningWorker(settings, broker, clickhouse) as worker:
 
@@ -522,12 +506,6 @@ async def test_a_batch_not_stored_in_time_is_given_up_and_fetched_again(
             retries = _retries()
             await eventually(retrying, timeout_s=20)  # fetched again, and asking again
             assert worker.committed_offsets() == {}
-            await clickhouse.command(
-                "RENAME TABLE {database}.completions_away TO {database}.completions"
-            )
+            await back()
             await eventually(lambda: all_committed(worker, 40), timeout_s=30)
-    finally:
-        await clickhouse.command(
-            "RENAME TABLE IF EXISTS {database}.completions_away TO {database}.completions"
-        )
     assert await counted(clickhouse) == (40, 40, 40)
