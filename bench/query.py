@@ -12,6 +12,9 @@ rotating over the projects:
 
 ``--data-dir`` keeps the generated table for later runs (generation takes minutes);
 ``--projects 1`` puts every row in one project, as a large import into one container does.
+``--clickhouse-url`` runs the same on a ClickHouse server instead of chDB
+(``http://user:password@host:8123/database``; the database is migrated, then filled up to
+``--rows``).
 """
 
 from __future__ import annotations
@@ -182,8 +185,10 @@ def _line(row: dict[str, Any]) -> str:
     return f"{what}  p50 {row['p50_ms']:>7.1f} ms  p99 {row['p99_ms']:>7.1f} ms"
 
 
-async def _run(data_dir: Path, rows: int, runs: int, chunk: int, projects: int) -> dict[str, Any]:
-    ch = ClickHouse.connect(ClickHouseTarget.embedded(data_dir))
+async def _run(
+    target: ClickHouseTarget, rows: int, runs: int, chunk: int, projects: int
+) -> dict[str, Any]:
+    ch = ClickHouse.connect(target)
     try:
         await migrate(ch)
         print(f"  generating {rows} rows across {projects} projects")
@@ -213,6 +218,7 @@ async def _run(data_dir: Path, rows: int, runs: int, chunk: int, projects: int) 
         load_before = load_average()
         results = await measure(ch, runs, rows, projects=projects)
         return {
+            "backend": "chDB (embedded)" if target.interface == "chdb" else "ClickHouse server",
             "rows": rows,
             "projects": projects,
             "generate_s": round(generate_s, 1),
@@ -234,14 +240,21 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--runs", type=int, default=200, help="timed runs per case")
     parser.add_argument("--chunk", type=int, default=1_000_000, help="rows per INSERT")
     parser.add_argument("--projects", type=int, default=PROJECTS, help="rows spread over")
-    parser.add_argument("--data-dir", type=Path, default=None, help="keep the table here")
+    where = parser.add_mutually_exclusive_group()
+    where.add_argument("--data-dir", type=Path, default=None, help="keep the table here")
+    where.add_argument(
+        "--clickhouse-url", default=None, help="a ClickHouse server (http://...) instead of chDB"
+    )
     parser.add_argument("--name", default="query", help="result file: bench/results/NAME.json")
     args = parser.parse_args(argv)
-    if args.data_dir is not None:
-        figures = asyncio.run(_run(args.data_dir, args.rows, args.runs, args.chunk, args.projects))
+    shape = (args.rows, args.runs, args.chunk, args.projects)
+    if args.clickhouse_url is not None:
+        figures = asyncio.run(_run(ClickHouseTarget.parse(args.clickhouse_url), *shape))
+    elif args.data_dir is not None:
+        figures = asyncio.run(_run(ClickHouseTarget.embedded(args.data_dir), *shape))
     else:
         with tempfile.TemporaryDirectory(prefix="maniac-bench-") as tmp:
-            figures = asyncio.run(_run(Path(tmp), args.rows, args.runs, args.chunk, args.projects))
+            figures = asyncio.run(_run(ClickHouseTarget.embedded(Path(tmp)), *shape))
     figures["target"] = {"p99_ms": 50}
     path = write_result(args.name, figures)
     print(f"written to {path}")
