@@ -36,7 +36,7 @@ def _settings(cls: type[CommonSettings], args: argparse.Namespace) -> Any:
     overrides: dict[str, Any] = {}
     for name in ("host", "port", "data_dir"):
         value = getattr(args, name, None)
-        if value is not None:
+        if value is not None and name in cls.model_fields:
             overrides[name] = value
     settings = cls(**overrides)
     configure_logging(settings.log_format, settings.log_level)
@@ -98,7 +98,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 def cmd_gateway(args: argparse.Namespace) -> int:
     from services.gateway.app import create_app
 
-    settings: GatewaySettings = _settings(ServeSettings, args)
+    settings: GatewaySettings = _settings(GatewaySettings, args)
     _serve_uvicorn(create_app(settings), args.host or "0.0.0.0", args.port or 8000)
     return 0
 
@@ -106,7 +106,7 @@ def cmd_gateway(args: argparse.Namespace) -> int:
 def cmd_query(args: argparse.Namespace) -> int:
     from services.query.app import create_app
 
-    settings: QuerySettings = _settings(ServeSettings, args)
+    settings: QuerySettings = _settings(QuerySettings, args)
     _serve_uvicorn(create_app(settings), args.host or "0.0.0.0", args.port or 8001)
     return 0
 

@@ -54,6 +54,10 @@ def parse_seed(spec: str) -> list[tuple[str, str]]:
     return pairs
 
 
+class RevokedKey(ValueError):
+    """The key was revoked: it is never made valid again."""
+
+
 @dataclass(frozen=True)
 class StoredKey:
     key_id: str
@@ -85,8 +89,13 @@ class KeyStore:
         if time.monotonic() - self._loaded_at < self._refresh_s:
             return
         async with self._lock:
-            if time.monotonic() - self._loaded_at >= self._refresh_s:
+            if time.monotonic() - self._loaded_at < self._refresh_s:
+                return
+            try:
                 await self.load()
+            except Exception as exc:  # ClickHouse away: keep the keys we have
+                self._loaded_at = time.monotonic()  # and ask again one refresh later
+                log.warning("api_keys_refresh_failed", error=str(exc), kept=len(self._by_id))
 
     async def authenticate(self, key: str) -> str | None:
         """The project of ``key``, or None."""
@@ -97,13 +106,22 @@ class KeyStore:
         return None
 
     async def add(self, project: str, key: str) -> str:
-        """Store ``key`` for ``project`` (idempotent for the same pair); return its key id."""
+        """Store ``key`` for ``project`` (idempotent for the same pair); return its key id.
+
+        A revoked key stays revoked: adding it again raises :class:`RevokedKey`.
+        """
         kid = key_id(key)
-        await self.load()
-        for stored in self._by_id.get(kid, ()):
-            if hmac.compare_digest(hash_key(key, stored.salt), stored.key_hash):
-                if stored.project != project:
-                    raise ValueError(f"this key already belongs to project {stored.project!r}")
+        rows = await self._ch.rows(
+            "SELECT project, salt, key_hash, revoked FROM {database}.api_keys FINAL "
+            "WHERE key_id = {kid:String}",
+            {"kid": kid},
+        )
+        for stored_project, salt, key_hash, revoked in rows:
+            if hmac.compare_digest(hash_key(key, bytes.fromhex(salt)), key_hash):
+                if revoked:
+                    raise RevokedKey(f"key {kid} was revoked; a revoked key is not added again")
+                if stored_project != project:
+                    raise ValueError(f"this key already belongs to project {stored_project!r}")
                 return kid
         salt = secrets.token_bytes(16)
         await self._ch.command(

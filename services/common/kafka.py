@@ -159,7 +159,9 @@ def create_consumer(
     )
 
 
-async def ensure_topics(bootstrap: str, topics: list[str], partitions: int) -> None:
+async def ensure_topics(
+    bootstrap: str, topics: list[str], partitions: int, replication_factor: int = 1
+) -> None:
     """Create the topics that do not exist yet."""
     admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
     await admin.start()
@@ -168,17 +170,27 @@ async def ensure_topics(bootstrap: str, topics: list[str], partitions: int) -> N
         missing = [t for t in topics if t not in existing]
         if missing:
             with contextlib.suppress(TopicAlreadyExistsError):
-                await admin.create_topics(
-                    [NewTopic(t, num_partitions=partitions, replication_factor=1) for t in missing]
-                )
-            log.info("topics_created", topics=missing, partitions=partitions)
+                new = [NewTopic(t, partitions, replication_factor) for t in missing]
+                await admin.create_topics(new)
+            log.info(
+                "topics_created",
+                topics=missing,
+                partitions=partitions,
+                replication_factor=replication_factor,
+            )
     finally:
         await admin.close()
 
 
 async def broker_reachable(bootstrap: str, timeout_s: float = 2.0) -> bool:
-    """True when a TCP connection to the first bootstrap address succeeds."""
-    host, _, port = bootstrap.split(",")[0].rpartition(":")
+    """True when a TCP connection to any of the bootstrap addresses succeeds."""
+    addresses = [a.strip() for a in bootstrap.split(",") if a.strip()]
+    answers = await asyncio.gather(*(_connects(a, timeout_s) for a in addresses))
+    return any(answers)
+
+
+async def _connects(address: str, timeout_s: float) -> bool:
+    host, _, port = address.rpartition(":")
     try:
         _, writer = await asyncio.wait_for(asyncio.open_connection(host, int(port)), timeout_s)
     except (OSError, TimeoutError, ValueError):

@@ -4,11 +4,15 @@ from __future__ import annotations
 
 import gc
 
-from services.common.auth import KeyStore, parse_seed
+import structlog
+
+from services.common.auth import KeyStore, RevokedKey, parse_seed
 from services.common.clickhouse import ClickHouse, ClickHouseTarget
 from services.common.kafka import ensure_topics
 from services.common.migrations import migrate, wait_for_schema
 from services.common.settings import CommonSettings
+
+log = structlog.get_logger(__name__)
 
 GC_THRESHOLDS = (100_000, 100, 100)
 
@@ -64,7 +68,10 @@ async def prepare_clickhouse(
     keys = KeyStore(clickhouse, refresh_s=settings.keys_refresh_s)
     if settings.api_keys is not None:
         for project, key in parse_seed(settings.api_keys.get_secret_value()):
-            await keys.add(project, key)
+            try:
+                await keys.add(project, key)
+            except RevokedKey as exc:  # revoked since it was seeded: it stays revoked
+                log.warning("api_key_seed_revoked", project=project, reason=str(exc))
     await keys.load()
     return keys
 
@@ -90,4 +97,5 @@ async def prepare_topics(
         bootstrap,
         [settings.topic, settings.dead_letter_topic],
         settings.topic_partitions or partitions,
+        settings.topic_replication_factor,
     )

@@ -37,6 +37,12 @@ class CommonSettings(BaseSettings):
         description="Partitions of the topics when they are created (existing ones are left "
         "as they are); unset means 1 for `maniac serve` and 4 for the services on their own.",
     )
+    topic_replication_factor: int = Field(
+        default=1,
+        ge=1,
+        description="Brokers that keep a copy of each record of the topics when they are "
+        "created; 3 on a production cluster (with min.insync.replicas 2).",
+    )
     api_keys: SecretStr | None = Field(
         default=None, description='Keys to seed at start-up: "projA:key1,projB:key2".'
     )
@@ -93,6 +99,13 @@ class WorkerSettings(CommonSettings):
         default=True,
         description="Hold a hash of every stored completion (8 bytes each) so that new ones "
         "skip the stored-version lookup in ClickHouse; off: every id is looked up.",
+    )
+    metrics_port: int = Field(
+        default=9100,
+        ge=0,
+        le=65535,
+        description="`maniac worker`: the port of its Prometheus metrics (GET /metrics, on every "
+        "address); 0: none. `maniac serve` serves them with its API.",
     )
     session_timeout_ms: int = Field(default=6_000, ge=1_000)
     heartbeat_interval_ms: int = Field(default=1_000, ge=100)

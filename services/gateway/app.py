@@ -39,10 +39,8 @@ def create_app(settings: GatewaySettings) -> FastAPI:
                 "keys": keys,
                 "rate_limiter": RateLimiter(settings.rate_limit_per_minute),
                 **gateway.state(),
-                "readiness": {
-                    "broker": lambda: broker_reachable(bootstrap),
-                    "clickhouse": clickhouse.ping,
-                },
+                # writes need the broker only; keys stay loaded while ClickHouse is away
+                "readiness": {"broker": lambda: broker_reachable(bootstrap)},
             }
         finally:
             await gateway.stop()

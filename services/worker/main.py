@@ -5,6 +5,9 @@ from __future__ import annotations
 import asyncio
 import signal
 
+import structlog
+from prometheus_client import start_http_server
+
 from services.common.clickhouse import ClickHouse
 from services.common.kafka import create_producer
 from services.common.pricing import PriceCatalog
@@ -16,6 +19,8 @@ from services.common.runtime import (
 )
 from services.common.settings import WorkerSettings
 from services.worker.runner import Worker, create_worker_consumer
+
+log = structlog.get_logger(__name__)
 
 
 async def run(settings: WorkerSettings) -> None:
@@ -33,9 +38,13 @@ async def run(settings: WorkerSettings) -> None:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, worker.stop)
+    metrics = start_http_server(settings.metrics_port)[0] if settings.metrics_port else None
+    log.info("worker_metrics", port=settings.metrics_port or None)
     try:
         await worker.run()
     finally:
+        if metrics is not None:
+            metrics.shutdown()
         await consumer.stop()
         await producer.stop()
         clickhouse.close()

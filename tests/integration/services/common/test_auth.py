@@ -2,7 +2,9 @@ from __future__ import annotations
 
 import asyncio
 
-from services.common.auth import KeyStore
+import pytest
+
+from services.common.auth import KeyStore, RevokedKey, key_id
 from services.common.clickhouse import ClickHouse
 
 
@@ -42,3 +44,33 @@ async def test_revoked_key_stops_working_after_refresh(clickhouse: ClickHouse) -
     await asyncio.sleep(0.06)
     assert await other.authenticate(key) is None
     assert await store.revoke(kid) == 0
+
+
+async def test_a_revoked_key_is_never_added_again(clickhouse: ClickHouse) -> None:
+    store = KeyStore(clickhouse, refresh_s=60)
+    kid = await store.add("projA", "seeded-key")
+    assert await store.revoke(kid) == 1
+    with pytest.raises(RevokedKey):
+        await store.add("projA", "seeded-key")  # what a restart seeding MANIAC_API_KEYS does
+    assert await KeyStore(clickhouse).authenticate("seeded-key") is None
+    assert await store.add("projA", "another-key") != kid  # other keys are unaffected
+
+
+async def test_keys_already_loaded_keep_working_while_clickhouse_is_away(
+    clickhouse: ClickHouse,
+) -> None:
+    store = KeyStore(clickhouse, refresh_s=0.01)
+    key = await store.create("projA")
+    await clickhouse.command("RENAME TABLE {database}.api_keys TO {database}.api_keys_away")
+    try:
+        await asyncio.sleep(0.02)
+        with pytest.raises(Exception, match="api_keys"):
+            await store.load()  # the store cannot be read...
+        assert await store.authenticate(key) == "projA"  # ...so the copy loaded is kept
+        assert await store.authenticate(key + "x") is None
+    finally:
+        await clickhouse.command("RENAME TABLE {database}.api_keys_away TO {database}.api_keys")
+    revoked = await KeyStore(clickhouse).revoke(key_id(key))
+    await asyncio.sleep(0.02)
+    assert revoked == 1
+    assert await store.authenticate(key) is None  # and refreshed once it can be again

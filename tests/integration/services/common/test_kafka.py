@@ -53,6 +53,9 @@ async def test_reachability(broker: EmbeddedBroker) -> None:
     assert await broker_reachable(broker.bootstrap)
     stopped = EmbeddedBroker()
     assert not await broker_reachable(stopped.bootstrap, timeout_s=0.5)
+    # a cluster with one broker down is still reachable, through any address it was given
+    assert await broker_reachable(f"{stopped.bootstrap},{broker.bootstrap}", timeout_s=0.5)
+    assert not await broker_reachable(f"{stopped.bootstrap}, {stopped.bootstrap}", timeout_s=0.5)
 
 
 async def test_read_topic_reads_every_partition_to_its_end(

@@ -8,6 +8,7 @@ import pytest
 from aiokafka.admin import AIOKafkaAdminClient
 from pydantic import SecretStr
 
+from services.common.auth import key_id
 from services.common.clickhouse import ClickHouse
 from services.common.migrations import SchemaNotReady, migrate
 from services.common.runtime import prepare_clickhouse, prepare_topics
@@ -58,6 +59,18 @@ async def test_maniac_serve_migrates_its_own_database(clickhouse_engine: ClickHo
         await db.command("DROP DATABASE IF EXISTS {database}")
 
 
+async def test_a_restart_does_not_bring_back_a_seeded_key_that_was_revoked(
+    clickhouse: ClickHouse,
+) -> None:
+    settings = CommonSettings(api_keys=SecretStr("projA:key-a,projB:key-b"))
+    keys = await prepare_clickhouse(clickhouse, settings, apply_migrations=True)
+    assert await keys.revoke(key_id("key-a")) == 1
+
+    restarted = await prepare_clickhouse(clickhouse, settings, apply_migrations=True)
+    assert await restarted.authenticate("key-a") is None
+    assert await restarted.authenticate("key-b") == "projB"
+
+
 async def _partitions(bootstrap: str, topics: list[str]) -> dict[str, int]:
     admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
     await admin.start()
@@ -90,3 +103,19 @@ async def test_topics_are_created_with_the_partitions_asked_for(
         topic: created,
         f"{topic}.dlq": created,
     }
+
+
+async def test_topics_are_created_with_the_replication_factor_asked_for(broker: Broker) -> None:
+    topic = unique("completions")
+    settings = CommonSettings(
+        topic=topic, dead_letter_topic=f"{topic}.dlq", topic_replication_factor=3
+    )
+    await prepare_topics(broker.bootstrap, settings)
+    admin = AIOKafkaAdminClient(bootstrap_servers=broker.bootstrap)
+    await admin.start()
+    try:
+        described = await admin.describe_topics([topic, f"{topic}.dlq"])
+    finally:
+        await admin.close()
+    # Tansu keeps one copy whatever is asked, but reports the replicas it was asked for
+    assert [len(p["replicas"]) for t in described for p in t["partitions"]] == [3] * 8
