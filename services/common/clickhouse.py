@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import fcntl
+import hashlib
 import os
 import re
 from collections.abc import Callable, Mapping, Sequence
@@ -18,7 +19,14 @@ from urllib.parse import unquote, urlsplit
 
 import clickhouse_connect
 
-_JSON_INSERT_SETTINGS = {"input_format_json_read_objects_as_strings": 1}
+_JSON_INSERT_SETTINGS = {
+    "input_format_json_read_objects_as_strings": 1,
+    # The aggregate tables are partitioned by month; an import of old completions may span
+    # more than the 100 partitions an insert may write by default, which no retry would cure.
+    "max_partitions_per_insert_block": 0,
+}
+
+_DEDUPLICATE = {"insert_deduplicate": 1, "deduplicate_blocks_in_dependent_materialized_views": 1}
 
 _IDENTIFIER = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,63}$")
 
@@ -279,25 +287,42 @@ class ClickHouse:
         """
         await self._insert_json(table, None, body, "JSONEachRow")
 
-    async def insert_json_compact(self, table: str, columns: Sequence[str], body: bytes) -> None:
+    async def insert_json_compact(
+        self, table: str, columns: Sequence[str], body: bytes, *, deduplicate: bool = False
+    ) -> None:
         """Bulk-insert newline-delimited JSON arrays, each the values of ``columns`` in their
         order (JSONCompactEachRow), in one request; objects for ``String`` columns as in
-        :meth:`insert_json_each_row`."""
-        await self._insert_json(
-            table, [check_identifier(column) for column in columns], body, "JSONCompactEachRow"
-        )
+        :meth:`insert_json_each_row`.
+
+        ``deduplicate``: the insert carries a token made from ``body``, so that inserting the
+        same body again (a retry) writes nothing into a table that already holds it, through
+        views included (the tables' ``non_replicated_deduplication_window``, migration 0015).
+        """
+        columns = [check_identifier(column) for column in columns]
+        await self._insert_json(table, columns, body, "JSONCompactEachRow", deduplicate)
 
     async def _insert_json(
-        self, table: str, columns: list[str] | None, body: bytes, fmt: str
+        self,
+        table: str,
+        columns: list[str] | None,
+        body: bytes,
+        fmt: str,
+        deduplicate: bool = False,
     ) -> None:
-        await asyncio.to_thread(
-            self._client.raw_insert,
-            f"{self.database}.{check_identifier(table)}",
-            column_names=columns,
-            insert_block=body,
-            settings=_JSON_INSERT_SETTINGS,
-            fmt=fmt,
-        )
+        def insert() -> None:
+            settings: dict[str, Any] = _JSON_INSERT_SETTINGS
+            if deduplicate:  # hashed here, in the thread: sha256 releases the GIL
+                token = hashlib.sha256(body).hexdigest()
+                settings = {**settings, **_DEDUPLICATE, "insert_deduplication_token": token}
+            self._client.raw_insert(
+                f"{self.database}.{check_identifier(table)}",
+                column_names=columns,
+                insert_block=body,
+                settings=settings,
+                fmt=fmt,
+            )
+
+        await asyncio.to_thread(insert)
 
     async def insert_rows(
         self, table: str, rows: Sequence[Sequence[Any]], columns: Sequence[str]

@@ -113,8 +113,10 @@ async def retractions(clickhouse: ClickHouse, project: str, ids: list[str]) -> l
 async def insert_rows(
     clickhouse: ClickHouse, body: bytes, *, table: str = COMPLETIONS_INSERT_TABLE
 ) -> None:
-    """Insert completion rows (``Row.json`` lines, retractions among them) in one insert."""
-    await clickhouse.insert_json_compact(table, COMPLETIONS_INSERT_COLUMNS, body)
+    """Insert completion rows (``Row.json`` lines, retractions among them) in one insert;
+    the same body inserted again (a retry after a failure halfway, or an answer lost) is not
+    written again anywhere it reached."""
+    await clickhouse.insert_json_compact(table, COMPLETIONS_INSERT_COLUMNS, body, deduplicate=True)
 
 
 class Worker:

@@ -27,6 +27,7 @@ from tests.support.worker import (
     counted,
     event,
     produce,
+    store,
 )
 
 
@@ -509,3 +510,57 @@ async def test_a_batch_not_stored_in_time_is_given_up_and_fetched_again(
             await back()
             await eventually(lambda: all_committed(worker, 40), timeout_s=30)
     assert await counted(clickhouse) == (40, 40, 40)
+
+
+async def test_a_batch_spanning_more_than_a_hundred_months_is_stored_once(
+    clickhouse: ClickHouse,
+) -> None:
+    # a history import: the aggregate tables are partitioned by month, and ClickHouse refuses
+    # by default an insert that writes more than 100 partitions at once
+    month = 31 * 86_400
+    values = [event(f"old-{i}", created=1_000_000_000 + i * month)[1] for i in range(150)]
+    await asyncio.wait_for(store(clickhouse, values), timeout=60)
+    assert await counted(clickhouse) == (150, 150, 150)
+
+
+async def test_an_insert_whose_answer_was_lost_is_retried_and_counted_once(
+    clickhouse: ClickHouse, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # the insert reaches every table, then the connection drops before the answer (a timeout
+    # or a reset on a ClickHouse server): the worker cannot know, and inserts again
+    insert = clickhouse.insert_json_compact
+    answers_lost = 1
+
+    async def answer_lost(*args: Any, **kwargs: Any) -> None:
+        nonlocal answers_lost
+        await insert(*args, **kwargs)
+        if answers_lost:
+            answers_lost -= 1
+            raise ConnectionResetError("connection reset by peer")
+
+    monkeypatch.setattr(clickhouse, "insert_json_compact", answer_lost)
+    await asyncio.wait_for(store(clickhouse, [event(f"c{i}")[1] for i in range(3)]), 30)
+    assert answers_lost == 0
+    assert await counted(clickhouse) == (3, 3, 3)
+    [(daily,)] = await clickhouse.rows("SELECT sum(requests) FROM {database}.usage_daily")
+    assert daily == 3
+
+
+async def test_an_insert_that_failed_halfway_through_the_views_is_retried_and_counted_once(
+    clickhouse: ClickHouse,
+) -> None:
+    # the last view's table refuses every block for a while: the tables before it are written,
+    # then the insert fails, and is retried until the table takes blocks again
+    await clickhouse.command(
+        "ALTER TABLE {database}.usage_daily ADD CONSTRAINT refusing CHECK requests < 0"
+    )
+    storing = asyncio.create_task(store(clickhouse, [event(f"c{i}")[1] for i in range(3)]))
+    try:
+        await eventually(lambda: count_is(clickhouse, 3))  # written before the failure
+        await asyncio.sleep(0.5)  # and a few retries
+    finally:
+        await clickhouse.command("ALTER TABLE {database}.usage_daily DROP CONSTRAINT refusing")
+    await asyncio.wait_for(storing, 30)
+    assert await counted(clickhouse) == (3, 3, 3)
+    [(daily,)] = await clickhouse.rows("SELECT sum(requests) FROM {database}.usage_daily")
+    assert daily == 3
