@@ -28,7 +28,7 @@ from services.common.auth import KeyStore
 from services.common.clickhouse import ClickHouse
 from services.common.kafka import EmbeddedBroker, broker_reachable, read_topic
 from services.common.losses import LossRepository
-from services.common.metrics import BROKER_RESTARTS
+from services.common.metrics import BROKER_RESTARTS, WORKER_FAILURES
 from services.common.pricing import PriceCatalog
 from services.common.ratelimit import RateLimiter
 from services.common.runtime import SERVE_PARTITIONS, prepare_clickhouse, prepare_topics
@@ -53,6 +53,9 @@ before it gives up (and publishing resumes on the broker as it is)."""
 
 RESTART_RETRY_S = 60.0
 """After a restart given up, how long until the next attempt."""
+
+WORKER_REVIVE_S = 1.0
+"""Wait before starting the worker again after it stopped on an error (and between tries)."""
 
 
 class _PlannedRestarts(logging.Filter):
@@ -130,6 +133,8 @@ class Stack:
         self._prices: PriceCatalog | None = None
         self._restarting = asyncio.Lock()
         self._watcher: asyncio.Task[None] | None = None
+        self._closing = False
+        self._reviving: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
         s = self.settings
@@ -150,7 +155,9 @@ class Stack:
         if self.broker is not None:
             self._watcher = asyncio.create_task(self._watch_broker(self.broker), name="broker")
 
-    async def _start_worker(self) -> None:
+    async def _start_worker(self, *, resuming: Worker | None = None) -> None:
+        """``resuming``: a worker on the same broker that stopped on an error; what it
+        committed is where this one starts, and counts as stored (the drain, the backlog)."""
         assert self.gateway is not None
         self._consumer = create_worker_consumer(self.bootstrap, self.settings)
         await self._consumer.start()
@@ -165,7 +172,35 @@ class Stack:
             # every id it asked about, even those of an insert still running when it stopped
             known=self.worker.known if self.worker is not None and self.broker else None,
         )
+        if resuming is not None:
+            self.worker.pipeline.commit.committed.update(resuming.pipeline.commit.committed)
         self._worker_task = asyncio.create_task(self.worker.run(), name="worker")
+        self._worker_task.add_done_callback(self._worker_ended)
+
+    def _worker_ended(self, task: asyncio.Task[None]) -> None:
+        """A worker that stopped on an error (a child of its process pool killed, say) is
+        started again from the committed offsets: the gateway keeps acknowledging, and what it
+        acknowledges must still be stored."""
+        if task.cancelled() or task.exception() is None or self._closing:
+            return
+        WORKER_FAILURES.inc()
+        log.error("worker_failed", error=repr(task.exception()))
+        self._reviving = asyncio.create_task(self._revive_worker(task), name="worker-revive")
+
+    async def _revive_worker(self, failed: asyncio.Task[None]) -> None:
+        while not self._closing:
+            await asyncio.sleep(WORKER_REVIVE_S)
+            async with self._restarting:
+                if self._closing or self._worker_task is not failed:
+                    return  # stopping, or a broker restart started a worker already
+                try:
+                    await bounded(self._consumer.stop(), 10, "consumer_stop")
+                    await self._start_worker(resuming=self.worker)
+                except Exception as exc:
+                    log.error("worker_revive_failed", error=repr(exc))
+                    continue
+                log.warning("worker_revived")
+                return
 
     async def _detach_worker(self) -> None:
         """Stop a worker whose broker is gone: it stores what it fetched, but commits nothing
@@ -277,8 +312,7 @@ class Stack:
                 with _PLANNED_RESTARTS.planned():
                     await self._stop_worker()
                     try:
-                        kept = await self._replace_broker(broker, gateway.producer)
-                        publisher.restart_offsets()
+                        kept = await self._replace_broker(broker, publisher, gateway.producer)
                     finally:
                         await self._start_worker()  # on the old log still, if it failed before
             finally:
@@ -295,11 +329,14 @@ class Stack:
             )
             return True
 
-    async def _replace_broker(self, broker: EmbeddedBroker, producer: Any) -> int:
+    async def _replace_broker(
+        self, broker: EmbeddedBroker, publisher: Publisher, producer: Any
+    ) -> int:
         """Restart the broker, empty, with the same topics and dead letters; how many."""
         topic = self.settings.dead_letter_topic
         dead = await read_topic(self.bootstrap, topic)
         await asyncio.to_thread(broker.restart)
+        publisher.restart_offsets()  # a new log from offset 0, whatever fails from here
         await prepare_topics(self.bootstrap, self.settings, partitions=SERVE_PARTITIONS)
         sends = [
             await producer.send(
@@ -316,6 +353,12 @@ class Stack:
 
     async def stop(self) -> None:
         """Drain what the gateway acknowledged into ClickHouse, then stop everything."""
+        self._closing = True
+        if self._reviving is not None:
+            async with self._restarting:  # a worker being started again is, first
+                self._reviving.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._reviving
         if self._watcher is not None:
             async with self._restarting:  # a restart under way finishes first
                 self._watcher.cancel()

@@ -62,6 +62,11 @@ BROKER_RESTARTS = Counter(
     "(memory), or after it died (exited).",
     ["reason"],
 )
+WORKER_FAILURES = Counter(
+    "maniac_worker_failures_total",
+    "Times the worker of `maniac serve` stopped on an error; it is started again, from the "
+    "committed offsets.",
+)
 CONSUMER_LAG = Gauge(
     "maniac_worker_consumer_lag",
     "Records in the partition not yet stored and committed (high watermark - committed).",

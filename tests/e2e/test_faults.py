@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import multiprocessing
+import os
 import re
 import signal
 from pathlib import Path
@@ -156,3 +158,29 @@ async def _is_total(client: httpx.AsyncClient, n: int) -> bool:
 
 async def _no_connections(proxy: FreezableProxy) -> bool:
     return proxy.connections == 0
+
+
+async def test_a_worker_that_stops_on_an_error_is_started_again_and_stores_what_follows(
+    start_stack: StackFactory,
+) -> None:
+    running = await start_stack(worker_processes=1)
+
+    def items(first: int) -> dict[str, object]:
+        return {
+            "container": "c",
+            "items": [{"input": {"messages": []}, "tags": [f"t{first + i}"]} for i in range(5)],
+        }
+
+    async with running.client(KEY_A) as client:
+        assert (await client.post("/v1/chat/completions/register", json=items(0))).is_success
+        await eventually(lambda: _is_total(client, 5), timeout_s=30)
+        # the worker's child process dies (the OOM killer, say): its pool is broken, and the
+        # worker stops on the next batch with BrokenProcessPool
+        children = multiprocessing.active_children()
+        assert children
+        for child in children:
+            os.kill(child.pid or 0, signal.SIGKILL)
+        assert (await client.post("/v1/chat/completions/register", json=items(5))).is_success
+        await eventually(lambda: _is_total(client, 10), timeout_s=60, interval_s=0.2)
+        metrics = (await client.get("/metrics")).text
+        assert _metric(metrics, "maniac_worker_failures_total") >= 1
