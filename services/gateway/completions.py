@@ -88,6 +88,27 @@ class Operation:
         return round((time.perf_counter() - self.started) * 1000, 1)
 
 
+async def _completion_body(response: httpx.Response, attempt: Attempt) -> dict[str, Any] | None:
+    """The JSON object of a 200 answer; None, with ``attempt`` marked retryable, when it is
+    not JSON or carries only an error (some upstreams answer a failure with 200): the next
+    model is tried, as after a 5xx."""
+    try:
+        payload = loads(await response.aread())
+    except JSONDecodeError:
+        attempt.error = "upstream answered 200 with a body that is not JSON"
+    else:
+        if not isinstance(payload, dict):
+            return {}
+        if "error" not in payload or "choices" in payload:
+            return payload
+        message = error_body(dumps(payload))[0]
+        attempt.error = f"upstream answered 200 with an error: {message}"
+    finally:
+        await response.aclose()
+    attempt.outcome = "retryable"
+    return None
+
+
 class CompletionService:
     def __init__(self, catalog: Catalog, upstream: UpstreamClient, publisher: Publisher) -> None:
         self.catalog = catalog
@@ -103,8 +124,12 @@ class CompletionService:
             op.attempts.append(attempt)
             body = upstream_body(raw, route, force_usage=stream)
             response = await self.upstream.send(route, body, attempt, stream=stream)
+            payload = None
+            if response is not None and attempt.outcome == "ok" and not stream:
+                payload = await _completion_body(response, attempt)
             UPSTREAM_ATTEMPTS.labels(route.provider.name, attempt.outcome).inc()
-            if response is None:
+            if response is None or attempt.status == 200 and attempt.outcome != "ok":
+                # no answer, or a 200 that holds no completion: the next model
                 log.warning("upstream_attempt_failed", model=route.slug, error=attempt.error)
                 continue
             if attempt.latency_ms is not None:
@@ -113,7 +138,8 @@ class CompletionService:
                 op.route = route
                 if stream:
                     return self._stream(op, response)
-                return await self._complete(op, response)
+                assert payload is not None
+                return self._complete(op, payload)
             raw_error = await response.aread()
             await response.aclose()
             message, error = error_body(raw_error)
@@ -137,21 +163,11 @@ class CompletionService:
 
     # -- outcomes -----------------------------------------------------------------------------
 
-    async def _complete(self, op: Operation, response: httpx.Response) -> Response:
+    def _complete(self, op: Operation, payload: dict[str, Any]) -> Response:
         assert op.route is not None
-        try:
-            payload = loads(await response.aread())
-        except JSONDecodeError as exc:
-            op.attempts[-1].outcome = "retryable"
-            op.attempts[-1].error = "upstream answered 200 with a body that is not JSON"
-            failure = ServiceUnavailable(op.attempts[-1].error, details=self._details(op))
-            self._record_failure(op, failure)
-            raise failure from exc
-        finally:
-            await response.aclose()
         op.ttft_ms = op.elapsed_ms()
         result = chat_res(
-            payload if isinstance(payload, dict) else {},
+            payload,
             completion_id=op.completion_id,
             model=op.route.slug,
             provider=op.route.provider.name,
@@ -201,10 +217,18 @@ class CompletionService:
                 chunk["id"] = op.completion_id
                 chunk["model"] = op.route.slug
                 yield b"data: " + dumps(chunk) + b"\n\n"
-            yield b"data: [DONE]\n\n"
-            if not done:
+            if done:
+                yield b"data: [DONE]\n\n"
+            else:  # the caller is told, not handed a [DONE] for a completion cut short
                 op.status = "partial"
                 op.attempts[-1].error = "upstream closed the stream without [DONE]"
+                error = {
+                    "error": {
+                        "code": "upstream_stream_error",
+                        "message": op.attempts[-1].error,
+                    }
+                }
+                yield b"data: " + dumps(error) + b"\n\n"
         except httpx.HTTPError as exc:
             op.status = "partial"
             op.attempts[-1].error = f"stream broken: {type(exc).__name__}"

@@ -20,6 +20,7 @@ from services.gateway.budget import BodyBudget, Lease
 from services.gateway.completions import CompletionService
 from services.gateway.publisher import Publisher
 from services.gateway.register import RegisterEnvelope, build_events
+from services.gateway.validation import whole_floats_as_ints
 
 router = APIRouter(tags=["Chat"])
 
@@ -91,10 +92,19 @@ M = TypeVar("M", bound=BaseModel)
 async def read_model(
     request: Request, model: type[M], max_bytes: int, lease: Lease | None = None
 ) -> tuple[Any, M]:
-    """The JSON body and its validation as ``model``; FastAPI's 422 when it is not one."""
+    """The JSON body and its validation as ``model``; FastAPI's 422 when it is not one.
+
+    Validated strictly, as JSON Schema types are: ``"1"`` is not a number nor ``"true"`` a
+    boolean (a lax validation would pass them on upstream as they are), but ``1.0`` is an
+    integer (:func:`whole_floats_as_ints`).
+    """
     body = await read_json_body(request, max_bytes, lease)
     try:
-        return body, model.model_validate(body)
+        return body, model.model_validate(body, strict=True)
+    except ValidationError:
+        pass
+    try:
+        return body, model.model_validate(whole_floats_as_ints(body), strict=True)
     except ValidationError as exc:
         raise RequestValidationError(
             [{**e, "loc": ("body", *e["loc"])} for e in exc.errors(include_url=False)]

@@ -20,9 +20,11 @@ def finish_reason(value: Any) -> str | None:
 def _choice(choice: dict[str, Any], position: int) -> dict[str, Any]:
     message = choice.get("message") if isinstance(choice.get("message"), dict) else {}
     assert isinstance(message, dict)
-    return {
-        "index": choice.get("index", position),
-        "message": {"role": "assistant", **message},
+    index = choice.get("index")
+    role = message.get("role")
+    return {  # an upstream's null index or role would break the spec: the defaults instead
+        "index": index if isinstance(index, int) and not isinstance(index, bool) else position,
+        "message": {**message, "role": role if isinstance(role, str) else "assistant"},
         "finish_reason": finish_reason(choice.get("finish_reason")),
         "logprobs": choice.get("logprobs"),
     }

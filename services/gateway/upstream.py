@@ -12,7 +12,8 @@ from services.common.codec import JSONDecodeError, dumps, loads
 from services.gateway.providers import Route
 
 # Statuses after which the next model in `models` is tried.
-RETRYABLE = frozenset({408, 409, 425, 429, 500, 502, 503, 504, 520, 522, 524, 529})
+# (409 is not among them: a conflict is the caller's to resolve, and is passed through.)
+RETRYABLE = frozenset({408, 425, 429, 500, 502, 503, 504, 520, 522, 524, 529})
 
 
 @dataclass

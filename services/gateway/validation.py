@@ -95,8 +95,26 @@ class ListValidator:
             return {}
         by_item: dict[int, list[ErrorDetails]] = {}
         for index in refused:
+            value = whole_floats_as_ints(values[index]) if strict else values[index]
             try:
-                self._model.validate_python(values[index], strict=strict)
+                self._model.validate_python(value, strict=strict)
             except ValidationError as exc:
                 by_item[index] = exc.errors(include_url=False)
         return by_item
+
+
+def whole_floats_as_ints(node: Any) -> Any:
+    """A copy of ``node`` with every whole float (``1.0``) as an int.
+
+    In JSON Schema, which the spec's types are, ``1.0`` is an integer. Strict validation takes
+    an int where a number is expected, but never a float where an integer is: validating this
+    copy strictly refuses a string for a number (``"1"``) and accepts ``1.0`` for an integer,
+    as the spec does. Only the copy is validated; the value sent stays as it was.
+    """
+    if isinstance(node, float):
+        return int(node) if node.is_integer() else node
+    if isinstance(node, dict):
+        return {key: whole_floats_as_ints(value) for key, value in node.items()}
+    if isinstance(node, list):
+        return [whole_floats_as_ints(value) for value in node]
+    return node

@@ -45,7 +45,8 @@ async def list_completions(
     return _json(b'{"object":"list","data":[' + data + b'],"total":' + str(total).encode() + b"}")
 
 
-@router.get("/v1/chat/completions/{completion_id}", response_model=ChatResRelaxed)
+# ``:path``: a registered id may hold a ``/`` (sent as ``%2F``, or as it is)
+@router.get("/v1/chat/completions/{completion_id:path}", response_model=ChatResRelaxed)
 async def get_completion(
     completion_id: str, project: ProjectDep, repository: RepositoryDep
 ) -> Response:

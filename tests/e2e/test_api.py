@@ -105,6 +105,24 @@ async def test_invalid_items_are_reported_and_valid_ones_kept(api: RunningStack)
         assert {r["id"] for r in listed["data"]} == {"cmpl-1", "cmpl-2"}
 
 
+async def test_numbers_are_typed_as_json_schema_types_them(api: RunningStack) -> None:
+    whole = _item(1, choices=[{"index": 0.0, "message": {"role": "assistant", "content": "a"}}])
+    whole["input"]["n"] = 1.0  # 1.0 is an integer in JSON Schema
+    text = _item(2)
+    text["input"]["temperature"] = "0.5"  # a string is not a number
+    async with api.client(KEY_A) as client:
+        response = await client.post(
+            "/v1/chat/completions/register", json={"container": "c", "items": [whole, text]}
+        )
+        assert response.status_code == 200, response.text
+        body = response.json()
+        assert body["summary"] == {"received": 2, "accepted": 1, "rejected": 1}
+        assert body["errors"][0]["loc"] == ["items", 1, "input", "temperature"]
+        listed = await _visible(client, 1)
+        assert [r["id"] for r in listed["data"]] == ["cmpl-1"]
+        assert listed["data"][0]["choices"][0]["index"] == 0  # stored as it was sent
+
+
 async def test_values_storage_cannot_hold_are_reported_and_later_items_still_stored(
     api: RunningStack,
 ) -> None:
@@ -146,6 +164,22 @@ async def test_values_of_another_json_type_are_reported_not_stored(api: RunningS
         assert body["errors"][0]["loc"] == ["items", 0, "output", "choices", 0, "index"]
         listed = await _visible(client, 1)
         assert [r["id"] for r in listed["data"]] == ["cmpl-2"]
+
+
+async def test_an_id_with_a_slash_is_fetched_by_its_id(api: RunningStack) -> None:
+    payload = {"container": "c", "items": [_item(1, id="org/run-1")]}
+    async with api.client(KEY_A) as client:
+        assert (await client.post("/v1/chat/completions/register", json=payload)).is_success
+        await _visible(client, 1)
+        for path in ("org%2Frun-1", "org/run-1"):
+            response = await client.get(f"/v1/chat/completions/{path}")
+            assert response.status_code == 200, response.text
+            assert response.json()["id"] == "org/run-1"
+        missing = await client.get("/v1/chat/completions/org%2Frun-2")
+        assert missing.status_code == 404
+        assert (
+            missing.json()["error"]["message"] == "No chat completion 'org/run-2' in this project."
+        )
 
 
 async def test_same_completion_twice_is_listed_once(api: RunningStack) -> None:

@@ -198,7 +198,34 @@ async def test_fallback_moves_on_after_429_5xx_and_connection_errors(api: Runnin
     assert await _settled_total(api) == 1  # one logical completion, listed once
 
 
-@pytest.mark.parametrize("status", [400, 401, 402, 403])
+async def test_a_200_that_holds_no_completion_moves_on_to_the_next_model(
+    api: RunningStack,
+) -> None:
+    async with _sdk(api) as sdk:
+        completion = await sdk.chat.completions.create(
+            model="mock/notjson",
+            messages=[{"role": "user", "content": "hi"}],
+            extra_body={"models": ["mock/error200", "mock/ok"]},
+        )
+    assert completion.model == "mock/ok"
+    attempts = (await _recorded(api, completion.id))["operation"]["attempts"]
+    assert [(a["model"], a["status"], a["outcome"]) for a in attempts] == [
+        ("mock/notjson", 200, "retryable"),
+        ("mock/error200", 200, "retryable"),
+        ("mock/ok", 200, "ok"),
+    ]
+    assert attempts[0]["error"] == "upstream answered 200 with a body that is not JSON"
+    assert attempts[1]["error"] == "upstream answered 200 with an error: overloaded"
+
+    async with api.client(KEY_A) as client:
+        response = await client.post(
+            "/v1/chat/completions", json={"model": "mock/error200", "messages": []}
+        )
+    assert response.status_code == 503
+    assert response.json()["error"]["code"] == "service_unavailable"
+
+
+@pytest.mark.parametrize("status", [400, 401, 402, 403, 409])
 async def test_callers_fault_is_passed_through_without_fallback(
     api: RunningStack, upstream: tuple[FastAPI, str], status: int
 ) -> None:
@@ -317,6 +344,23 @@ async def test_upstream_stream_cut_records_a_partial_completion(api: RunningStac
     assert ANSWER.startswith(record["choices"][0]["message"]["content"])
 
 
+async def test_an_upstream_stream_closed_without_done_is_not_passed_on_as_complete(
+    api: RunningStack,
+) -> None:
+    async with api.client(KEY_A) as client:
+        request = {"model": "mock/nodone", "stream": True, "messages": []}
+        async with client.stream("POST", "/v1/chat/completions", json=request) as response:
+            events = [line async for line in response.aiter_lines() if line.startswith("data: ")]
+    assert "data: [DONE]" not in events
+    assert json.loads(events[-1][6:])["error"] == {
+        "code": "upstream_stream_error",
+        "message": "upstream closed the stream without [DONE]",
+    }
+    record = await _recorded(api, json.loads(events[0][6:])["id"])
+    assert record["operation"]["status"] == "partial"
+    assert record["choices"][0]["message"]["content"] == ANSWER  # all that came is kept
+
+
 def _dropped() -> float:
     return sum(
         REGISTRY.get_sample_value("maniac_telemetry_dropped_total", {"reason": r}) or 0.0
@@ -347,6 +391,16 @@ async def test_create_validates_the_request(api: RunningStack) -> None:
         response = await client.post("/v1/chat/completions", json={"messages": []})
         assert response.status_code == 400
         assert response.json()["error"]["code"] == "bad_request"
+        # the spec's types, as JSON Schema has them: "1" is no number, "true" no boolean...
+        for field, value in (("temperature", "1"), ("stream", "true"), ("n", 1.5)):
+            request = {"model": "mock/ok", "messages": [], field: value}
+            response = await client.post("/v1/chat/completions", json=request)
+            assert response.status_code == 422, field
+            assert response.json()["detail"][0]["loc"] == ["body", field]
+        # ...and 1.0 is an integer, passed on as it was sent
+        request = {"model": "mock/ok", "messages": [], "n": 1.0, "temperature": 1}
+        response = await client.post("/v1/chat/completions", json=request)
+        assert response.status_code == 200, response.text
     async with api.client() as anonymous:
         no_key = await anonymous.post(
             "/v1/chat/completions", json={"model": "mock/ok", "messages": []}

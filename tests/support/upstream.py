@@ -58,6 +58,10 @@ def create_upstream() -> FastAPI:
             status = int(model.removeprefix("fail-"))
             error = {"message": f"mock failure {status}", "type": "mock_error", "code": status}
             return _json({"error": error}, status)
+        if model == "notjson":
+            return Response(b"<html>502 Bad Gateway</html>", media_type="text/html")
+        if model == "error200":  # some gateways answer a failure with 200
+            return _json({"error": {"message": "overloaded", "type": "server_error"}})
         if model == "hang":
             await asyncio.sleep(60)
         if model.startswith("slow-"):
@@ -132,4 +136,5 @@ async def _stream(
         yield event([{"index": 0, "delta": {}, "finish_reason": "stop"}])
     if include_usage:
         yield event([], usage=_usage(prompt_tokens, len(words)))
-    yield b"data: [DONE]\n\n"
+    if model != "nodone":  # an upstream that closes the stream without saying it is done
+        yield b"data: [DONE]\n\n"

@@ -53,6 +53,23 @@ def test_chat_res_drops_fields_the_spec_forbids_and_validates() -> None:
     assert result["usage"]["cost"] == 0.1
 
 
+def test_chat_res_replaces_an_upstream_null_index_or_role_with_the_defaults() -> None:
+    upstream = {
+        "choices": [
+            {"index": None, "message": {"role": None, "content": "x"}},
+            {"message": {"content": "y"}},
+        ]
+    }
+    result = chat_res(
+        upstream, completion_id="c", model="m", provider="p", container=None, created=5
+    )
+    choices = ChatRes.model_validate(result).choices
+    assert [(c.index, c.message.role, c.message.content) for c in choices] == [
+        (0, "assistant", "x"),
+        (1, "assistant", "y"),
+    ]
+
+
 def test_chat_res_from_an_empty_body_is_still_valid() -> None:
     result = chat_res({}, completion_id="c", model="m", provider="p", container="c", created=5)
     assert ChatRes.model_validate(result).created == 5
