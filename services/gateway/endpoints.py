@@ -159,7 +159,7 @@ async def _register(
             "container": container,
             "summary": {
                 "received": received,
-                "accepted": len(validated.messages),
+                "accepted": validated.accepted,
                 "rejected": validated.rejected,
             },
             "errors": validated.errors,

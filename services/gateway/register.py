@@ -39,7 +39,9 @@ class RegisterEnvelope(BaseModel):
 @dataclass
 class Validated:
     messages: list[tuple[bytes, bytes]] = field(default_factory=list)
+    """One per completion: an id given twice is published once, as its later item."""
     errors: list[dict[str, Any]] = field(default_factory=list)
+    accepted: int = 0
     rejected: int = 0
 
     def reject(self, index: int, loc: tuple[str | int, ...], message: str, kind: str) -> None:
@@ -70,6 +72,7 @@ def check_record(raw: dict[str, Any]) -> None:
 def build_events(envelope: RegisterEnvelope, *, project: str, received_at_ms: int) -> Validated:
     result = Validated()
     invalid = item_errors(envelope.items)
+    published: dict[str, int] = {}  # completion id -> its message's position
     for index, raw in enumerate(envelope.items):
         errors = invalid.get(index)
         if errors is not None:
@@ -92,5 +95,11 @@ def build_events(envelope: RegisterEnvelope, *, project: str, received_at_ms: in
             received_at_ms=received_at_ms,
             item=raw,
         )
-        result.messages.append((message_key(project, completion_id), value))
+        record = (message_key(project, completion_id), value)
+        result.accepted += 1
+        position = published.setdefault(completion_id, len(result.messages))
+        if position < len(result.messages):  # the same id again: the later item replaces it,
+            result.messages[position] = record  # as if registered after it
+        else:
+            result.messages.append(record)
     return result

@@ -182,6 +182,19 @@ async def test_an_id_with_a_slash_is_fetched_by_its_id(api: RunningStack) -> Non
         )
 
 
+async def test_the_same_id_twice_in_one_request_keeps_the_later_item(api: RunningStack) -> None:
+    later = {"index": 0, "message": {"role": "assistant", "content": "corrected"}}
+    items = [_item(1), _item(2), _item(1, choices=[later])]
+    async with api.client(KEY_A) as client:
+        response = await client.post(
+            "/v1/chat/completions/register", json={"container": "c", "items": items}
+        )
+        assert response.json()["summary"] == {"received": 3, "accepted": 3, "rejected": 0}
+        await _visible(client, 2)
+        got = (await client.get("/v1/chat/completions/cmpl-1")).json()
+        assert got["choices"][0]["message"]["content"] == "corrected"
+
+
 async def test_same_completion_twice_is_listed_once(api: RunningStack) -> None:
     payload = {"container": "c", "items": [_item(1), _item(1), _item(2)]}
     input_only = {"container": "c", "items": [{"input": {"messages": []}, "tags": ["x"]}]}

@@ -392,8 +392,9 @@ async def test_create_validates_the_request(api: RunningStack) -> None:
         assert response.status_code == 400
         assert response.json()["error"]["code"] == "bad_request"
         # the spec's types, as JSON Schema has them: "1" is no number, "true" no boolean...
-        for field, value in (("temperature", "1"), ("stream", "true"), ("n", 1.5)):
-            request = {"model": "mock/ok", "messages": [], field: value}
+        wrong: list[tuple[str, object]] = [("temperature", "1"), ("stream", "true"), ("n", 1.5)]
+        for field, value in wrong:
+            request: dict[str, object] = {"model": "mock/ok", "messages": [], field: value}
             response = await client.post("/v1/chat/completions", json=request)
             assert response.status_code == 422, field
             assert response.json()["detail"][0]["loc"] == ["body", field]
