@@ -134,9 +134,29 @@ class ProcessAndBatch:
             await self._flush()
 
     async def join(self) -> None:
+        """Write what is held, and wait for it and the batch before it.
+
+        When the batch before failed (on the way out, say: a dead letter for a broker that is
+        gone), what is held is still stored, as a salvage batch, and the failure raised after:
+        on `maniac serve`'s memory broker those records are nowhere else. A batch given up is
+        never followed by a write (its partitions may be another worker's now).
+        """
+        failed: Exception | None = None
+        try:
+            await self._written()
+        except GivenUp:
+            raise
+        except Exception as exc:
+            failed = exc
         if self._batch.offsets:
+            self._batch.salvage = failed is not None
             await self._flush()
-        await self._written()
+        try:
+            await self._written()
+        except Exception as exc:
+            failed = failed or exc
+        if failed is not None:
+            raise failed
 
     def discard(self) -> None:
         """Drop what is held, after the batch in flight was given up (:class:`GivenUp`): the
@@ -347,16 +367,20 @@ class WriteBatch:
             WORKER_ROWS.inc(len(stored))
             WORKER_BATCH_ROWS.observe(len(stored))
             observe_stored(stored, time.time())
-        if batch.dead:
-            await self._retrying.run("dead_letter", lambda: self._dead_letter(batch.dead))
+        if batch.dead:  # kept in ClickHouse first: there even if the topic cannot be reached
             await self._retrying.run("dead_letter_record", lambda: self._record_dead(batch.dead))
-            observe_dead(batch.dead)
+            if not batch.salvage:
+                await self._retrying.run("dead_letter", lambda: self._dead_letter(batch.dead))
+                observe_dead(batch.dead)
         log.debug(
             "batch_written",
             rows=len(batch.rows),
             dead=len(batch.dead),
             ms=round((time.perf_counter() - started) * 1000, 1),
         )
+        if batch.salvage:
+            log.warning("batch_salvaged", rows=len(batch.rows), dead=len(batch.dead))
+            return
         await self._next.submit(batch.offsets)
 
     async def _insert_rows(self, rows: list[Row]) -> None:

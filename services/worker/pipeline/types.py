@@ -62,6 +62,9 @@ class Batch:
     goes to the dead-letter topic as that message."""
     offsets: dict[Partition, int] = field(default_factory=dict)
     first_ms: float = 0.0
+    salvage: bool = False
+    """Written after the batch before it failed on the way out: its rows and its dead letters'
+    records are stored (storing twice counts once), nothing of it is committed."""
 
     def __len__(self) -> int:
         return len(self.rows) + len(self.dead)

@@ -7,18 +7,21 @@ import time
 from typing import Any
 
 import pytest
+from aiokafka.errors import KafkaConnectionError
 from prometheus_client import REGISTRY
 
 from schemas.events import encode_event, message_key
 from services.common.clickhouse import ClickHouse
 from services.common.kafka import create_consumer, partitions_of
-from services.common.settings import ServeSettings
+from services.common.settings import ServeSettings, WorkerSettings
 from services.worker import runner
 from services.worker.known import STORED_HASHES, Scope, load_known
-from services.worker.runner import stored_versions
+from services.worker.pipeline.types import Message, Partition
+from services.worker.runner import Worker, stored_versions
 from tests.conftest import Broker, eventually
 from tests.support.worker import (
     RunningWorker,
+    _Commits,
     all_committed,
     all_committed_by,
     completions_away,
@@ -564,3 +567,32 @@ async def test_an_insert_that_failed_halfway_through_the_views_is_retried_and_co
     assert await counted(clickhouse) == (3, 3, 3)
     [(daily,)] = await clickhouse.rows("SELECT sum(requests) FROM {database}.usage_daily")
     assert daily == 3
+
+
+class _BrokerGone:
+    """The producer of a worker whose broker died: nothing reaches the dead-letter topic."""
+
+    async def send(self, *args: Any, **kwargs: Any) -> None:
+        raise KafkaConnectionError("broker gone")
+
+
+async def test_a_worker_stopping_with_its_broker_gone_stores_everything_it_fetched(
+    clickhouse: ClickHouse,
+) -> None:
+    # `maniac serve` detaches its worker when its memory broker dies: what it fetched exists
+    # nowhere else. A dead letter of the batch in flight cannot be sent, and the next batch
+    # is stored all the same; nothing is committed past the failure.
+    settings = WorkerSettings(batch_max_rows=3, insert_retry_initial_s=0.05)
+    commits = _Commits()
+    worker = Worker(settings, commits, _BrokerGone(), clickhouse)
+    values = [event("a1")[1], b"\xff{not json", event("a2")[1], event("b1")[1], event("b2")[1]]
+    for offset, value in enumerate(values):  # the first three make a batch, written at once
+        await worker.pipeline.first.submit(Message(Partition("t", 0), offset, b"p/x", value))
+    await asyncio.sleep(0.2)  # its dead letter is being retried
+    worker.detach()
+    with pytest.raises(KafkaConnectionError):
+        await worker.flush()
+    stored = await clickhouse.rows("SELECT completion_id FROM {database}.completions FINAL")
+    assert sorted(r[0] for r in stored) == ["a1", "a2", "b1", "b2"]
+    assert len(await _dead_letters(clickhouse)) == 1  # kept in ClickHouse before the topic
+    assert worker.committed_offsets() == {}

@@ -169,23 +169,23 @@ async def test_dead_letters_are_sent_before_commit_and_do_not_block_partition() 
     await pipeline.first.join()
     assert rec.calls == [
         ("insert", 2),
-        ("dead_letter", [1]),
         ("record_dead", [1]),
+        ("dead_letter", [1]),
         ("commit", {P0: 2, P1: 6}),
     ]
     assert pipeline.commit.committed == {P0: 2, P1: 6}
 
 
-async def test_failed_dead_letter_record_is_retried_alone_before_commit() -> None:
+async def test_failed_dead_letter_record_is_retried_before_the_topic_and_the_commit() -> None:
     rec = Recorder(record_failures=2)
     pipeline = _pipeline(rec, max_rows=1)
     await pipeline.first.submit(_poison(P0, 4))
     await pipeline.first.join()
     assert rec.calls == [
+        ("record_dead_failed", [4]),
+        ("record_dead_failed", [4]),
+        ("record_dead", [4]),  # kept in ClickHouse first: there even if the topic is not
         ("dead_letter", [4]),  # sent to the topic once, not again on each retry
-        ("record_dead_failed", [4]),
-        ("record_dead_failed", [4]),
-        ("record_dead", [4]),
         ("commit", {P0: 5}),
     ]
 
@@ -212,8 +212,8 @@ async def test_a_message_the_process_step_fails_on_is_dead_lettered_not_raised()
     await first.join()
     assert rec.calls == [
         ("insert", 2),
-        ("dead_letter", [1]),
         ("record_dead", [1]),
+        ("dead_letter", [1]),
         ("commit", {P0: 3}),
     ]
     assert reasons == ["unprocessable: TypeError('Integer exceeds 64-bit range')"]
@@ -347,8 +347,8 @@ async def test_processing_elsewhere_gives_the_same_batches(offload: Offload | No
     await pipeline.first.join()
     assert rec.calls == [
         ("insert", 2),
-        ("dead_letter", [1]),
         ("record_dead", [1]),
+        ("dead_letter", [1]),
         ("commit", {P0: 2, P1: 6}),
         ("insert", 1),
         ("commit", {P0: 3}),
@@ -401,8 +401,8 @@ async def test_rows_clickhouse_rejects_are_isolated_and_dead_lettered() -> None:
         ("insert", 1),  # a
         ("insert_rejected", 1),  # bad, alone: a dead letter
         ("insert", 2),  # c, d
-        ("dead_letter", [1]),
         ("record_dead", [1]),
+        ("dead_letter", [1]),
         ("commit", {P0: 4}),
     ]
 
@@ -419,4 +419,4 @@ async def test_a_retraction_is_never_split_from_its_new_version() -> None:
     assert inserts == [("insert_rejected", 3), ("insert_rejected", 2), ("insert", 1)]
     assert len(rec.inserted) == 1
     assert rec.inserted[0].startswith(b'["p","ok",')
-    assert rec.calls[-3:] == [("dead_letter", [0]), ("record_dead", [0]), ("commit", {P0: 2})]
+    assert rec.calls[-3:] == [("record_dead", [0]), ("dead_letter", [0]), ("commit", {P0: 2})]
