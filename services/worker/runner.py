@@ -446,7 +446,7 @@ class Worker:
             if highwater is not None:
                 highwaters[tp.partition] = highwater
         ends = dict(highwaters)
-        for p, offset in (acked or {}).items():
+        for p, offset in self._own(acked or {}).items():
             ends[p] = max(ends.get(p, 0), offset + 1)
         pending = {}
         for p, end in ends.items():
@@ -475,12 +475,22 @@ class Worker:
     def committed_offsets(self) -> dict[int, int]:
         return {p.partition: o for p, o in self.pipeline.commit.committed.items()}
 
+    def _own(self, acked: dict[int, int]) -> dict[int, int]:
+        """Of the acknowledged offsets, those of this worker's partitions: in a group, the
+        others' are stored by the workers they are given. All of them while it has none (not
+        yet joined, or between two assignments): it may be given any."""
+        mine = set(self.partitions)
+        if self._assign or not mine:
+            return acked
+        return {p: offset for p, offset in acked.items() if p in mine}
+
     async def drain(self, acked: dict[int, int], timeout_s: float) -> bool:
-        """Wait until every acknowledged offset (partition -> last offset) is committed."""
+        """Wait until every acknowledged offset (partition -> last offset) of this worker's
+        partitions is committed."""
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             committed = self.committed_offsets()
-            if all(committed.get(p, 0) > offset for p, offset in acked.items()):
+            if all(committed.get(p, 0) > offset for p, offset in self._own(acked).items()):
                 return True
             await asyncio.sleep(0.05)
         log.error("drain_timed_out", acked=acked, committed=self.committed_offsets())
