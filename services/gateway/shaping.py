@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -30,6 +31,13 @@ def _choice(choice: dict[str, Any], position: int) -> dict[str, Any]:
     }
 
 
+def _created(value: Any, default: int) -> int | float:
+    """The upstream's creation time (the spec's ``number``: fractions kept) if it is one."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return default
+    return value if math.isfinite(value) and value > 0 else default
+
+
 def chat_res(
     upstream: dict[str, Any],
     *,
@@ -46,7 +54,7 @@ def chat_res(
     return {
         "id": completion_id,
         "object": "chat.completion",
-        "created": upstream.get("created") if isinstance(upstream.get("created"), int) else created,
+        "created": _created(upstream.get("created"), created),
         "model": model,
         "choices": [_choice(c, i) for i, c in enumerate(choices) if isinstance(c, dict)],
         "usage": usage,

@@ -70,6 +70,28 @@ def test_chat_res_replaces_an_upstream_null_index_or_role_with_the_defaults() ->
     ]
 
 
+@pytest.mark.parametrize(
+    ("upstream", "created"),
+    [
+        (1_700_000_000, 1_700_000_000),
+        (1_700_000_000.5, 1_700_000_000.5),
+        (None, 5),
+        ("1", 5),
+        (True, 5),
+        (float("nan"), 5),
+        (-1, 5),
+    ],
+)
+def test_chat_res_keeps_the_upstreams_creation_time_when_it_is_one(
+    upstream: object, created: float
+) -> None:
+    result = chat_res(
+        {"created": upstream}, completion_id="c", model="m", provider="p", container=None, created=5
+    )
+    assert result["created"] == created
+    assert ChatRes.model_validate(result).created == created
+
+
 def test_chat_res_from_an_empty_body_is_still_valid() -> None:
     result = chat_res({}, completion_id="c", model="m", provider="p", container="c", created=5)
     assert ChatRes.model_validate(result).created == 5
