@@ -17,6 +17,7 @@ import contextlib
 import signal
 import sys
 from collections.abc import Iterator, Sequence
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -147,28 +148,34 @@ async def _with_clickhouse(args: argparse.Namespace, action: str) -> int:
             return 2
         keys = KeyStore(clickhouse)
         if action == "create":
-            key = await keys.create(args.project)
+            try:
+                key = await keys.create(args.project)
+            except ValueError as exc:
+                print(exc, file=sys.stderr)  # noqa: T201
+                return 2
             print(key)  # noqa: T201
         elif action == "list":
             for kid, project in await keys.list():
                 print(f"{kid}\t{project}")  # noqa: T201
         elif action == "reprice":
-            from datetime import datetime
-
             from services.common.pricing import PriceCatalog
             from services.worker.reprice import reprice
 
+            if args.start >= args.end:
+                print("--from must be before --to", file=sys.stderr)  # noqa: T201
+                return 2
             result = await reprice(
                 clickhouse,
-                PriceCatalog.load(args.pricing_file),
-                datetime.fromisoformat(args.start),
-                datetime.fromisoformat(args.end),
+                # the catalogue the workers price with: --pricing-file, else MANIAC_PRICING_FILE
+                PriceCatalog.load(args.pricing_file or WorkerSettings().pricing_file),
+                args.start,
+                args.end,
                 project=args.project,
                 dry_run=args.dry_run,
             )
             print(  # noqa: T201
-                f"examined {result.examined}, re-priced {result.changed}, "
-                f"spend changed by {result.delta}{' (dry run)' if args.dry_run else ''}"
+                f"examined {result.examined}, re-priced {result.changed}, spend changed by "
+                f"{format(result.delta, 'f')}{' (dry run)' if args.dry_run else ''}"
             )
         elif action == "dlq_list":
             from services.common.losses import LossRepository
@@ -229,6 +236,15 @@ async def _replay(args: argparse.Namespace, settings: CommonSettings, clickhouse
     return 0
 
 
+def utc_time(text: str) -> datetime:
+    """An ISO-8601 date or time; without an offset, it is UTC (not this machine's zone)."""
+    try:
+        moment = datetime.fromisoformat(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an ISO-8601 date or time: {text!r}") from None
+    return moment if moment.tzinfo is not None else moment.replace(tzinfo=UTC)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="maniac", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -257,8 +273,12 @@ def build_parser() -> argparse.ArgumentParser:
     reprice = leaf(
         sub, "reprice", "re-price stored completions at current prices", admin("reprice")
     )
-    reprice.add_argument("--from", dest="start", required=True, help="ISO-8601, inclusive (UTC)")
-    reprice.add_argument("--to", dest="end", required=True, help="ISO-8601, exclusive (UTC)")
+    reprice.add_argument(
+        "--from", dest="start", type=utc_time, required=True, help="ISO-8601, inclusive (UTC)"
+    )
+    reprice.add_argument(
+        "--to", dest="end", type=utc_time, required=True, help="ISO-8601, exclusive (UTC)"
+    )
     reprice.add_argument("--project", default=None)
     reprice.add_argument("--pricing-file", type=Path, default=None, dest="pricing_file")
     reprice.add_argument("--dry-run", action="store_true", dest="dry_run")

@@ -40,6 +40,14 @@ def hash_key(key: str, salt: bytes) -> str:
     return hashlib.sha256(salt + key.encode()).hexdigest()
 
 
+def check_project(project: str) -> str:
+    """A project name: not empty, no ``/`` (a record's key is ``project/completion_id``, and
+    dead letters are filed by what comes before the first ``/``), no spaces, at most 128."""
+    if not project or len(project) > 128 or "/" in project or any(c.isspace() for c in project):
+        raise ValueError(f"invalid project {project!r}: 1-128 characters, no '/' and no spaces")
+    return project
+
+
 def parse_seed(spec: str) -> list[tuple[str, str]]:
     """``"projA:key1,projB:key2"`` -> ``[("projA", "key1"), ("projB", "key2")]``."""
     pairs: list[tuple[str, str]] = []
@@ -110,6 +118,7 @@ class KeyStore:
 
         A revoked key stays revoked: adding it again raises :class:`RevokedKey`.
         """
+        check_project(project)
         kid = key_id(key)
         rows = await self._ch.rows(
             "SELECT project, salt, key_hash, revoked FROM {database}.api_keys FINAL "

@@ -232,17 +232,31 @@ class ClickHouse:
         return result.result_rows  # type: ignore[no-any-return]
 
     async def json_each_row(self, sql: str, parameters: Mapping[str, Any] | None = None) -> bytes:
-        """A query's result as JSONEachRow bytes (ready to insert again)."""
-        return await self._raw_query(sql, parameters, "JSONEachRow")
+        """A query's result as JSONEachRow bytes (ready to insert again). Decimals are quoted,
+        so that they are read, and written back, to the last digit (as JSON numbers they would
+        be parsed as floats: 17 significant digits, and a Decimal(38, 12) holds up to 38)."""
+        return await self._raw_query(
+            sql, parameters, "JSONEachRow", {"output_format_json_quote_decimals": 1}
+        )
 
     async def json_compact(self, sql: str, parameters: Mapping[str, Any] | None = None) -> bytes:
         """A query's result as JSONCompactEachRow bytes: a JSON array of its columns' values
         per line (ready to insert again with :meth:`insert_json_compact`)."""
         return await self._raw_query(sql, parameters, "JSONCompactEachRow")
 
-    async def _raw_query(self, sql: str, parameters: Mapping[str, Any] | None, fmt: str) -> bytes:
+    async def _raw_query(
+        self,
+        sql: str,
+        parameters: Mapping[str, Any] | None,
+        fmt: str,
+        settings: dict[str, Any] | None = None,
+    ) -> bytes:
         result = await asyncio.to_thread(
-            self._client.raw_query, self.render(sql), parameters=dict(parameters or {}), fmt=fmt
+            self._client.raw_query,
+            self.render(sql),
+            parameters=dict(parameters or {}),
+            settings=settings,
+            fmt=fmt,
         )
         return bytes(result)
 

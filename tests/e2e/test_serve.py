@@ -151,6 +151,25 @@ def test_keys_cli_creates_lists_and_revokes(tmp_path: Path, env: dict[str, str])
     key_id = listed.split()[0]
     assert "revoked 1" in maniac("keys", "revoke", key_id)
     assert "projX" not in maniac("keys", "list")
+    # a project a key could not be filed under: its records' keys are `project/id`
+    for project in ("", "a/b", "has space"):
+        assert "invalid project" in maniac("keys", "create", "--project", project, code=2)
+    assert "projX" not in maniac("keys", "list")
+
+
+def test_reprice_cli_refuses_bad_ranges_and_prints_plain_decimals(
+    tmp_path: Path, env: dict[str, str]
+) -> None:
+    def maniac(*args: str, code: int = 0) -> str:
+        return _maniac(tmp_path, env, *args, code=code)
+
+    maniac("migrate")
+    refused = maniac("reprice", "--from", "2025-13-01", "--to", "2025-07-01", code=2)
+    assert "not an ISO-8601 date or time: '2025-13-01'" in refused
+    backwards = maniac("reprice", "--from", "2025-07-01", "--to", "2025-06-01", code=2)
+    assert "--from must be before --to" in backwards
+    dry = maniac("reprice", "--from", "2025-06-01", "--to", "2025-07-01", "--dry-run")
+    assert "examined 0, re-priced 0, spend changed by 0 (dry run)" in dry
 
 
 async def test_kill_9_does_not_leave_the_embedded_broker_behind(

@@ -14,7 +14,7 @@ from services.common.pricing import PriceCatalog
 from services.common.settings import ServeSettings
 from services.worker.reprice import reprice
 from tests.conftest import Broker, eventually
-from tests.support.worker import RunningWorker, all_committed, event, produce
+from tests.support.worker import RunningWorker, all_committed, event, produce, store
 
 USAGE = {"prompt_tokens": 1_000_000, "completion_tokens": 0, "total_tokens": 1_000_000}
 CORRECTED = PriceCatalog.from_dict(
@@ -100,3 +100,38 @@ async def test_reprice_corrects_spend_and_aggregates_once(
 
     again = await reprice(clickhouse, CORRECTED, start, end)
     assert again.changed == 0
+
+
+async def test_a_spend_of_many_digits_is_repriced_exactly_and_once(
+    clickhouse: ClickHouse,
+) -> None:
+    # 19 significant digits: more than a float holds
+    created = 1_750_000_000
+    big = {"prompt_tokens": 499_999_999_999, "completion_tokens": 499_999_999_999}
+    big["total_tokens"] = big["prompt_tokens"] + big["completion_tokens"]
+    await store(clickhouse, [event("big", model="openai/gpt-4o", usage=big, created=created)[1]])
+    exact = PriceCatalog.from_dict(
+        {
+            "prices": [
+                {
+                    "provider": "openai",
+                    "model": "gpt-4o",
+                    "effective": "2024-10-01",
+                    "prompt": "2.123457",
+                    "completion": "15.123457",
+                }
+            ]
+        }
+    )
+    start = datetime.fromtimestamp(created - 3600, UTC)
+    end = datetime.fromtimestamp(created + 3600, UTC)
+    first = await reprice(clickhouse, exact, start, end)
+    expected = Decimal(499_999_999_999) * (Decimal("2.123457") + Decimal("15.123457")) / 10**6
+    assert first.changed == 1
+    assert first.delta == expected
+    for _ in range(2):
+        again = await reprice(clickhouse, exact, start, end)
+        assert (again.examined, again.changed, again.delta) == (1, 0, Decimal(0))
+    assert await _spend(clickhouse) == expected
+    assert await _spend(clickhouse, "usage_hourly") == expected
+    assert await _spend(clickhouse, "usage_daily") == expected
