@@ -42,6 +42,7 @@ from services.query.repository import CompletionsRepository
 from services.query.status import router as status_router
 from services.query.usage import UsageRepository
 from services.query.usage import router as usage_router
+from services.worker.pipeline.dead import letter_headers
 from services.worker.runner import Worker, create_worker_consumer
 
 log = structlog.get_logger(__name__)
@@ -149,6 +150,8 @@ class Stack:
         await prepare_topics(self.bootstrap, s, partitions=SERVE_PARTITIONS)
         self.gateway = await Gateway.start(s, self.bootstrap, self.clickhouse)
         self.publisher = self.gateway.publisher
+        if self.broker is not None and self.broker.on_memory:
+            await self._restore_dead_letters()
         self._prices = PriceCatalog.load(s.pricing_file)
         await self._start_worker()
         self.publisher.limit_backlog(self.pending, s.max_backlog)
@@ -269,6 +272,8 @@ class Stack:
                     await asyncio.to_thread(broker.restart)
                     await bounded(self._consumer.stop(), 10, "consumer_stop")
                     await prepare_topics(self.bootstrap, self.settings, partitions=SERVE_PARTITIONS)
+                    if broker.on_memory:
+                        await self._restore_dead_letters()
                 finally:
                     await self._start_worker()
             finally:
@@ -328,6 +333,29 @@ class Stack:
                 held_ms=round((time.monotonic() - started) * 1e3),
             )
             return True
+
+    async def _restore_dead_letters(self) -> int:
+        """The embedded broker on memory storage starts empty, after a restart of `maniac
+        serve` or a crash of its own: the dead letters not replayed yet are written back to its
+        dead-letter topic from ClickHouse, which keeps each one's payload, key and identity, so
+        that they can still be replayed. How many."""
+        assert self.gateway is not None
+        letters = await LossRepository(self.clickhouse).unreplayed_dead_letters()
+        producer = self.gateway.producer
+        sends = [
+            await producer.send(
+                self.settings.dead_letter_topic,
+                key=letter.message_key or None,
+                value=letter.payload,
+                headers=letter_headers(letter),
+                timestamp_ms=int(letter.dead_at.timestamp() * 1000),
+            )
+            for letter in letters
+        ]
+        await asyncio.gather(*sends)
+        if letters:
+            log.info("dead_letters_restored", count=len(letters))
+        return len(letters)
 
     async def _replace_broker(
         self, broker: EmbeddedBroker, publisher: Publisher, producer: Any

@@ -135,6 +135,41 @@ class LossRepository:
         )
         return {(str(r[0]), int(r[1]), int(r[2]), int(r[3])) for r in rows}
 
+    async def unreplayed_dead_letters(self) -> list[DeadLetter]:
+        """Every dead letter not replayed yet, oldest first, payload and key included."""
+        rows = await self._ch.rows(
+            "SELECT project, source_topic, source_partition, source_offset, source_timestamp, "
+            "completion_id, hex(message_key), reason, dead_at, hex(payload) "
+            "FROM {database}.dead_letters FINAL WHERE toUnixTimestamp64Milli(replayed_at) = 0 "
+            "ORDER BY dead_at, source_topic, source_partition, source_offset"
+        )
+        return [
+            DeadLetter(
+                project=str(project),
+                source_topic=str(topic),
+                source_partition=int(partition),
+                source_offset=int(offset),
+                source_timestamp=int(timestamp),
+                completion_id=str(completion_id),
+                message_key=bytes.fromhex(key),
+                reason=str(reason),
+                dead_at=_utc(dead_at),
+                payload=bytes.fromhex(payload),
+            )
+            for (
+                project,
+                topic,
+                partition,
+                offset,
+                timestamp,
+                completion_id,
+                key,
+                reason,
+                dead_at,
+                payload,
+            ) in rows
+        ]
+
     async def list_dead_letters(self, project: str | None, limit: int) -> list[dict[str, Any]]:
         """The newest dead letters (without their payload), optionally of one project."""
         where = "WHERE project = {project:String}" if project is not None else ""

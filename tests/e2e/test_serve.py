@@ -15,6 +15,7 @@ from typing import Any
 import httpx
 import pytest
 
+from schemas.events import COMPLETIONS_TOPIC
 from services import stack as stack_module
 from services.common.clickhouse import ClickHouse
 from services.common.kafka import EmbeddedBroker, create_consumer, create_producer
@@ -446,3 +447,49 @@ async def test_dlq_cli_replays_once_by_project_and_lists(
     finally:
         await consumer.stop()
     assert [(r.key, r.value) for r in republished] == [(key, value)]  # once, as it was
+
+
+async def test_dead_letters_can_be_replayed_after_a_restart_on_memory_storage(
+    tmp_path: Path, env: dict[str, str], servers: list[Serve]
+) -> None:
+    env = {**env, "MANIAC_API_KEYS": "projA:key-a"}
+    first = await start_serve(servers, tmp_path / "data", env)
+    found = re.search(r'"bootstrap": "(127\.0\.0\.1:\d+)"', first.output())
+    assert found
+    producer = create_producer(found.group(1), linger_ms=0)
+    await producer.start()
+    try:  # a record the worker cannot read: dead-lettered
+        await producer.send_and_wait(COMPLETIONS_TOPIC, key=b"projA/bad", value=b"\xff{")
+    finally:
+        await producer.stop()
+    headers = {"Authorization": "Bearer key-a"}
+
+    async def listed(url: str) -> int:
+        async with httpx.AsyncClient(base_url=url, headers=headers) as client:
+            return len((await client.get("/v1/dead_letters")).json()["data"])
+
+    await eventually(lambda: listed(first.url))
+    assert first.stop() == 0
+
+    # the new broker starts empty: the dead letter is written back to it from ClickHouse
+    second = await start_serve(servers, tmp_path / "data", env)
+    async with httpx.AsyncClient(base_url=second.url, headers=headers) as client:
+        replay = await client.post("/v1/dead_letters/replay", params={"dry_run": "true"})
+        assert (replay.json()["selected"], replay.json()["replayed"]) == (1, 1)
+        done = (await client.post("/v1/dead_letters/replay")).json()
+        assert (done["selected"], done["replayed"]) == (1, 1)
+    assert '"dead_letters_restored"' in second.output()
+    assert second.stop() == 0
+
+    # a replayed dead letter is not written back again (its copy, refused again, is new)
+    third = await start_serve(servers, tmp_path / "data", env)
+    async with httpx.AsyncClient(base_url=third.url, headers=headers) as client:
+
+        async def refused_again() -> bool:
+            data = (await client.get("/v1/dead_letters")).json()["data"]
+            return len(data) == 2 and sum(d["replayed_at"] is None for d in data) == 1
+
+        await eventually(refused_again)
+        again = (await client.post("/v1/dead_letters/replay", params={"dry_run": "true"})).json()
+        assert (again["selected"], again["replayed"]) == (1, 1)
+    assert third.stop() == 0

@@ -15,12 +15,17 @@ def reason_of(dead: Processed) -> str:
 
 def dead_letter_headers(dead: Processed) -> list[tuple[str, bytes]]:
     """The headers of the dead-letter topic's record: why, and where the message came from."""
+    return letter_headers(dead_letter_record(dead, datetime.min))
+
+
+def letter_headers(letter: DeadLetter) -> list[tuple[str, bytes]]:
+    """The dead-letter topic's headers of a dead letter kept in ClickHouse (its identity)."""
     return [
-        ("reason", reason_of(dead).encode()),
-        ("source_topic", dead.message.partition.topic.encode()),
-        ("source_partition", str(dead.message.partition.partition).encode()),
-        ("source_offset", str(dead.message.offset).encode()),
-        ("source_timestamp", str(dead.message.timestamp_ms).encode()),
+        ("reason", letter.reason.encode()),
+        ("source_topic", letter.source_topic.encode()),
+        ("source_partition", str(letter.source_partition).encode()),
+        ("source_offset", str(letter.source_offset).encode()),
+        ("source_timestamp", str(letter.source_timestamp).encode()),
     ]
 
 
