@@ -196,11 +196,13 @@ class LossRepository:
     async def status(self, project: str) -> dict[str, Any]:
         """Ingestion lag over the last hour and loss counts, for one project."""
         params = {"project": project}
-        # Every stored version once: agg_sign = 1 leaves out retractions, and the worker never
-        # writes a re-delivery, so no FINAL is needed (which would merge the whole project).
+        # agg_sign = 1 leaves out retractions. No FINAL (it would merge the whole project):
+        # merges drop superseded versions, so the count is of completions, each once however
+        # many of its versions were stored (the newest one, which a merge keeps, was stored
+        # last), and the lag is over the versions still there.
         lag = await self._ch.rows(
-            "SELECT count(), quantiles(0.5, 0.99)(lag), max(lag) FROM ("
-            "SELECT greatest(toInt64(toUnixTimestamp64Milli(inserted_at)) "
+            "SELECT uniqExact(completion_id), quantiles(0.5, 0.99)(lag), max(lag) FROM ("
+            "SELECT completion_id, greatest(toInt64(toUnixTimestamp64Milli(inserted_at)) "
             "- toInt64(toUnixTimestamp64Milli(received_at)), 0) AS lag "
             "FROM {database}.completions "
             "WHERE project = {project:String} AND agg_sign = 1 "

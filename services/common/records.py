@@ -6,7 +6,7 @@ import hashlib
 import math
 import uuid
 from datetime import UTC, datetime
-from decimal import Decimal, InvalidOperation
+from decimal import ROUND_HALF_EVEN, Context, Decimal, InvalidOperation
 from typing import Any
 
 from services.common.codec import dumps_canonical
@@ -98,8 +98,15 @@ def token_count(value: Any, loc: tuple[str | int, ...]) -> int:
     return round(value)
 
 
+SPEND_QUANTUM = Decimal("1e-12")
+"""The spend columns' scale (``Decimal(38, 12)``)."""
+_SPEND_CONTEXT = Context(prec=38)
+
+
 def parse_spend(value: Any) -> Decimal | None:
-    """A caller-given spend as an exact Decimal (None when absent), at most ``MAX_SPEND``."""
+    """A caller-given spend as a Decimal (None when absent), at most ``MAX_SPEND``, to the
+    spend columns' 12 places (half to even): what the record shows is what the aggregates
+    add up, to the last digit."""
     if value is None:
         return None
     if isinstance(value, bool) or not isinstance(value, int | float | str):
@@ -112,7 +119,7 @@ def parse_spend(value: Any) -> Decimal | None:
         raise RecordError(("output", "spend"), "spend must be finite")
     if abs(spend) > MAX_SPEND:
         raise RecordError(("output", "spend"), f"spend must be at most {MAX_SPEND} in magnitude")
-    return spend
+    return spend.quantize(SPEND_QUANTUM, rounding=ROUND_HALF_EVEN, context=_SPEND_CONTEXT)
 
 
 def usage_counts(usage: dict[str, Any] | None) -> dict[str, int]:

@@ -50,6 +50,27 @@ def parse_time(value: str | None, default: datetime, name: str) -> datetime:
     return moment.astimezone(UTC)
 
 
+FIRST = datetime(1970, 1, 1, tzinfo=UTC)
+LAST = datetime(2106, 1, 1, tzinfo=UTC)
+"""The buckets' range (ClickHouse's ``DateTime``): times outside it are taken as its ends."""
+
+
+def buckets_over(
+    start: datetime, end: datetime, granularity: Literal["hour", "day"]
+) -> tuple[datetime, datetime]:
+    """The whole buckets that ``[start, end)`` overlaps: ``start`` rounded down and ``end`` up
+    to the hour or the day (UTC), within :data:`FIRST` and :data:`LAST`. The aggregates hold
+    whole buckets, so a range that cut one would count all of it or none of it."""
+    step = timedelta(hours=1) if granularity == "hour" else timedelta(days=1)
+
+    def down(moment: datetime) -> datetime:
+        moment = min(max(moment, FIRST), LAST)
+        return FIRST + (moment - FIRST) // step * step
+
+    first, last = down(start), down(end)
+    return first, last if last == min(max(end, FIRST), LAST) else last + step
+
+
 def parse_group_by(value: str | None) -> list[str]:
     if not value:
         return []
@@ -162,6 +183,7 @@ async def get_usage(
     if start >= end:
         raise _invalid("from", "`from` must be before `to`")
     dims = parse_group_by(group_by)
+    start, end = buckets_over(start, end, granularity)
     data = await repository.usage(
         project,
         granularity=granularity,

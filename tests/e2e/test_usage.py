@@ -87,6 +87,20 @@ async def test_usage_by_day_model_and_container(api: RunningStack) -> None:
 
     assert (await _usage(api, KEY_B))["data"] == []
 
+    # a range that cuts buckets gets the whole buckets it overlaps, and says so
+    cut = await _usage(api, KEY_A, **{"from": DAY + 5, "to": DAY + 86400 + 1})
+    assert (cut["from"], cut["to"]) == ("2025-06-16T00:00:00Z", "2025-06-18T00:00:00Z")
+    assert sum(d["requests"] for d in cut["data"]) == 6
+    cut = await _usage(api, KEY_A, granularity="hour", **{"from": DAY + 3605, "to": DAY + 7200})
+    assert [(d["bucket"], d["requests"]) for d in cut["data"]] == [("2025-06-16T01:00:00Z", 1)]
+    # times beyond the buckets' range are taken as its ends
+    everything = await _usage(api, KEY_A, **{"from": "0001-01-01", "to": "9999-01-01"})
+    assert (everything["from"], everything["to"]) == (
+        "1970-01-01T00:00:00Z",
+        "2106-01-01T00:00:00Z",
+    )
+    assert sum(d["requests"] for d in everything["data"]) == 6
+
 
 @pytest.mark.parametrize(
     "params",

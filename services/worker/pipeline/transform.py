@@ -121,6 +121,7 @@ def to_row(event: CompletionEvent, prices: PriceCatalog | None = None) -> Row | 
         return Invalid(f"{'.'.join(str(p) for p in exc.loc)}: {exc.message}")
     if created is None:
         created = event.received_at_ms / 1000.0
+    created = round(created, 3)  # the column's milliseconds: the response says the same time
 
     model = output.get("model") or request.get("model")
     slug = normalize_slug(model) if model else ""

@@ -132,7 +132,10 @@ def test_usage_counts_keeps_the_largest_allowed_count() -> None:
         (0.0000535, Decimal("0.0000535")),
         ("1.25", Decimal("1.25")),
         (-2, Decimal("-2")),
-        (1e-300, Decimal("1e-300")),
+        (1e-300, Decimal(0)),  # to the spend columns' 12 places, half to even
+        ("0.1234567890125", Decimal("0.123456789012")),
+        ("0.1234567890135", Decimal("0.123456789014")),
+        (12345678901.123456789012, Decimal("12345678901.123457")),  # all a float holds
         (10**15, MAX_SPEND),
     ],
 )

@@ -86,6 +86,22 @@ def test_input_only_item_is_created_when_received() -> None:
     assert response["model"] == "openai:gpt-4o-mini"  # as the client wrote it
 
 
+def test_the_response_says_the_creation_time_the_column_holds() -> None:
+    # the column holds milliseconds: the hour the aggregates count it in is the one shown
+    row = _row(_event({"input": {"messages": []}, "output": {"created": 1200002399.9996}}))
+    assert row["created"] == "2008-01-10 22:00:00.000"
+    assert orjson.loads(row["response"])["created"] == 1200002400
+    row = _row(_event({"input": {"messages": []}, "output": {"created": 1200002399.25}}))
+    assert orjson.loads(row["response"])["created"] == 1200002399.25
+
+
+def test_a_callers_spend_is_kept_to_the_columns_twelve_places_in_the_response_too() -> None:
+    item = {"input": {"messages": []}, "output": {"choices": [], "spend": "0.1234567890125"}}
+    row = _row(_event(item))
+    assert Decimal(str(row["spend"])) == Decimal("0.123456789012")
+    assert orjson.loads(row["response"])["spend"] == 0.123456789012
+
+
 def test_spend_is_written_as_an_exact_decimal() -> None:
     item = {"input": {"messages": []}, "output": {"choices": [], "spend": 0.000000000123}}
     result = process(_event(item))
