@@ -195,6 +195,22 @@ async def test_the_same_id_twice_in_one_request_keeps_the_later_item(api: Runnin
         assert got["choices"][0]["message"]["content"] == "corrected"
 
 
+async def test_a_retried_item_without_id_or_created_keeps_its_first_creation_time(
+    api: RunningStack,
+) -> None:
+    payload = {"container": "c", "items": [{"input": {"messages": []}, "tags": ["retry"]}]}
+    async with api.client(KEY_A) as client:
+        assert (await client.post("/v1/chat/completions/register", json=payload)).is_success
+        [first] = (await _visible(client, 1))["data"]
+        await asyncio.sleep(0.05)  # the retry is received later
+        assert (await client.post("/v1/chat/completions/register", json=payload)).is_success
+        assert api.stack.worker is not None
+        assert api.stack.publisher is not None
+        assert await api.stack.worker.drain(dict(api.stack.publisher.acked), 20)
+        again = (await client.get(f"/v1/chat/completions/{first['id']}")).json()
+        assert again["created"] == first["created"]  # not the retry's receive time
+
+
 async def test_same_completion_twice_is_listed_once(api: RunningStack) -> None:
     payload = {"container": "c", "items": [_item(1), _item(1), _item(2)]}
     input_only = {"container": "c", "items": [{"input": {"messages": []}, "tags": ["x"]}]}

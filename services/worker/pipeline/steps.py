@@ -255,10 +255,12 @@ class Deduplicate:
 
     Within the batch only the newest version of a completion is kept. A completion already
     stored with the same or a newer version is dropped (a re-delivery: the row and the
-    aggregates have it). One stored with an older version is replaced: a retraction of the
-    stored version (``agg_sign = -1``) goes into the same insert as the new version, so the
-    aggregates move from the old values to the new ones. This is race-free because all records
-    of a completion share a partition, and a partition has one consumer at a time.
+    aggregates have it), and so is any later version of one whose id is its content's hash
+    (a retry: the same item, received again). One stored with an older version is replaced:
+    a retraction of the stored version (``agg_sign = -1``) goes into the same insert as the
+    new version, so the aggregates move from the old values to the new ones. This is
+    race-free because all records of a completion share a partition, and a partition has one
+    consumer at a time.
     """
 
     def __init__(
@@ -276,7 +278,7 @@ class Deduplicate:
             received[row.project] = received.get(row.project, 0) + 1
             key = (row.project, row.completion_id)
             held = newest.get(key)
-            if held is None or row.version_ms > held.version_ms:
+            if held is None or row.version_ms > held.version_ms and not row.content_id:
                 newest[key] = row
         by_project: dict[str, list[str]] = {}
         for project, completion_id in newest:
@@ -291,7 +293,7 @@ class Deduplicate:
                 version = stored.get(completion_id)
                 if version is None:
                     kept.append(row)
-                elif row.version_ms > version:
+                elif row.version_ms > version and not row.content_id:
                     kept.append(row)
                     replaced.append(completion_id)
             if replaced:

@@ -28,6 +28,7 @@ from services.common.pricing import (
 )
 from services.common.records import (
     RecordError,
+    content_completion_id,
     normalize_slug,
     parse_created,
     parse_spend,
@@ -180,4 +181,11 @@ def to_row(event: CompletionEvent, prices: PriceCatalog | None = None) -> Row | 
         *_operation_values(operation),
         1,  # agg_sign: a version, not a retraction
     ]
-    return Row(dumps(values), event.project, event.completion_id, event.received_at_ms)
+    content_id = (  # the gateway's hash of the item (checked: any producer may write here)
+        event.kind == "register"
+        and not output.get("id")
+        and content_completion_id(event.project, event.container or "", item) == event.completion_id
+    )
+    return Row(
+        dumps(values), event.project, event.completion_id, event.received_at_ms, False, content_id
+    )

@@ -38,6 +38,10 @@ class Row(NamedTuple):
     """The completion's version (gateway receive time): the newest one is the one kept."""
     retraction: bool = False
     """A copy of a stored version, written to cancel it in the aggregates: no completion."""
+    content_id: bool = False
+    """Its id is a hash of its content (a registered item without an id): a version already
+    stored is the same completion, so a later one is a retry, and is not written again (its
+    ``created``, when the item had none, would move to the retry's receive time)."""
 
 
 class Invalid(NamedTuple):
