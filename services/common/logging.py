@@ -16,10 +16,14 @@ def configure_logging(fmt: Literal["console", "json"] = "console", level: str = 
         structlog.processors.add_log_level,
         structlog.processors.TimeStamper(fmt="iso", utc=True),
     ]
+    # Tracebacks as plain text, never with local variables: those hold requests' headers
+    # (API keys) and the settings (the ClickHouse URL's password).
     renderer: structlog.types.Processor = (
         structlog.processors.JSONRenderer()
         if fmt == "json"
-        else structlog.dev.ConsoleRenderer(colors=sys.stderr.isatty())
+        else structlog.dev.ConsoleRenderer(
+            colors=sys.stderr.isatty(), exception_formatter=structlog.dev.plain_traceback
+        )
     )
     structlog.configure(
         processors=[*shared, structlog.processors.format_exc_info, renderer],
@@ -31,7 +35,9 @@ def configure_logging(fmt: Literal["console", "json"] = "console", level: str = 
     )
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(
-        structlog.stdlib.ProcessorFormatter(foreign_pre_chain=shared, processor=renderer)
+        structlog.stdlib.ProcessorFormatter(
+            foreign_pre_chain=[*shared, structlog.processors.format_exc_info], processor=renderer
+        )
     )
     root = logging.getLogger()
     root.handlers[:] = [handler]

@@ -75,6 +75,17 @@ class GatewaySettings(CommonSettings):
         ge=1024,
         description="Request-body bytes held at once across requests; beyond: 503 Retry-After.",
     )
+    max_messages_per_request: int = Field(
+        default=10_000, ge=1, description="Most `messages` in one create request."
+    )
+    max_models_per_request: int = Field(
+        default=10,
+        ge=0,
+        description="Most fallback `models` in one create request: each is an upstream call.",
+    )
+    body_read_timeout_s: float = Field(
+        default=120.0, gt=0, description="Longest a request body may take to arrive: then 400."
+    )
     publish_timeout_s: float = Field(default=30.0, gt=0)
     producer_linger_ms: int = Field(default=5, ge=0)
     producer_compression: Literal["none", "gzip", "lz4", "zstd", "snappy"] = "zstd"

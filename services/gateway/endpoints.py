@@ -2,25 +2,28 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
+from collections.abc import Mapping
 from typing import Annotated, Any, TypeVar
 
 from fastapi import APIRouter, Depends, Request
 from fastapi.exceptions import RequestValidationError
 from pydantic import BaseModel, ValidationError
+from pydantic_core import ErrorDetails
 from starlette.responses import Response
 
 from schemas.api import ChatReq, ChatRes, RegisterRes
 from services.common.auth import ProjectDep
 from services.common.codec import JSONDecodeError, loads
-from services.common.errors import PayloadTooLarge
+from services.common.errors import BadRequest, PayloadTooLarge
 from services.common.responses import JSONResponse
 from services.common.settings import GatewaySettings
 from services.gateway.budget import BodyBudget, Lease
 from services.gateway.completions import CompletionService
 from services.gateway.publisher import Publisher
 from services.gateway.register import RegisterEnvelope, build_events
-from services.gateway.validation import whole_floats_as_ints
+from services.gateway.validation import MAX_NESTING, nesting_exceeds, whole_floats_as_ints
 
 router = APIRouter(tags=["Chat"])
 
@@ -48,28 +51,32 @@ BudgetDep = Annotated[BodyBudget, Depends(_body_budget)]
 SettingsDep = Annotated[GatewaySettings, Depends(_settings)]
 
 
-async def read_json_body(request: Request, max_bytes: int, lease: Lease | None = None) -> object:
+async def read_json_body(
+    request: Request, max_bytes: int, lease: Lease | None = None, timeout_s: float = 120.0
+) -> object:
     """The request's JSON, refusing bodies over ``max_bytes`` before reading them whole.
 
     With a ``lease``, the body's bytes are taken from the gateway's in-flight budget as they
-    arrive (all at once when the length is declared), before they are held in memory.
+    arrive, before they are held in memory: a client that declares a large body and sends it
+    slowly holds only what it sent. A body not received within ``timeout_s`` is a 400, so a
+    client that stops sending does not hold its connection and its bytes for ever.
     """
     declared = request.headers.get("content-length")
-    if declared is not None and declared.isdigit():
-        if int(declared) > max_bytes:
-            raise PayloadTooLarge(f"Request body exceeds {max_bytes} bytes.")
-        if lease is not None:
-            lease.take(int(declared))
-            lease = None
+    if declared is not None and declared.isdigit() and int(declared) > max_bytes:
+        raise PayloadTooLarge(f"Request body exceeds {max_bytes} bytes.")
     chunks: list[bytes] = []
     size = 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > max_bytes:
-            raise PayloadTooLarge(f"Request body exceeds {max_bytes} bytes.")
-        if lease is not None:
-            lease.take(len(chunk))
-        chunks.append(chunk)
+    try:
+        async with asyncio.timeout(timeout_s):
+            async for chunk in request.stream():
+                size += len(chunk)
+                if size > max_bytes:
+                    raise PayloadTooLarge(f"Request body exceeds {max_bytes} bytes.")
+                if lease is not None:
+                    lease.take(len(chunk))
+                chunks.append(chunk)
+    except TimeoutError:
+        raise BadRequest(f"The request body was not received within {timeout_s:g} s.") from None
     try:
         return loads(b"".join(chunks))
     except JSONDecodeError as exc:
@@ -89,34 +96,85 @@ CompletionsDep = Annotated[CompletionService, Depends(_completions)]
 M = TypeVar("M", bound=BaseModel)
 
 
+MAX_VALIDATION_ERRORS = 50
+"""Errors in a 422's ``detail`` at most: a body of a million bad parts gets fifty."""
+
+
+def too_long(loc: tuple[str, ...], limit: int, what: str) -> RequestValidationError:
+    return RequestValidationError(
+        [{"type": "too_long", "loc": ("body", *loc), "msg": f"At most {limit} {what}."}]
+    )
+
+
 async def read_model(
-    request: Request, model: type[M], max_bytes: int, lease: Lease | None = None
+    request: Request,
+    model: type[M],
+    settings: GatewaySettings,
+    lease: Lease | None = None,
+    *,
+    lists: Mapping[str, tuple[int, str]] | None = None,
 ) -> tuple[Any, M]:
     """The JSON body and its validation as ``model``; FastAPI's 422 when it is not one.
 
     Validated strictly, as JSON Schema types are: ``"1"`` is not a number nor ``"true"`` a
     boolean (a lax validation would pass them on upstream as they are), but ``1.0`` is an
-    integer (:func:`whole_floats_as_ints`).
+    integer (:func:`whole_floats_as_ints`). ``lists``: top-level lists refused, before any
+    validation, when longer than their limit (field -> (limit, what they hold)).
     """
-    body = await read_json_body(request, max_bytes, lease)
+    body = await read_json_body(
+        request, settings.max_body_bytes, lease, settings.body_read_timeout_s
+    )
+    for field, (limit, what) in (lists or {}).items():
+        value = body.get(field) if isinstance(body, dict) else None
+        if isinstance(value, list) and len(value) > limit:
+            raise too_long((field,), limit, what)
     try:
         return body, model.model_validate(body, strict=True)
-    except ValidationError:
-        pass
+    except ValidationError as exc:
+        if not any(_whole_float(e) for e in exc.errors(include_url=False)):
+            raise _invalid(exc) from exc
     try:
         return body, model.model_validate(whole_floats_as_ints(body), strict=True)
     except ValidationError as exc:
-        raise RequestValidationError(
-            [{**e, "loc": ("body", *e["loc"])} for e in exc.errors(include_url=False)]
-        ) from exc
+        raise _invalid(exc) from exc
+
+
+def _whole_float(error: ErrorDetails) -> bool:
+    """An error that taking ``1.0`` as the integer it is would cure."""
+    value = error.get("input")
+    return error["type"] == "int_type" and isinstance(value, float) and value.is_integer()
+
+
+def _invalid(exc: ValidationError) -> RequestValidationError:
+    errors = exc.errors(include_url=False)[:MAX_VALIDATION_ERRORS]
+    return RequestValidationError([{**e, "loc": ("body", *e["loc"])} for e in errors])
 
 
 @router.post("/v1/chat/completions", response_model=ChatRes)
 async def create_completion(
-    request: Request, project: ProjectDep, service: CompletionsDep, settings: SettingsDep
+    request: Request,
+    project: ProjectDep,
+    service: CompletionsDep,
+    settings: SettingsDep,
+    budget: BudgetDep,
 ) -> Response:
     """Create a chat completion using the specified model."""
-    body, chat = await read_model(request, ChatReq, settings.max_body_bytes)
+    lists = {
+        "messages": (settings.max_messages_per_request, "messages"),
+        "models": (settings.max_models_per_request, "fallback models"),
+    }
+    with budget.lease() as lease:  # parsing a body costs memory: it counts while it is read
+        body, chat = await read_model(request, ChatReq, settings, lease, lists=lists)
+    if nesting_exceeds(body, MAX_NESTING):
+        raise RequestValidationError(
+            [
+                {
+                    "type": "value_error",
+                    "loc": ("body",),
+                    "msg": f"JSON nested more than {MAX_NESTING} levels deep.",
+                }
+            ]
+        )
     return await service.create(project, body, chat)
 
 
@@ -136,7 +194,7 @@ async def register(
 async def _register(
     request: Request, project: str, publisher: Publisher, settings: GatewaySettings, lease: Lease
 ) -> JSONResponse:
-    envelope = (await read_model(request, RegisterEnvelope, settings.max_body_bytes, lease))[1]
+    envelope = (await read_model(request, RegisterEnvelope, settings, lease))[1]
     if len(envelope.items) > settings.max_items_per_request:
         raise RequestValidationError(
             [

@@ -86,15 +86,21 @@ def build_events(envelope: RegisterEnvelope, *, project: str, received_at_ms: in
             result.reject(index, exc.loc, exc.message, "value_error")
             continue
         output = raw.get("output") or {}
-        completion_id = output.get("id") or content_completion_id(project, envelope.container, raw)
-        value = encode_event(
-            kind="register",
-            project=project,
-            container=envelope.container,
-            completion_id=completion_id,
-            received_at_ms=received_at_ms,
-            item=raw,
-        )
+        try:
+            completion_id = output.get("id") or content_completion_id(
+                project, envelope.container, raw
+            )
+            value = encode_event(
+                kind="register",
+                project=project,
+                container=envelope.container,
+                completion_id=completion_id,
+                received_at_ms=received_at_ms,
+                item=raw,
+            )
+        except TypeError:  # orjson writes at most 254 levels (and parses 1024)
+            result.reject(index, (), "JSON nested too deeply to be stored", "value_error")
+            continue
         record = (message_key(project, completion_id), value)
         result.accepted += 1
         position = published.setdefault(completion_id, len(result.messages))

@@ -118,3 +118,25 @@ def whole_floats_as_ints(node: Any) -> Any:
     if isinstance(node, list):
         return [whole_floats_as_ints(value) for value in node]
     return node
+
+
+MAX_NESTING = 200
+"""Deepest JSON a request may hold. Its record nests it a few levels deeper, and orjson
+encodes at most 254 levels (it parses up to 1024): deeper, the record could not be written."""
+
+
+def nesting_exceeds(node: Any, limit: int) -> bool:
+    """Whether ``node`` nests lists and objects more than ``limit`` levels deep."""
+    stack: list[tuple[Any, int]] = [(node, 1)]
+    while stack:
+        value, depth = stack.pop()
+        if isinstance(value, dict):
+            children: Any = value.values()
+        elif isinstance(value, list):
+            children = value
+        else:
+            continue
+        if depth > limit:
+            return True
+        stack.extend((child, depth + 1) for child in children if isinstance(child, dict | list))
+    return False

@@ -123,6 +123,23 @@ async def test_numbers_are_typed_as_json_schema_types_them(api: RunningStack) ->
         assert listed["data"][0]["choices"][0]["index"] == 0  # stored as it was sent
 
 
+async def test_an_item_nested_too_deeply_to_be_stored_is_reported(api: RunningStack) -> None:
+    deep: Any = "x"
+    for _ in range(300):
+        deep = [deep]
+    nested = _item(1)
+    nested["metadata"] = {"deep": deep}
+    async with api.client(KEY_A) as client:
+        response = await client.post(
+            "/v1/chat/completions/register", json={"container": "c", "items": [nested, _item(2)]}
+        )
+        assert response.status_code == 200, response.text
+        body = response.json()
+        assert body["summary"] == {"received": 2, "accepted": 1, "rejected": 1}
+        assert body["errors"][0]["message"] == "JSON nested too deeply to be stored"
+        assert [r["id"] for r in (await _visible(client, 1))["data"]] == ["cmpl-2"]
+
+
 async def test_values_storage_cannot_hold_are_reported_and_later_items_still_stored(
     api: RunningStack,
 ) -> None:
@@ -419,6 +436,35 @@ async def test_bytes_held_across_requests_are_bounded(start_stack: StackFactory)
         assert accepted.json()["summary"]["accepted"] == 1
         metrics = (await client.get("/metrics")).text
         assert "maniac_gateway_inflight_body_bytes 0.0" in metrics
+
+
+async def test_a_body_that_does_not_arrive_holds_only_what_came_and_times_out(
+    start_stack: StackFactory,
+) -> None:
+    running = await start_stack(
+        max_body_bytes=4096, max_inflight_body_bytes=4096, body_read_timeout_s=1.0
+    )
+    url = httpx.URL(running.base_url)
+    reader, writer = await asyncio.open_connection(url.host, url.port)
+    writer.write(  # declares 4000 bytes, sends one
+        b"POST /v1/chat/completions/register HTTP/1.1\r\nHost: x\r\n"
+        b"Authorization: Bearer key-a\r\nContent-Type: application/json\r\n"
+        b"Content-Length: 4000\r\n\r\n{"
+    )
+    await writer.drain()
+    try:
+        body = json.dumps({"container": "c", "items": [_item(1)]}).encode()
+        async with running.client(KEY_A) as client:
+            # the 4000 bytes declared are not held before they come: others still get in
+            accepted = await client.post("/v1/chat/completions/register", content=body)
+            assert accepted.status_code == 200, accepted.text
+        answer = b""
+        while b"}}" not in answer:
+            answer += await asyncio.wait_for(reader.read(4096), 10)
+    finally:
+        writer.close()
+    assert answer.startswith(b"HTTP/1.1 400 ")
+    assert b"The request body was not received within 1 s." in answer
 
 
 async def test_a_request_waiting_for_the_broker_no_longer_holds_its_parsed_items(

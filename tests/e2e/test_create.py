@@ -383,6 +383,36 @@ async def test_broker_down_the_completion_still_returns_and_the_loss_is_counted(
     assert _dropped() == before + 1
 
 
+async def test_a_create_request_too_big_to_be_reasonable_is_refused_cheaply(
+    start_stack: Any, upstream: tuple[FastAPI, str]
+) -> None:
+    running = await start_stack(max_messages_per_request=3, max_models_per_request=2)
+    before = len(upstream[0].state.requests)
+    message = {"role": "user", "content": "x"}
+    async with running.client(KEY_A) as client:
+        many = {"model": "mock/ok", "messages": [message] * 4}
+        response = await client.post("/v1/chat/completions", json=many)
+        assert response.status_code == 422
+        assert response.json()["detail"] == [
+            {"type": "too_long", "loc": ["body", "messages"], "msg": "At most 3 messages."}
+        ]
+        fallbacks = {"model": "mock/ok", "models": ["mock/a", "mock/b", "mock/c"], "messages": []}
+        response = await client.post("/v1/chat/completions", json=fallbacks)
+        assert response.json()["detail"][0]["msg"] == "At most 2 fallback models."
+        # a body of many invalid parts gets a bounded answer
+        bad = {"model": "mock/ok", "messages": [{"role": "robot"}] * 3, "n": "1", "tools": [5] * 99}
+        detail = (await client.post("/v1/chat/completions", json=bad)).json()["detail"]
+        assert len(detail) == 50
+        deep: Any = "x"
+        for _ in range(300):
+            deep = [deep]
+        nested = {"model": "mock/ok", "messages": [], "metadata": {"deep": deep}}
+        response = await client.post("/v1/chat/completions", json=nested)
+        assert response.status_code == 422
+        assert response.json()["detail"][0]["msg"] == "JSON nested more than 200 levels deep."
+    assert len(upstream[0].state.requests) == before  # none of them reached the upstream
+
+
 async def test_create_validates_the_request(api: RunningStack) -> None:
     async with api.client(KEY_A) as client:
         response = await client.post("/v1/chat/completions", json={"model": "mock/ok"})
