@@ -3,8 +3,10 @@ session's broker, a ClickHouse of their own (chDB here, which one process opens 
 
 from __future__ import annotations
 
+import contextlib
 import signal
 import subprocess
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import httpx
@@ -15,10 +17,39 @@ from tests.support.serve import MANIAC
 from tests.support.worker import event, produce
 
 
+@contextlib.contextmanager
+def running(args: list[str], env: dict[str, str], log: Path) -> Iterator[Callable[[], str]]:
+    """`maniac ARGS` while the block runs (the function yielded: its output, asserting it
+    still runs); stopped with SIGTERM after it, which it must exit 0 from."""
+    with log.open("wb") as out:
+        process = subprocess.Popen([MANIAC, *args], env=env, stdout=out, stderr=subprocess.STDOUT)
+
+        def alive() -> str:
+            assert process.poll() is None, log.read_text()
+            return log.read_text()
+
+        try:
+            yield alive
+        finally:
+            process.send_signal(signal.SIGTERM)
+            code = process.wait(timeout=60)
+    assert code == 0, log.read_text()
+
+
+async def _answers(
+    url: str, check: Callable[[httpx.Response], bool], headers: dict[str, str] | None = None
+) -> bool:
+    try:
+        async with httpx.AsyncClient(headers=headers) as client:
+            return check(await client.get(url))
+    except httpx.TransportError:
+        return False
+
+
 async def test_a_worker_process_stores_serves_its_metrics_and_the_query_process_lists(
     broker: Broker, topics: tuple[str, str], env: dict[str, str], tmp_path: Path
 ) -> None:
-    port = free_port()
+    port, query_port, project = free_port(), free_port(), unique("p")
     env = {
         **env,
         "MANIAC_KAFKA_BOOTSTRAP": broker.bootstrap,
@@ -28,61 +59,34 @@ async def test_a_worker_process_stores_serves_its_metrics_and_the_query_process_
         "MANIAC_CONSUMER_GROUP": unique("group"),
         "MANIAC_METRICS_PORT": str(port),
         "MANIAC_PORT": "tcp://10.0.0.1:8000",  # what a Kubernetes service named `maniac` sets
+        "MANIAC_API_KEYS": f"{project}:key-{project}",
     }
     subprocess.run([MANIAC, "migrate"], env=env, check=True, capture_output=True, timeout=120)
-    log = (tmp_path / "worker.log").open("wb")
-    worker = subprocess.Popen([MANIAC, "worker"], env=env, stdout=log, stderr=subprocess.STDOUT)
-    project = unique("p")
-    env["MANIAC_API_KEYS"] = f"{project}:key-{project}"
-    try:
+    with running(["worker"], env, tmp_path / "worker.log") as alive:
         producer = create_producer(broker.bootstrap, linger_ms=0)
         await producer.start()
         try:
             await produce(producer, topics[0], [event(f"c{i}", project) for i in range(3)])
         finally:
             await producer.stop()
-
         stored = f'maniac_project_records_stored_total{{project="{project}"}} 3.0'
 
         async def metrics_show_them_stored() -> bool:
-            assert worker.poll() is None, (tmp_path / "worker.log").read_text()
-            try:
-                async with httpx.AsyncClient() as client:
-                    text = (await client.get(f"http://127.0.0.1:{port}/metrics")).text
-            except httpx.TransportError:
-                return False
-            return stored in text
+            alive()
+            metrics = f"http://127.0.0.1:{port}/metrics"
+            return await _answers(metrics, lambda response: stored in response.text)
 
         await eventually(metrics_show_them_stored, timeout_s=90, interval_s=0.2)
-    finally:
-        worker.send_signal(signal.SIGTERM)
-        code = worker.wait(timeout=60)
-        log.close()
-    assert code == 0, (tmp_path / "worker.log").read_text()
 
-    query_port = free_port()
-    log = (tmp_path / "query.log").open("wb")
-    query = subprocess.Popen(
-        [MANIAC, "query", "--host", "127.0.0.1", "--port", str(query_port)],
-        env=env,
-        stdout=log,
-        stderr=subprocess.STDOUT,
-    )
-    try:
-        headers = {"Authorization": f"Bearer key-{project}"}
+    args = ["query", "--host", "127.0.0.1", "--port", str(query_port)]
+    with running(args, env, tmp_path / "query.log") as alive:
 
-        async def listed() -> object:
-            assert query.poll() is None, (tmp_path / "query.log").read_text()
-            try:
-                async with httpx.AsyncClient(headers=headers) as client:
-                    page = await client.get(f"http://127.0.0.1:{query_port}/v1/chat/completions")
-            except httpx.TransportError:
-                return False
-            return page.status_code == 200 and page.json()["total"] == 3
+        async def listed() -> bool:
+            alive()
+            return await _answers(
+                f"http://127.0.0.1:{query_port}/v1/chat/completions",
+                lambda page: page.status_code == 200 and page.json()["total"] == 3,
+                headers={"Authorization": f"Bearer key-{project}"},
+            )
 
         await eventually(listed, timeout_s=60, interval_s=0.2)
-    finally:
-        query.send_signal(signal.SIGTERM)
-        code = query.wait(timeout=60)
-        log.close()
-    assert code == 0, (tmp_path / "query.log").read_text()
