@@ -311,6 +311,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    from clickhouse_connect.driver.exceptions import OperationalError
+
     from services.common.clickhouse import EngineInUse
 
     args = build_parser().parse_args(argv)
@@ -318,6 +320,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         result: int = args.func(args)
     except EngineInUse as exc:
         print(exc, file=sys.stderr)  # noqa: T201
+        return 2
+    except OperationalError as exc:  # a server that does not answer: said, not a traceback
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else repr(exc)
+        print(f"ClickHouse cannot be reached: {first}", file=sys.stderr)  # noqa: T201
         return 2
     return result
 

@@ -173,6 +173,17 @@ def test_reprice_cli_refuses_bad_ranges_and_prints_plain_decimals(
     assert "examined 0, re-priced 0, spend changed by 0 (dry run)" in dry
 
 
+def test_an_admin_command_on_a_clickhouse_that_does_not_answer_says_so(
+    tmp_path: Path, env: dict[str, str]
+) -> None:
+    with socket.socket() as sock:  # a port nothing listens on
+        sock.bind(("127.0.0.1", 0))
+        away = {**env, "MANIAC_CLICKHOUSE_URL": f"http://127.0.0.1:{sock.getsockname()[1]}/m"}
+    refused = _maniac(tmp_path, away, "keys", "list", code=2)
+    assert "ClickHouse cannot be reached:" in refused
+    assert "Traceback" not in refused
+
+
 async def test_kill_9_does_not_leave_the_embedded_broker_behind(
     tmp_path: Path, env: dict[str, str], servers: list[Serve]
 ) -> None:
