@@ -17,7 +17,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable, Iterator, Mapping
+from collections.abc import AsyncIterator, Awaitable, Iterator, Mapping, Sequence
 from typing import Any
 
 import structlog
@@ -54,6 +54,9 @@ before it gives up (and publishing resumes on the broker as it is)."""
 
 RESTART_RETRY_S = 60.0
 """After a restart given up, how long until the next attempt."""
+
+DeadLetterRecord = tuple[bytes | None, bytes | None, list[tuple[str, bytes]], int]
+"""A dead-letter topic record: key, value, headers, timestamp (ms)."""
 
 WORKER_REVIVE_S = 1.0
 """Wait before starting the worker again after it stopped on an error (and between tries)."""
@@ -341,42 +344,45 @@ class Stack:
         that they can still be replayed. How many."""
         assert self.gateway is not None
         letters = await LossRepository(self.clickhouse).unreplayed_dead_letters()
-        producer = self.gateway.producer
-        sends = [
-            await producer.send(
-                self.settings.dead_letter_topic,
-                key=letter.message_key or None,
-                value=letter.payload,
-                headers=letter_headers(letter),
-                timestamp_ms=int(letter.dead_at.timestamp() * 1000),
+        records = [
+            (
+                letter.message_key or None,
+                letter.payload,
+                letter_headers(letter),
+                int(letter.dead_at.timestamp() * 1000),
             )
             for letter in letters
         ]
-        await asyncio.gather(*sends)
+        await self._send_dead_letters(self.gateway.producer, records)
         if letters:
             log.info("dead_letters_restored", count=len(letters))
         return len(letters)
+
+    async def _send_dead_letters(self, producer: Any, records: Sequence[DeadLetterRecord]) -> None:
+        """Write dead letters to the dead-letter topic as they were (key, value, headers,
+        timestamp: their identity); return once the broker acknowledged every one."""
+        sends = [
+            await producer.send(
+                self.settings.dead_letter_topic,
+                key=key,
+                value=value,
+                headers=headers,
+                timestamp_ms=timestamp_ms,
+            )
+            for key, value, headers, timestamp_ms in records
+        ]
+        await asyncio.gather(*sends)
 
     async def _replace_broker(
         self, broker: EmbeddedBroker, publisher: Publisher, producer: Any
     ) -> int:
         """Restart the broker, empty, with the same topics and dead letters; how many."""
-        topic = self.settings.dead_letter_topic
-        dead = await read_topic(self.bootstrap, topic)
+        dead = await read_topic(self.bootstrap, self.settings.dead_letter_topic)
         await asyncio.to_thread(broker.restart)
         publisher.restart_offsets()  # a new log from offset 0, whatever fails from here
         await prepare_topics(self.bootstrap, self.settings, partitions=SERVE_PARTITIONS)
-        sends = [
-            await producer.send(
-                topic,
-                key=record.key,
-                value=record.value,
-                headers=list(record.headers or ()),
-                timestamp_ms=record.timestamp,
-            )
-            for record in dead
-        ]
-        await asyncio.gather(*sends)
+        records = [(r.key, r.value, list(r.headers or ()), r.timestamp) for r in dead]
+        await self._send_dead_letters(producer, records)
         return len(dead)
 
     async def stop(self) -> None:

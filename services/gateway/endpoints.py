@@ -52,7 +52,7 @@ SettingsDep = Annotated[GatewaySettings, Depends(_settings)]
 
 
 async def read_json_body(
-    request: Request, max_bytes: int, lease: Lease | None = None, timeout_s: float = 120.0
+    request: Request, max_bytes: int, lease: Lease | None, timeout_s: float
 ) -> object:
     """The request's JSON, refusing bodies over ``max_bytes`` before reading them whole.
 

@@ -62,13 +62,9 @@ def buckets_over(
     to the hour or the day (UTC), within :data:`FIRST` and :data:`LAST`. The aggregates hold
     whole buckets, so a range that cut one would count all of it or none of it."""
     step = timedelta(hours=1) if granularity == "hour" else timedelta(days=1)
-
-    def down(moment: datetime) -> datetime:
-        moment = min(max(moment, FIRST), LAST)
-        return FIRST + (moment - FIRST) // step * step
-
-    first, last = down(start), down(end)
-    return first, last if last == min(max(end, FIRST), LAST) else last + step
+    start, end = (min(max(moment, FIRST), LAST) for moment in (start, end))
+    first, last = (FIRST + (moment - FIRST) // step * step for moment in (start, end))
+    return first, last if last == end else last + step
 
 
 def parse_group_by(value: str | None) -> list[str]:
