@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextvars
 import logging
 import sys
-from typing import Literal
+from collections.abc import Coroutine
+from typing import Any, Literal, TypeVar
 
 import structlog
+
+T = TypeVar("T")
 
 
 def configure_logging(fmt: Literal["console", "json"] = "console", level: str = "info") -> None:
@@ -43,3 +48,12 @@ def configure_logging(fmt: Literal["console", "json"] = "console", level: str = 
     root.handlers[:] = [handler]
     root.setLevel(logging.WARNING)
     logging.getLogger("uvicorn.error").setLevel(logging.INFO)
+
+
+def detached(coro: Coroutine[Any, Any, T], *, name: str) -> asyncio.Task[T]:
+    """A background task that may outlive the request that starts it.
+
+    A task copies its creator's context: one started inside a request would log every later
+    event with that request's bound values (its project) whichever project the event is about.
+    """
+    return asyncio.get_running_loop().create_task(coro, name=name, context=contextvars.Context())

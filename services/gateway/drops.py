@@ -16,6 +16,7 @@ from typing import Protocol
 
 import structlog
 
+from services.common.logging import detached
 from services.common.losses import Dropped
 from services.common.metrics import DROPS_UNRECORDED
 
@@ -51,7 +52,7 @@ class DropRecorder:
             DROPS_UNRECORDED.inc()
         self._buffer.append(drop)
         if self._task is None:
-            self._task = asyncio.get_running_loop().create_task(self._run(), name="drop-recorder")
+            self._task = detached(self._run(), name="drop-recorder")
 
     async def _run(self) -> None:
         while True:

@@ -22,6 +22,7 @@ import structlog
 from schemas.events import split_key
 from services.common.errors import ServiceUnavailable
 from services.common.kafka import partitions_of
+from services.common.logging import detached
 from services.common.losses import Dropped
 from services.common.metrics import (
     PROJECT_ACKNOWLEDGED,
@@ -192,7 +193,7 @@ class Publisher:
             self._dropped(key, "queue_full", None)
             return False
         if self._task is None:
-            self._task = asyncio.create_task(self._run(), name="telemetry-publisher")
+            self._task = detached(self._run(), name="telemetry-publisher")
         return True
 
     async def _run(self) -> None:
@@ -229,7 +230,13 @@ class Publisher:
         TELEMETRY_DROPPED.labels(reason).inc()
         PROJECT_DROPPED.labels(project_label(project), reason).inc()
         error = "" if exc is None else repr(exc)
-        log.error("telemetry_dropped", reason=reason, key=key.decode(errors="replace"), error=error)
+        log.error(
+            "telemetry_dropped",
+            reason=reason,
+            project=project,
+            key=key.decode(errors="replace"),
+            error=error,
+        )
         if self._on_drop is not None:
             self._on_drop(Dropped(project, completion_id, reason, error, datetime.now(UTC)))
 
@@ -312,7 +319,7 @@ class _Lane:
             self._handed.add_done_callback(_take_exception)
         handed = self._handed
         if self._sender is None:
-            self._sender = asyncio.create_task(self._send(), name=f"publish-{self._partition}")
+            self._sender = detached(self._send(), name=f"publish-{self._partition}")
         return handed
 
     async def _send(self) -> None:

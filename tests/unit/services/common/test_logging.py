@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import asyncio
 import io
 import logging
 import sys
@@ -8,7 +9,7 @@ from typing import Literal
 import pytest
 import structlog
 
-from services.common.logging import configure_logging
+from services.common.logging import configure_logging, detached
 
 SECRET = "Bearer key-that-must-not-be-logged"
 
@@ -43,3 +44,14 @@ def test_tracebacks_are_logged_without_local_variables(
     assert logged.count("failed with 1 header(s)") == 2  # both tracebacks are there
     assert "_fail" in logged
     assert "key-that-must-not-be-logged" not in logged
+
+
+async def test_a_detached_task_starts_with_no_bound_values() -> None:
+    async def bound() -> dict[str, object]:
+        return structlog.contextvars.get_contextvars()
+
+    with structlog.contextvars.bound_contextvars(project="projA"):
+        inherited = await asyncio.create_task(bound())
+        own = await detached(bound(), name="t")
+    assert inherited == {"project": "projA"}  # what a plain task gets
+    assert own == {}

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Sequence
 from datetime import UTC, datetime
 
+import structlog
 from prometheus_client import REGISTRY
 
 from services.common.losses import Dropped
@@ -54,3 +56,21 @@ async def test_a_full_buffer_gives_up_the_oldest_and_counts_them() -> None:
     await recorder.close(timeout_s=0.5)  # still failing: the rest is given up, and counted
     assert _unwritten() == before + 5
     assert sink.written == []
+
+
+async def test_the_writer_logs_with_no_request_context() -> None:
+    """Started by one project's request, the writer must not log every later drop as that one's."""
+    seen: list[dict[str, object]] = []
+
+    class Watching(Sink):
+        async def record_dropped(self, drops: Sequence[Dropped]) -> None:
+            seen.append(structlog.contextvars.get_contextvars())
+            await super().record_dropped(drops)
+
+    recorder = DropRecorder(Watching(), interval_s=0.01)
+    with structlog.contextvars.bound_contextvars(project="projA"):
+        recorder.add(_drop(0))
+    await asyncio.sleep(0.1)  # the writer's interval, ten times over
+    await recorder.close()
+    assert seen
+    assert seen[0] == {}
