@@ -9,6 +9,8 @@ complete (or the client went away), never on the way to the client's first byte.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -28,8 +30,20 @@ from services.common.records import new_completion_id, normalize_slug
 from services.common.responses import JSONResponse
 from services.gateway.providers import Catalog, Route
 from services.gateway.publisher import Publisher
-from services.gateway.shaping import StreamAccumulator, chat_res
-from services.gateway.upstream import Attempt, UpstreamClient, error_body
+from services.gateway.shaping import (
+    StreamAccumulator,
+    chat_res,
+    completion_chunks,
+    created_at,
+    valid_usage,
+)
+from services.gateway.upstream import (
+    Attempt,
+    StreamError,
+    UpstreamClient,
+    UpstreamStream,
+    error_body,
+)
 
 log = structlog.get_logger(__name__)
 
@@ -81,6 +95,7 @@ class Operation:
     received_at_ms: int = field(default_factory=lambda: time.time_ns() // 1_000_000)
     attempts: list[Attempt] = field(default_factory=list)
     route: Route | None = None
+    """The route tried last: the one that answered, or the last to fail."""
     ttft_ms: float | None = None
     status: str = "ok"
 
@@ -89,24 +104,39 @@ class Operation:
 
 
 async def _completion_body(response: httpx.Response, attempt: Attempt) -> dict[str, Any] | None:
-    """The JSON object of a 200 answer; None, with ``attempt`` marked retryable, when it is
-    not JSON or carries only an error (some upstreams answer a failure with 200): the next
-    model is tried, as after a 5xx."""
+    """The completion of a 200 answer; None, with ``attempt`` marked retryable, when it holds
+    none (a body that is not JSON, not an object, only an error, or without ``choices``; some
+    upstreams answer a failure with 200): the next model is tried, as after a 5xx."""
     try:
         payload = loads(await response.aread())
     except JSONDecodeError:
         attempt.error = "upstream answered 200 with a body that is not JSON"
     else:
         if not isinstance(payload, dict):
-            return {}
-        if "error" not in payload or "choices" in payload:
+            attempt.error = "upstream answered 200 with JSON that is not an object"
+        elif isinstance(payload.get("choices"), list):
             return payload
-        message = error_body(dumps(payload))[0]
-        attempt.error = f"upstream answered 200 with an error: {message}"
+        elif "error" in payload:
+            message = error_body(dumps(payload))[0]
+            attempt.error = f"upstream answered 200 with an error: {message}"
+        else:
+            attempt.error = "upstream answered 200 without choices"
     finally:
         await response.aclose()
     attempt.outcome = "retryable"
     return None
+
+
+def _is_json(response: httpx.Response) -> bool:
+    return "json" in response.headers.get("content-type", "")
+
+
+def _stream_error(message: str, upstream: dict[str, Any] | None = None) -> bytes:
+    """The last event of a stream cut short, instead of ``[DONE]``."""
+    error: dict[str, Any] = {"code": "upstream_stream_error", "message": message}
+    if upstream is not None:
+        error["details"] = {"upstream": upstream}
+    return b"data: " + dumps({"error": error}) + b"\n\n"
 
 
 class CompletionService:
@@ -120,29 +150,19 @@ class CompletionService:
         op = Operation(project, raw, chat)
         stream = bool(chat.stream)
         for route in routes:
+            op.route = route
             attempt = Attempt(provider=route.provider.name, model=route.slug)
             op.attempts.append(attempt)
-            body = upstream_body(raw, route, force_usage=stream)
-            response = await self.upstream.send(route, body, attempt, stream=stream)
-            payload = None
-            if response is not None and attempt.outcome == "ok" and not stream:
-                payload = await _completion_body(response, attempt)
+            answer = await self._attempt(op, route, attempt, stream=stream)
             UPSTREAM_ATTEMPTS.labels(route.provider.name, attempt.outcome).inc()
-            if response is None or attempt.status == 200 and attempt.outcome != "ok":
-                # no answer, or a 200 that holds no completion: the next model
+            if isinstance(answer, UpstreamStream):
+                return self._stream(op, answer)
+            if isinstance(answer, dict):
+                return self._complete(op, answer)
+            if answer is None:  # no answer, or a 200 that holds no completion: the next model
                 log.warning("upstream_attempt_failed", model=route.slug, error=attempt.error)
                 continue
-            if attempt.latency_ms is not None:
-                UPSTREAM_LATENCY.labels(route.provider.name).observe(attempt.latency_ms / 1000)
-            if attempt.outcome == "ok":
-                op.route = route
-                if stream:
-                    return self._stream(op, response)
-                assert payload is not None
-                return self._complete(op, payload)
-            raw_error = await response.aread()
-            await response.aclose()
-            message, error = error_body(raw_error)
+            message, error = error_body(answer)
             attempt.error = message
             log.warning(
                 "upstream_attempt_failed", model=route.slug, status=attempt.status, error=message
@@ -161,12 +181,53 @@ class CompletionService:
         self._record_failure(op, failure)
         raise failure
 
+    async def _attempt(
+        self, op: Operation, route: Route, attempt: Attempt, *, stream: bool
+    ) -> UpstreamStream | dict[str, Any] | bytes | None:
+        """One upstream call, within the provider's ``timeout_s`` for all of it up to the
+        answer (a whole body; a stream's first chunk). The answer: a stream under way, a
+        completion, an error response's body, or None when there is none to use."""
+        started = time.perf_counter()
+        response: httpx.Response | None = None
+        try:
+            async with asyncio.timeout(route.provider.timeout_s):
+                body = upstream_body(op.raw, route, force_usage=stream)
+                response = await self.upstream.send(route, body, attempt, stream=stream)
+                if response is None:
+                    return None
+                if attempt.latency_ms is not None:
+                    UPSTREAM_LATENCY.labels(route.provider.name).observe(attempt.latency_ms / 1000)
+                if attempt.outcome != "ok":
+                    try:
+                        return await response.aread()
+                    finally:
+                        await response.aclose()
+                if stream and not _is_json(response):
+                    opened = await UpstreamStream.open(response, attempt)
+                    if opened is not None:
+                        op.ttft_ms = op.elapsed_ms()
+                    return opened
+                payload = await _completion_body(response, attempt)
+                if payload is None or not stream:
+                    return payload
+                # a JSON answer to a stream request: relayed as the stream it stands for
+                result = self._result(op, payload)
+                op.ttft_ms = op.elapsed_ms()
+                return UpstreamStream(response, completion_chunks(result))
+        except TimeoutError:
+            if response is not None:
+                with contextlib.suppress(httpx.HTTPError):
+                    await response.aclose()
+            attempt.outcome = "timeout"
+            attempt.error = f"upstream gave no answer within {route.provider.timeout_s:g} s"
+            attempt.latency_ms = round((time.perf_counter() - started) * 1000, 1)
+            return None
+
     # -- outcomes -----------------------------------------------------------------------------
 
-    def _complete(self, op: Operation, payload: dict[str, Any]) -> Response:
+    def _result(self, op: Operation, payload: dict[str, Any]) -> dict[str, Any]:
         assert op.route is not None
-        op.ttft_ms = op.elapsed_ms()
-        result = chat_res(
+        return chat_res(
             payload,
             completion_id=op.completion_id,
             model=op.route.slug,
@@ -174,42 +235,31 @@ class CompletionService:
             container=op.route.container,
             created=op.received_at_ms // 1000,
         )
+
+    def _complete(self, op: Operation, payload: dict[str, Any]) -> Response:
+        op.ttft_ms = op.elapsed_ms()
+        result = self._result(op, payload)
         op.attempts[-1].usage = result["usage"]
         self._record(op, result)
         return JSONResponse(result)
 
-    def _stream(self, op: Operation, response: httpx.Response) -> StreamingResponse:
+    def _stream(self, op: Operation, stream: UpstreamStream) -> StreamingResponse:
         wants_usage = bool(op.chat.stream_options and op.chat.stream_options.include_usage)
         return StreamingResponse(
-            self._relay(op, response, wants_usage),
+            self._relay(op, stream, wants_usage),
             media_type="text/event-stream",
             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
         )
 
     async def _relay(
-        self, op: Operation, response: httpx.Response, wants_usage: bool
+        self, op: Operation, stream: UpstreamStream, wants_usage: bool
     ) -> AsyncIterator[bytes]:
         """Forward each SSE event as it arrives, assembling the completion on the way."""
         assert op.route is not None
         acc = StreamAccumulator()
-        done = False
         try:
-            async for line in response.aiter_lines():
-                if not line.startswith("data:"):
-                    continue
-                data = line[5:].strip()
-                if data == "[DONE]":
-                    done = True
-                    break
-                try:
-                    chunk = loads(data)
-                except JSONDecodeError:
-                    continue
-                if not isinstance(chunk, dict):
-                    continue
+            async for chunk in stream.chunks():
                 acc.add(chunk)
-                if op.ttft_ms is None:
-                    op.ttft_ms = op.elapsed_ms()
                 if not wants_usage:
                     if not chunk.get("choices") and chunk.get("usage"):
                         continue  # the usage-only chunk the caller did not ask for
@@ -217,49 +267,48 @@ class CompletionService:
                 chunk["id"] = op.completion_id
                 chunk["model"] = op.route.slug
                 yield b"data: " + dumps(chunk) + b"\n\n"
-            if done:
+            if stream.done:
                 yield b"data: [DONE]\n\n"
             else:  # the caller is told, not handed a [DONE] for a completion cut short
                 op.status = "partial"
                 op.attempts[-1].error = "upstream closed the stream without [DONE]"
-                error = {
-                    "error": {
-                        "code": "upstream_stream_error",
-                        "message": op.attempts[-1].error,
-                    }
-                }
-                yield b"data: " + dumps(error) + b"\n\n"
+                yield _stream_error(op.attempts[-1].error)
+        except StreamError as exc:  # the upstream's own error event: passed on as ours
+            op.status = "partial"
+            op.attempts[-1].error = f"upstream sent an error mid-stream: {exc.message}"
+            yield _stream_error(exc.message, exc.error)
         except httpx.HTTPError as exc:
             op.status = "partial"
             op.attempts[-1].error = f"stream broken: {type(exc).__name__}"
-            error = {
-                "error": {"code": "upstream_stream_error", "message": str(exc) or "stream broken"}
-            }
-            yield b"data: " + dumps(error) + b"\n\n"
+            yield _stream_error(str(exc) or "stream broken")
         except BaseException:
             op.status = "partial"  # the client went away (cancelled): record what was produced
             op.attempts[-1].error = "client disconnected"
             raise
         finally:
-            await response.aclose()
+            await stream.response.aclose()
+            usage = valid_usage(acc.usage)
             result = {
                 "id": op.completion_id,
                 "object": "chat.completion",
-                "created": acc.created or op.received_at_ms // 1000,
+                "created": created_at(acc.created, op.received_at_ms // 1000),
                 "model": op.route.slug,
                 "choices": acc.choices(),
-                "usage": acc.usage,
+                "usage": usage,
                 "provider": op.route.provider.name,
                 "container": op.route.container,
             }
-            op.attempts[-1].usage = acc.usage
+            op.attempts[-1].usage = usage
             self._record(op, result)
 
     def _exhausted(self, op: Operation) -> ManiacError:
         last = op.attempts[-1]
         message = f"All {len(op.attempts)} upstream attempt(s) failed; last: {last.error}"
         if last.status == 429:
-            return RateLimited(message, details=self._details(op), headers={"Retry-After": "1"})
+            retry_after = max(1, last.retry_after_s or 1)  # the upstream's, when it said
+            return RateLimited(
+                message, details=self._details(op), headers={"Retry-After": str(retry_after)}
+            )
         return ServiceUnavailable(message, details=self._details(op))
 
     @staticmethod
@@ -271,16 +320,16 @@ class CompletionService:
     def _record_failure(self, op: Operation, failure: ManiacError) -> None:
         op.status = "error"
         route = op.route
-        last = op.attempts[-1] if op.attempts else None
+        assert route is not None
         result = {
             "id": op.completion_id,
             "object": "chat.completion",
             "created": op.received_at_ms // 1000,
-            "model": route.slug if route else (last.model if last else None),
+            "model": route.slug,
             "choices": [],
             "usage": None,
-            "provider": route.provider.name if route else (last.provider if last else None),
-            "container": route.container if route else None,
+            "provider": route.provider.name,
+            "container": route.container,
             "error": failure.envelope()["error"],
         }
         self._record(op, result)

@@ -6,6 +6,8 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
+from services.common.records import RecordError, usage_counts
+
 FINISH_REASONS = {"stop", "length", "tool_calls", "content_filter", "error"}
 _FINISH_ALIASES = {"function_call": "tool_calls", "end_turn": "stop", "max_tokens": "length"}
 
@@ -31,11 +33,31 @@ def _choice(choice: dict[str, Any], position: int) -> dict[str, Any]:
     }
 
 
-def _created(value: Any, default: int) -> int | float:
-    """The upstream's creation time (the spec's ``number``: fractions kept) if it is one."""
-    if isinstance(value, bool) or not isinstance(value, int | float):
+CREATED_SLACK_S = 86_400
+
+
+def created_at(value: Any, default: int) -> int | float:
+    """The upstream's creation time (the spec's ``number``: fractions kept) if it is one and
+    within a day of ``default``, the gateway's own clock; ``default`` otherwise. An upstream
+    clock far off (or in milliseconds) would misplace the completion in every list."""
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
         return default
-    return value if math.isfinite(value) and value > 0 else default
+    return value if abs(value - default) <= CREATED_SLACK_S else default
+
+
+def valid_usage(usage: Any) -> dict[str, Any] | None:
+    """``usage`` when it is the spec's ``ChatResponseUsage`` with counts a record can hold;
+    None otherwise (the answer and its record keep everything else)."""
+    if not isinstance(usage, dict):
+        return None
+    for name in ("prompt_tokens", "completion_tokens", "total_tokens"):
+        if isinstance(usage.get(name), bool) or not isinstance(usage.get(name), int | float):
+            return None
+    try:
+        usage_counts(usage)
+    except RecordError:
+        return None
+    return usage
 
 
 def chat_res(
@@ -50,27 +72,57 @@ def chat_res(
     """A spec-valid ``ChatRes`` from an upstream chat.completion body."""
     choices = upstream.get("choices") if isinstance(upstream.get("choices"), list) else []
     assert isinstance(choices, list)
-    usage = upstream.get("usage") if isinstance(upstream.get("usage"), dict) else None
     return {
         "id": completion_id,
         "object": "chat.completion",
-        "created": _created(upstream.get("created"), created),
+        "created": created_at(upstream.get("created"), created),
         "model": model,
         "choices": [_choice(c, i) for i, c in enumerate(choices) if isinstance(c, dict)],
-        "usage": usage,
+        "usage": valid_usage(upstream.get("usage")),
         "provider": provider,
         "container": container,
     }
 
 
+def completion_chunks(result: dict[str, Any]) -> list[dict[str, Any]]:
+    """A ``ChatRes`` as the chunks of a stream: one per choice, then the usage chunk."""
+    base = {
+        "id": result["id"],
+        "object": "chat.completion.chunk",
+        "created": result["created"],
+        "model": result["model"],
+    }
+    chunks = [
+        {
+            **base,
+            "choices": [
+                {
+                    "index": c["index"],
+                    "delta": c["message"],
+                    "finish_reason": c["finish_reason"],
+                    "logprobs": c["logprobs"],
+                }
+            ],
+        }
+        for c in result["choices"]
+    ]
+    if result["usage"] is not None:
+        chunks.append({**base, "choices": [], "usage": result["usage"]})
+    return chunks
+
+
+# Text fields of a delta that are concatenated: the spec's, and the reasoning text as
+# DeepSeek, vLLM and OpenRouter stream it.
+_TEXT_FIELDS = ("content", "refusal", "reasoning", "reasoning_content")
+
+
 @dataclass
 class _ChoiceState:
     role: str | None = None
-    content: list[str] = field(default_factory=list)
-    refusal: list[str] = field(default_factory=list)
-    reasoning: list[str] = field(default_factory=list)
+    texts: dict[str, list[str]] = field(default_factory=dict)
     tool_calls: dict[int, dict[str, Any]] = field(default_factory=dict)
     finish_reason: str | None = None
+    logprobs: dict[str, list[Any]] | None = None
 
 
 @dataclass
@@ -102,18 +154,21 @@ class StreamAccumulator:
         assert isinstance(delta, dict)
         if isinstance(delta.get("role"), str):
             state.role = delta["role"]
-        for key, parts in (
-            ("content", state.content),
-            ("refusal", state.refusal),
-            ("reasoning", state.reasoning),
-        ):
+        for key in _TEXT_FIELDS:
             if isinstance(delta.get(key), str):
-                parts.append(delta[key])
+                state.texts.setdefault(key, []).append(delta[key])
         for call in delta.get("tool_calls") or []:
             if isinstance(call, dict):
                 self._add_tool_call(state, call)
         if choice.get("finish_reason") is not None:
             state.finish_reason = finish_reason(choice["finish_reason"])
+        logprobs = choice.get("logprobs")
+        if isinstance(logprobs, dict):  # {"content": [...], "refusal": [...]}, a part per chunk
+            if state.logprobs is None:
+                state.logprobs = {}
+            for key, part in logprobs.items():
+                if isinstance(part, list):
+                    state.logprobs.setdefault(key, []).extend(part)
 
     @staticmethod
     def _add_tool_call(state: _ChoiceState, call: dict[str, Any]) -> None:
@@ -134,14 +189,14 @@ class StreamAccumulator:
         result = []
         for index in sorted(self._choices):
             state = self._choices[index]
+            content = state.texts.get("content")
             message: dict[str, Any] = {
                 "role": state.role or "assistant",
-                "content": "".join(state.content) if state.content else None,
+                "content": "".join(content) if content else None,
             }
-            if state.refusal:
-                message["refusal"] = "".join(state.refusal)
-            if state.reasoning:
-                message["reasoning"] = "".join(state.reasoning)
+            for key in _TEXT_FIELDS[1:]:
+                if key in state.texts:
+                    message[key] = "".join(state.texts[key])
             if state.tool_calls:
                 message["tool_calls"] = [state.tool_calls[i] for i in sorted(state.tool_calls)]
             result.append(
@@ -149,7 +204,7 @@ class StreamAccumulator:
                     "index": index,
                     "message": message,
                     "finish_reason": state.finish_reason,
-                    "logprobs": None,
+                    "logprobs": state.logprobs,
                 }
             )
         return result

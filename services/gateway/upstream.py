@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import math
 import time
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
+from datetime import UTC, datetime
+from email.utils import parsedate_to_datetime
 from typing import Any
 
 import httpx
@@ -27,6 +31,8 @@ class Attempt:
     latency_ms: float | None = None
     error: str | None = None
     usage: dict[str, Any] | None = None
+    retry_after_s: int | None = None
+    """The upstream's ``Retry-After`` on a 429, in whole seconds (not recorded)."""
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -85,6 +91,9 @@ class UpstreamClient:
             attempt.latency_ms = round((time.perf_counter() - started) * 1000, 1)
             if response.status_code == 200:
                 attempt.outcome = "ok"
+            elif response.status_code == 429:
+                attempt.outcome = "retryable"
+                attempt.retry_after_s = retry_after_s(response.headers.get("retry-after"))
             else:
                 attempt.outcome = (
                     "retryable"
@@ -109,3 +118,119 @@ def error_body(raw: bytes) -> tuple[str, dict[str, Any] | None]:
         return parsed["error"], parsed
     text = raw[:500].decode("utf-8", "replace").strip()
     return text or "upstream error", None
+
+
+MAX_RETRY_AFTER_S = 3600
+
+
+def retry_after_s(value: str | None, now: datetime | None = None) -> int | None:
+    """A ``Retry-After`` header (seconds or an HTTP date) in whole seconds, at most an hour."""
+    if not value:
+        return None
+    try:
+        seconds = float(value)
+    except ValueError:
+        try:
+            when = parsedate_to_datetime(value)
+        except (TypeError, ValueError):
+            return None
+        if when.tzinfo is None:
+            when = when.replace(tzinfo=UTC)
+        seconds = (when - (now or datetime.now(UTC))).total_seconds()
+    if not math.isfinite(seconds):
+        return None
+    return min(MAX_RETRY_AFTER_S, max(0, math.ceil(seconds)))
+
+
+class StreamError(Exception):
+    """The upstream sent an error event in the middle of a stream."""
+
+    def __init__(self, message: str, error: dict[str, Any] | None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.error = error
+
+
+_DONE = object()
+
+
+def _event(line: str) -> object:
+    """An SSE ``data:`` line's chunk, ``_DONE``, or None (not an object: skipped)."""
+    if not line.startswith("data:"):
+        return None
+    data = line[5:].strip()
+    if data == "[DONE]":
+        return _DONE
+    try:
+        chunk = loads(data)
+    except JSONDecodeError:
+        return None
+    return chunk if isinstance(chunk, dict) else None
+
+
+def _stream_error(chunk: dict[str, Any]) -> StreamError | None:
+    """An error event (``{"error": ...}`` without choices), as some upstreams send one."""
+    if "error" not in chunk or chunk.get("choices"):
+        return None
+    message, error = error_body(dumps(chunk))
+    return StreamError(message, error)
+
+
+class UpstreamStream:
+    """A streamed answer whose first chunk has arrived: the chunks as dicts, in order.
+
+    :attr:`done` tells, once the chunks are exhausted, whether the upstream ended with
+    ``[DONE]``; an error event in the stream raises :class:`StreamError`.
+    """
+
+    def __init__(
+        self,
+        response: httpx.Response,
+        first: list[dict[str, Any]],
+        rest: AsyncIterator[str] | None = None,
+    ) -> None:
+        """``first``: the chunks already read; ``rest``: the lines still to come (None: the
+        answer is whole, as when an upstream answers a stream request with one JSON body)."""
+        self.response = response
+        self._first = first
+        self._rest = rest
+        self.done = rest is None
+
+    @classmethod
+    async def open(cls, response: httpx.Response, attempt: Attempt) -> UpstreamStream | None:
+        """Read up to the first chunk; None, with ``attempt`` marked retryable and the
+        response closed, when the stream ends or fails first (the next model is tried)."""
+        lines = response.aiter_lines()
+        error = "upstream stream ended before its first chunk"
+        try:
+            async for line in lines:
+                chunk = _event(line)
+                if chunk is _DONE:
+                    break
+                if isinstance(chunk, dict):
+                    failed = _stream_error(chunk)
+                    if failed is None:
+                        return cls(response, [chunk], lines)
+                    error = f"upstream stream began with an error: {failed.message}"
+                    break
+        except httpx.HTTPError as exc:
+            error = f"stream broken before its first chunk: {type(exc).__name__}"
+        await response.aclose()
+        attempt.outcome, attempt.error = "retryable", error
+        return None
+
+    async def chunks(self) -> AsyncIterator[dict[str, Any]]:
+        while self._first:
+            yield self._first.pop(0)
+        if self._rest is None:
+            return
+        async for line in self._rest:
+            chunk = _event(line)
+            if chunk is _DONE:
+                self.done = True
+                return
+            if isinstance(chunk, dict):
+                failed = _stream_error(chunk)
+                if failed is not None:
+                    raise failed
+                yield chunk

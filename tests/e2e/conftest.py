@@ -63,6 +63,9 @@ timeout_s = 2
 
 [containers.support]
 model = "mock/ok"
+
+[containers.broken]
+model = "mock/fail-500"
 """
     )
     return path

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 from typing import Any
 
 import openai
@@ -205,17 +206,17 @@ async def test_a_200_that_holds_no_completion_moves_on_to_the_next_model(
         completion = await sdk.chat.completions.create(
             model="mock/notjson",
             messages=[{"role": "user", "content": "hi"}],
-            extra_body={"models": ["mock/error200", "mock/ok"]},
+            extra_body={"models": ["mock/error200", "mock/empty", "mock/nochoices", "mock/ok"]},
         )
     assert completion.model == "mock/ok"
     attempts = (await _recorded(api, completion.id))["operation"]["attempts"]
-    assert [(a["model"], a["status"], a["outcome"]) for a in attempts] == [
-        ("mock/notjson", 200, "retryable"),
-        ("mock/error200", 200, "retryable"),
-        ("mock/ok", 200, "ok"),
+    assert [(a["model"], a["status"], a["outcome"], a["error"]) for a in attempts] == [
+        ("mock/notjson", 200, "retryable", "upstream answered 200 with a body that is not JSON"),
+        ("mock/error200", 200, "retryable", "upstream answered 200 with an error: overloaded"),
+        ("mock/empty", 200, "retryable", "upstream answered 200 without choices"),
+        ("mock/nochoices", 200, "retryable", "upstream answered 200 without choices"),
+        ("mock/ok", 200, "ok", None),
     ]
-    assert attempts[0]["error"] == "upstream answered 200 with a body that is not JSON"
-    assert attempts[1]["error"] == "upstream answered 200 with an error: overloaded"
 
     async with api.client(KEY_A) as client:
         response = await client.post(
@@ -359,6 +360,142 @@ async def test_an_upstream_stream_closed_without_done_is_not_passed_on_as_comple
     record = await _recorded(api, json.loads(events[0][6:])["id"])
     assert record["operation"]["status"] == "partial"
     assert record["choices"][0]["message"]["content"] == ANSWER  # all that came is kept
+
+
+async def _events(api: RunningStack, request: dict[str, Any]) -> list[str]:
+    async with (
+        api.client(KEY_A) as client,
+        client.stream("POST", "/v1/chat/completions", json=request) as response,
+    ):
+        assert response.status_code == 200
+        return [line[6:] async for line in response.aiter_lines() if line.startswith("data: ")]
+
+
+async def test_a_stream_that_holds_no_completion_moves_on_to_the_next_model(
+    api: RunningStack,
+) -> None:
+    async with _sdk(api) as sdk:
+        stream = await sdk.chat.completions.create(
+            model="mock/errfirst",
+            messages=[{"role": "user", "content": "hi"}],
+            stream=True,
+            extra_body={"models": ["mock/error200", "mock/notjson", "mock/ok"]},
+        )
+        chunks = [chunk async for chunk in stream]
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == ANSWER
+    record = await _recorded(api, chunks[0].id)
+    assert [(a["model"], a["outcome"], a["error"]) for a in record["operation"]["attempts"]] == [
+        ("mock/errfirst", "retryable", "upstream stream began with an error: no capacity"),
+        ("mock/error200", "retryable", "upstream answered 200 with an error: overloaded"),
+        ("mock/notjson", "retryable", "upstream stream ended before its first chunk"),
+        ("mock/ok", "ok", None),
+    ]
+    assert record["operation"]["status"] == "ok"
+
+
+async def test_a_json_answer_to_a_stream_request_is_relayed_as_a_stream(
+    api: RunningStack,
+) -> None:
+    async with _sdk(api) as sdk:
+        stream = await sdk.chat.completions.create(
+            model="mock/jsonstream",
+            messages=[{"role": "user", "content": "hi"}],
+            stream=True,
+            stream_options={"include_usage": True},
+        )
+        chunks = [chunk async for chunk in stream]
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == ANSWER
+    assert chunks[-1].usage is not None
+    record = await _recorded(api, chunks[0].id)
+    assert record["choices"][0]["message"]["content"] == ANSWER
+    assert record["choices"][0]["finish_reason"] == "stop"
+    assert record["usage"]["completion_tokens"] == len(ANSWER.split())
+    assert record["operation"]["status"] == "ok"
+
+
+async def test_an_error_event_mid_stream_ends_it_as_cut_short(api: RunningStack) -> None:
+    events = await _events(api, {"model": "mock/errmid", "stream": True, "messages": []})
+    assert "[DONE]" not in events
+    assert json.loads(events[-1])["error"] == {
+        "code": "upstream_stream_error",
+        "message": "overloaded mid-stream",
+        "details": {"upstream": {"message": "overloaded mid-stream", "code": 502}},
+    }
+    record = await _recorded(api, json.loads(events[0])["id"])
+    assert record["operation"]["status"] == "partial"
+    assert record["operation"]["attempts"][0]["error"] == (
+        "upstream sent an error mid-stream: overloaded mid-stream"
+    )
+    assert record["choices"][0]["message"]["content"] == ANSWER.split()[0]
+
+
+async def test_a_stream_records_reasoning_logprobs_and_the_gateways_creation_time(
+    api: RunningStack,
+) -> None:
+    events = await _events(api, {"model": "mock/rich", "stream": True, "messages": []})
+    assert events[-1] == "[DONE]"
+    record = await _recorded(api, json.loads(events[0])["id"])
+    [choice] = record["choices"]
+    assert choice["message"]["content"] == "".join(ANSWER.split()[:2])
+    assert choice["message"]["reasoning_content"] == "hm.hm."
+    assert [p["token"] for p in choice["logprobs"]["content"]] == ANSWER.split()[:2]
+    assert abs(record["created"] - time.time()) < 600  # not the upstream's `created: 1`
+
+
+async def test_a_slow_body_is_a_timeout_and_moves_on(api: RunningStack) -> None:
+    async with _sdk(api) as sdk:
+        started = time.monotonic()
+        completion = await sdk.chat.completions.create(
+            model="mock/trickle-6",
+            messages=[{"role": "user", "content": "hi"}],
+            extra_body={"models": ["mock/ok"]},
+        )
+    assert time.monotonic() - started < 5  # the provider's timeout_s is 2, for the whole body
+    assert completion.model == "mock/ok"
+    attempts = (await _recorded(api, completion.id))["operation"]["attempts"]
+    assert [(a["model"], a["outcome"]) for a in attempts] == [
+        ("mock/trickle-6", "timeout"),
+        ("mock/ok", "ok"),
+    ]
+
+
+async def test_the_upstreams_retry_after_is_passed_on(api: RunningStack) -> None:
+    async with api.client(KEY_A) as client:
+        response = await client.post(
+            "/v1/chat/completions", json={"model": "mock/rl-30", "messages": []}
+        )
+    assert response.status_code == 429
+    assert response.headers["retry-after"] == "30"
+
+
+async def test_usage_a_record_cannot_hold_is_dropped_not_the_completion(
+    api: RunningStack,
+) -> None:
+    async with api.client(KEY_A) as client:
+        response = await client.post(
+            "/v1/chat/completions", json={"model": "mock/badusage", "messages": []}
+        )
+    assert response.status_code == 200
+    answer = response.json()
+    assert answer["usage"] is None
+    record = await _recorded(api, answer["id"])
+    assert record["usage"] is None
+    assert record["choices"][0]["message"]["content"] == ANSWER
+
+
+async def test_a_failed_request_through_a_container_is_recorded_in_it(
+    api: RunningStack,
+) -> None:
+    async with api.client(KEY_A) as client:
+        response = await client.post(
+            "/v1/chat/completions", json={"model": "maniac:broken", "messages": []}
+        )
+        assert response.status_code == 503
+        assert await _settled_total(api) == 1
+        listed = (await client.get("/v1/chat/completions", params={"container": "broken"})).json()
+    [record] = listed["data"]
+    assert (record["container"], record["model"]) == ("broken", "mock/fail-500")
+    assert record["operation"]["status"] == "error"
 
 
 def _dropped() -> float:

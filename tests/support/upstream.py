@@ -4,7 +4,12 @@ The model name says what to do: ``ok`` (default) answers, ``tools`` calls the fi
 ``fail-<status>`` answers that status with an OpenAI-style error body, ``slow-<ms>`` waits
 before answering, ``hang`` never answers, ``cut`` streams half an answer and drops the
 connection. Streams send one word per chunk (``MOCK_CHUNK_DELAY_MS`` apart when the model is
-``drip``), honour ``stream_options.include_usage``, and end with ``data: [DONE]``.
+``drip``), honour ``stream_options.include_usage``, and end with ``data: [DONE]``. Upstreams
+that misbehave: ``empty`` and ``nochoices`` answer 200 with ``{}`` and an object without
+choices, ``rl-<s>`` a 429 with ``Retry-After: <s>``, ``trickle-<s>`` sends a space a second for
+``<s>`` seconds before its answer, ``jsonstream`` answers a stream request with one JSON body,
+``errfirst`` and ``errmid`` send an error event first and after one chunk, ``rich`` streams
+``reasoning_content`` and logprobs, ``badusage`` reports token counts as strings.
 Every request body is kept in ``requests`` for the tests to inspect.
 """
 
@@ -62,13 +67,21 @@ def create_upstream() -> FastAPI:
             return Response(b"<html>502 Bad Gateway</html>", media_type="text/html")
         if model == "error200":  # some gateways answer a failure with 200
             return _json({"error": {"message": "overloaded", "type": "server_error"}})
+        if model in ("empty", "nochoices"):
+            return _json({} if model == "empty" else {"id": "x", "object": "chat.completion"})
+        if model.startswith("rl-"):
+            error = {"message": "slow down", "type": "rate_limit"}
+            headers = {"Retry-After": model.removeprefix("rl-")}
+            return Response(orjson.dumps({"error": error}), 429, headers, "application/json")
+        if model.startswith("trickle-"):
+            return StreamingResponse(_trickle(int(model.removeprefix("trickle-"))))
         if model == "hang":
             await asyncio.sleep(60)
         if model.startswith("slow-"):
             await asyncio.sleep(int(model.removeprefix("slow-")) / 1000)
         prompt_tokens = sum(len(str(m.get("content", "")).split()) for m in body["messages"])
         wants_tool = model == "tools" and body.get("tools")
-        if body.get("stream"):
+        if body.get("stream") and model != "jsonstream":
             return StreamingResponse(
                 _stream(body, model, prompt_tokens, bool(wants_tool)),
                 media_type="text/event-stream",
@@ -78,6 +91,9 @@ def create_upstream() -> FastAPI:
         if wants_tool:
             message = {"role": "assistant", "content": None, "tool_calls": [_tool_call(body)]}
             finish = "tool_calls"
+        usage: dict[str, Any] = _usage(prompt_tokens, len(ANSWER.split()))
+        if model == "badusage":
+            usage = {k: str(v) if isinstance(v, int) else v for k, v in usage.items()}
         return _json(
             {
                 "id": "chatcmpl-upstream",
@@ -86,7 +102,7 @@ def create_upstream() -> FastAPI:
                 "model": model,
                 "system_fingerprint": "fp_mock",
                 "choices": [{"index": 0, "message": message, "finish_reason": finish}],
-                "usage": _usage(prompt_tokens, len(ANSWER.split())),
+                "usage": usage,
             }
         )
 
@@ -110,8 +126,21 @@ async def _stream(
             chunk.setdefault("usage", None)
         return b"data: " + orjson.dumps(chunk) + b"\n\n"
 
+    if model == "errfirst":
+        yield b'data: {"error": {"message": "no capacity", "code": 503}}\n\n'
+        return
     yield event([{"index": 0, "delta": {"role": "assistant", "content": ""}}])
     words = ANSWER.split(" ")
+    if model == "errmid":
+        yield event([{"index": 0, "delta": {"content": words[0]}}])
+        yield b'data: {"error": {"message": "overloaded mid-stream", "code": 502}}\n\n'
+        yield b"data: [DONE]\n\n"
+        return
+    if model == "rich":
+        for word in words[:2]:
+            logprobs = {"content": [{"token": word, "logprob": -0.5}], "refusal": None}
+            yield event([{"index": 0, "delta": {"reasoning_content": "hm."}}])
+            yield event([{"index": 0, "delta": {"content": word}, "logprobs": logprobs}])
     if tool:
         call = _tool_call(body)
         first = {
@@ -125,7 +154,7 @@ async def _stream(
             delta = {"tool_calls": [{"index": 0, "function": {"arguments": part}}]}
             yield event([{"index": 0, "delta": delta}])
         yield event([{"index": 0, "delta": {}, "finish_reason": "tool_calls"}])
-    else:
+    elif model != "rich":
         for i, word in enumerate(words):
             if model == "cut" and i == len(words) // 2:
                 raise ConnectionResetError("mock upstream dropped the stream")
@@ -138,3 +167,10 @@ async def _stream(
         yield event([], usage=_usage(prompt_tokens, len(words)))
     if model != "nodone":  # an upstream that closes the stream without saying it is done
         yield b"data: [DONE]\n\n"
+
+
+async def _trickle(seconds: int) -> AsyncIterator[bytes]:
+    for _ in range(seconds):
+        yield b" "
+        await asyncio.sleep(1)
+    yield orjson.dumps({"choices": [{"index": 0, "message": {"role": "assistant"}}]})

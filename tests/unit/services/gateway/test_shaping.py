@@ -5,7 +5,7 @@ from typing import Any
 import pytest
 
 from schemas.api import ChatRes
-from services.gateway.shaping import StreamAccumulator, chat_res, finish_reason
+from services.gateway.shaping import StreamAccumulator, chat_res, completion_chunks, finish_reason
 
 
 @pytest.mark.parametrize(
@@ -70,26 +70,85 @@ def test_chat_res_replaces_an_upstream_null_index_or_role_with_the_defaults() ->
     ]
 
 
+NOW = 1_700_000_000
+
+
 @pytest.mark.parametrize(
     ("upstream", "created"),
     [
-        (1_700_000_000, 1_700_000_000),
-        (1_700_000_000.5, 1_700_000_000.5),
-        (None, 5),
-        ("1", 5),
-        (True, 5),
-        (float("nan"), 5),
-        (-1, 5),
+        (NOW - 60, NOW - 60),
+        (NOW + 0.5, NOW + 0.5),
+        (NOW - 86_400, NOW - 86_400),
+        (None, NOW),
+        ("1", NOW),
+        (True, NOW),
+        (float("nan"), NOW),
+        (-1, NOW),
+        (1, NOW),  # a clock far off
+        (NOW * 1000, NOW),  # milliseconds
+        (NOW + 86_401, NOW),
     ],
 )
-def test_chat_res_keeps_the_upstreams_creation_time_when_it_is_one(
+def test_chat_res_keeps_the_upstreams_creation_time_when_it_is_plausible(
     upstream: object, created: float
 ) -> None:
     result = chat_res(
-        {"created": upstream}, completion_id="c", model="m", provider="p", container=None, created=5
+        {"created": upstream},
+        completion_id="c",
+        model="m",
+        provider="p",
+        container=None,
+        created=NOW,
     )
     assert result["created"] == created
     assert ChatRes.model_validate(result).created == created
+
+
+USAGE = {"prompt_tokens": 3, "completion_tokens": 2, "total_tokens": 5}
+
+
+@pytest.mark.parametrize(
+    ("usage", "kept"),
+    [
+        (USAGE, True),
+        ({**USAGE, "prompt_tokens_details": {"cached_tokens": 1}}, True),
+        ({**USAGE, "prompt_tokens": "3"}, False),
+        ({**USAGE, "total_tokens": True}, False),
+        ({"prompt_tokens": 3, "completion_tokens": 2}, False),
+        ({**USAGE, "completion_tokens": 10**13}, False),
+        ({**USAGE, "prompt_tokens_details": {"cached_tokens": "1"}}, False),
+        ([3, 2, 5], False),
+    ],
+)
+def test_usage_a_record_cannot_hold_is_left_out(usage: Any, kept: bool) -> None:
+    result = chat_res(
+        {"usage": usage}, completion_id="c", model="m", provider="p", container=None, created=5
+    )
+    assert result["usage"] == (usage if kept else None)
+    ChatRes.model_validate(result)
+
+
+def test_a_whole_completion_as_chunks_assembles_to_itself() -> None:
+    message = {
+        "role": "assistant",
+        "content": "Hi",
+        "tool_calls": [
+            {"id": "c1", "type": "function", "function": {"name": "f", "arguments": "{}"}}
+        ],
+    }
+    result = chat_res(
+        {"choices": [{"message": message, "finish_reason": "tool_calls"}], "usage": USAGE},
+        completion_id="c",
+        model="m",
+        provider="p",
+        container=None,
+        created=5,
+    )
+    acc = StreamAccumulator()
+    for chunk in completion_chunks(result):
+        acc.add(chunk)
+    assert acc.choices() == result["choices"]
+    assert acc.usage == USAGE
 
 
 def test_chat_res_from_an_empty_body_is_still_valid() -> None:
@@ -152,3 +211,20 @@ def test_accumulator_ignores_malformed_chunks() -> None:
             "logprobs": None,
         }
     ]
+
+
+def test_accumulator_keeps_reasoning_text_and_logprobs() -> None:
+    acc = StreamAccumulator()
+    for word in ("Hel", "lo"):
+        acc.add(_chunk({"reasoning_content": "r.", "reasoning": "s."}))
+        chunk = _chunk({"content": word})
+        chunk["choices"][0]["logprobs"] = {"content": [{"token": word}], "refusal": None}
+        acc.add(chunk)
+    [choice] = acc.choices()
+    assert choice["message"] == {
+        "role": "assistant",
+        "content": "Hello",
+        "reasoning": "s.s.",
+        "reasoning_content": "r.r.",
+    }
+    assert choice["logprobs"] == {"content": [{"token": "Hel"}, {"token": "lo"}]}
