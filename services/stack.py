@@ -142,7 +142,9 @@ class Stack:
 
     async def start(self) -> None:
         s = self.settings
-        self.keys = await prepare_clickhouse(self.clickhouse, s, apply_migrations=True)
+        self.keys = await prepare_clickhouse(
+            self.clickhouse, s, apply_migrations=True, keys_client=self.reads
+        )
         if self.create_dev_key and s.api_keys is None and await self.keys.count() == 0:
             key = await self.keys.create("default")
             print(  # noqa: T201 - shown once, on purpose, to the person who started the server

@@ -21,6 +21,7 @@ from fastapi import Depends, Request
 
 from services.common.clickhouse import ClickHouse
 from services.common.errors import RateLimited, Unauthorized
+from services.common.logging import detached
 from services.common.ratelimit import STATE_KEY, RateLimiter
 
 log = structlog.get_logger(__name__)
@@ -81,6 +82,7 @@ class KeyStore:
         self._by_id: dict[str, list[StoredKey]] = {}
         self._loaded_at = 0.0
         self._lock = asyncio.Lock()
+        self._refreshing: asyncio.Task[None] | None = None
 
     async def load(self) -> None:
         rows = await self._ch.rows(
@@ -93,12 +95,11 @@ class KeyStore:
         self._by_id = by_id
         self._loaded_at = time.monotonic()
 
-    async def _fresh(self) -> None:
-        if time.monotonic() - self._loaded_at < self._refresh_s:
-            return
+    async def refresh(self) -> None:
+        """Load the keys again, once for all callers; keep those we have if ClickHouse fails."""
         async with self._lock:
             if time.monotonic() - self._loaded_at < self._refresh_s:
-                return
+                return  # another caller just did
             try:
                 await self.load()
             except Exception as exc:  # ClickHouse away: keep the keys we have
@@ -106,8 +107,23 @@ class KeyStore:
                 log.warning("api_keys_refresh_failed", error=str(exc), kept=len(self._by_id))
 
     async def authenticate(self, key: str) -> str | None:
-        """The project of ``key``, or None."""
-        await self._fresh()
+        """The project of ``key``, or None.
+
+        Keys are loaded again every ``refresh_s``; no request waits for that but one with a key
+        not loaded (perhaps one added since): a known key is answered from the keys at hand
+        while they are loaded again in the background, so a revocation takes effect one
+        refresh (and the time it takes) later.
+        """
+        project = self._lookup(key)
+        if time.monotonic() - self._loaded_at >= self._refresh_s:
+            if project is None:
+                await self.refresh()
+                project = self._lookup(key)
+            elif self._refreshing is None or self._refreshing.done():
+                self._refreshing = detached(self.refresh(), name="api-keys-refresh")
+        return project
+
+    def _lookup(self, key: str) -> str | None:
         for stored in self._by_id.get(key_id(key), ()):
             if hmac.compare_digest(hash_key(key, stored.salt), stored.key_hash):
                 return stored.project

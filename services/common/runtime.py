@@ -53,9 +53,14 @@ def require_bootstrap(settings: CommonSettings) -> str:
 
 
 async def prepare_clickhouse(
-    clickhouse: ClickHouse, settings: CommonSettings, *, apply_migrations: bool = False
+    clickhouse: ClickHouse,
+    settings: CommonSettings,
+    *,
+    apply_migrations: bool = False,
+    keys_client: ClickHouse | None = None,
 ) -> KeyStore:
-    """Migrations in place, ``MANIAC_API_KEYS`` seeded; the loaded key store.
+    """Migrations in place, ``MANIAC_API_KEYS`` seeded; the loaded key store, which reads
+    through ``keys_client`` when given (a client that no insert holds up).
 
     Only ``maniac serve``, the one process of its embedded database, applies the migrations
     itself; a service on its own waits for ``maniac migrate`` to have applied them (several
@@ -65,7 +70,7 @@ async def prepare_clickhouse(
         await migrate(clickhouse)
     else:
         await wait_for_schema(clickhouse, timeout_s=settings.migrations_wait_s)
-    keys = KeyStore(clickhouse, refresh_s=settings.keys_refresh_s)
+    keys = KeyStore(keys_client or clickhouse, refresh_s=settings.keys_refresh_s)
     if settings.api_keys is not None:
         for project, key in parse_seed(settings.api_keys.get_secret_value()):
             try:

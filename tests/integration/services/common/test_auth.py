@@ -6,6 +6,7 @@ import pytest
 
 from services.common.auth import KeyStore, RevokedKey, key_id
 from services.common.clickhouse import ClickHouse
+from tests.conftest import eventually
 
 
 async def test_created_key_authenticates_its_project_only(clickhouse: ClickHouse) -> None:
@@ -42,7 +43,11 @@ async def test_revoked_key_stops_working_after_refresh(clickhouse: ClickHouse) -
     [(kid, _)] = await store.list()
     assert await store.revoke(kid) == 1
     await asyncio.sleep(0.06)
-    assert await other.authenticate(key) is None
+
+    async def rejected() -> bool:  # the first request after the interval starts the refresh
+        return await other.authenticate(key) is None
+
+    await eventually(rejected)
     assert await store.revoke(kid) == 0
 
 
@@ -70,7 +75,34 @@ async def test_keys_already_loaded_keep_working_while_clickhouse_is_away(
         assert await store.authenticate(key + "x") is None
     finally:
         await clickhouse.command("RENAME TABLE {database}.api_keys_away TO {database}.api_keys")
-    revoked = await KeyStore(clickhouse).revoke(key_id(key))
+    assert await KeyStore(clickhouse).revoke(key_id(key)) == 1
     await asyncio.sleep(0.02)
-    assert revoked == 1
-    assert await store.authenticate(key) is None  # and refreshed once it can be again
+
+    async def rejected() -> bool:  # and refreshed once it can be again
+        return await store.authenticate(key) is None
+
+    await eventually(rejected)
+
+
+async def test_a_known_key_never_waits_for_the_keys_to_be_loaded_again(
+    clickhouse: ClickHouse,
+) -> None:
+    store = KeyStore(clickhouse, refresh_s=0.01)
+    key = await store.create("projA")
+    await asyncio.sleep(0.02)
+    # The client is busy (as behind a worker's insert): a reload would wait for it.
+    busy = asyncio.create_task(clickhouse.rows("SELECT sleepEachRow(0.5) FROM numbers(2)"))
+    await asyncio.sleep(0.1)
+    assert await store.authenticate(key) == "projA"
+    assert not busy.done()  # answered from the keys at hand, not after the reload
+    await busy
+
+
+async def test_an_unknown_key_waits_for_the_keys_to_be_loaded_again(
+    clickhouse: ClickHouse,
+) -> None:
+    store = KeyStore(clickhouse, refresh_s=0.01)
+    await store.load()
+    key = await KeyStore(clickhouse).create("projA")  # added by another process since
+    await asyncio.sleep(0.02)
+    assert await store.authenticate(key) == "projA"
