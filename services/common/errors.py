@@ -7,6 +7,7 @@ The tree::
     ├── Unauthorized               401 unauthorized
     ├── NotFound                   404 not_found
     ├── PayloadTooLarge            413 payload_too_large
+    ├── UnsupportedMediaType       415 unsupported_media_type
     ├── RateLimited                429 rate_limited
     └── ServiceUnavailable         503 service_unavailable
 
@@ -66,6 +67,11 @@ class NotFound(ManiacError):
 class PayloadTooLarge(ManiacError):
     status_code = 413
     code = "payload_too_large"
+
+
+class UnsupportedMediaType(ManiacError):
+    status_code = 415
+    code = "unsupported_media_type"
 
 
 class RateLimited(ManiacError):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+import zlib
 from collections.abc import Mapping
 from typing import Annotated, Any, TypeVar
 
@@ -16,7 +17,7 @@ from starlette.responses import Response
 from schemas.api import ChatReq, ChatRes, RegisterRes
 from services.common.auth import ProjectDep
 from services.common.codec import JSONDecodeError, loads
-from services.common.errors import BadRequest, PayloadTooLarge
+from services.common.errors import BadRequest, PayloadTooLarge, UnsupportedMediaType
 from services.common.responses import JSONResponse
 from services.common.settings import GatewaySettings
 from services.gateway.budget import BodyBudget, Lease
@@ -59,16 +60,38 @@ async def read_json_body(
     With a ``lease``, the body's bytes are taken from the gateway's in-flight budget as they
     arrive, before they are held in memory: a client that declares a large body and sends it
     slowly holds only what it sent. A body not received within ``timeout_s`` is a 400, so a
-    client that stops sending does not hold its connection and its bytes for ever.
+    client that stops sending does not hold its connection and its bytes for ever. A body
+    sent with ``Content-Encoding: gzip`` is decompressed as it arrives, ``max_bytes`` then
+    bounding what it decompresses to.
     """
+    if not _json_content(request.headers.get("content-type")):
+        raise RequestValidationError(
+            [
+                {
+                    "type": "content_type",
+                    "loc": ("body",),
+                    "msg": "Send the body as JSON (Content-Type: application/json).",
+                }
+            ]
+        )
+    encoding = request.headers.get("content-encoding", "").strip().lower()
+    if encoding not in ("", "identity", "gzip", "x-gzip"):
+        raise UnsupportedMediaType(
+            f"Content-Encoding {encoding!r} is not supported: send the body as it is or gzip it."
+        )
+    gzipped = encoding.endswith("gzip")
     declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > max_bytes:
         raise PayloadTooLarge(f"Request body exceeds {max_bytes} bytes.")
+    decompressor = zlib.decompressobj(wbits=31) if gzipped else None
     chunks: list[bytes] = []
     size = 0
     try:
         async with asyncio.timeout(timeout_s):
-            async for chunk in request.stream():
+            async for received in request.stream():
+                chunk = received
+                if decompressor is not None:
+                    chunk = decompressor.decompress(received, max_bytes - size + 1)
                 size += len(chunk)
                 if size > max_bytes:
                     raise PayloadTooLarge(f"Request body exceeds {max_bytes} bytes.")
@@ -77,12 +100,25 @@ async def read_json_body(
                 chunks.append(chunk)
     except TimeoutError:
         raise BadRequest(f"The request body was not received within {timeout_s:g} s.") from None
+    except zlib.error as exc:
+        raise BadRequest(f"The request body is not valid gzip: {exc}.") from None
+    if decompressor is not None and not decompressor.eof:
+        raise BadRequest("The request body is not valid gzip: it ends before its last block.")
     try:
         return loads(b"".join(chunks))
     except JSONDecodeError as exc:
         raise RequestValidationError(
             [{"type": "json_invalid", "loc": ("body",), "msg": f"JSON decode error: {exc}"}]
         ) from exc
+
+
+def _json_content(content_type: str | None) -> bool:
+    """A body FastAPI would read as JSON: no Content-Type, ``application/json`` or ``+json``."""
+    if not content_type:
+        return True
+    media = content_type.partition(";")[0].strip().lower()
+    main, _, sub = media.partition("/")
+    return main == "application" and (sub == "json" or sub.endswith("+json"))
 
 
 async def _completions(request: Request) -> CompletionService:

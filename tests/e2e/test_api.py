@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import copy
 import gc
+import gzip
 import json
 import uuid
 from collections.abc import AsyncIterator
@@ -402,6 +403,52 @@ async def test_limits_on_body_size_and_item_count(start_stack: StackFactory) -> 
         response = await client.post("/v1/chat/completions/register", json=many)
         assert response.status_code == 422
         assert response.json()["detail"][0]["loc"] == ["body", "items"]
+
+
+async def test_a_gzipped_body_is_read_and_bounded_by_what_it_decompresses_to(
+    start_stack: StackFactory,
+) -> None:
+    running = await start_stack(max_body_bytes=4096)
+    gzipped = {"Content-Type": "application/json", "Content-Encoding": "gzip"}
+    async with running.client(KEY_A) as client:
+        body = json.dumps({"container": "c", "items": [_item(1), _item(2)]}).encode()
+        response = await client.post(
+            "/v1/chat/completions/register", content=gzip.compress(body), headers=gzipped
+        )
+        assert response.json()["summary"] == {"received": 2, "accepted": 2, "rejected": 0}
+        assert {r["id"] for r in (await _visible(client, 2))["data"]} == {"cmpl-1", "cmpl-2"}
+
+        bomb = json.dumps({"container": "c", "items": [_item(3, filler="x" * 100_000)]}).encode()
+        assert len(gzip.compress(bomb)) < 4096  # small on the wire, 100 KB once read
+        response = await client.post(
+            "/v1/chat/completions/register", content=gzip.compress(bomb), headers=gzipped
+        )
+        _error(response, 413, "payload_too_large")
+        response = await client.post(
+            "/v1/chat/completions/register", content=gzip.compress(body)[:-8], headers=gzipped
+        )
+        _error(response, 400, "bad_request")
+        response = await client.post(
+            "/v1/chat/completions/register",
+            content=body,
+            headers={"Content-Type": "application/json", "Content-Encoding": "br"},
+        )
+        _error(response, 415, "unsupported_media_type")
+
+
+@pytest.mark.parametrize("content_type", ["text/plain", "application/x-www-form-urlencoded"])
+async def test_a_body_not_sent_as_json_is_422(api: RunningStack, content_type: str) -> None:
+    body = json.dumps({"container": "c", "items": [_item(1)]}).encode()
+    async with api.client(KEY_A) as client:
+        for path in ("/v1/chat/completions/register", "/v1/chat/completions"):
+            response = await client.post(path, content=body, headers={"Content-Type": content_type})
+            assert response.status_code == 422, response.text
+            assert response.json()["detail"][0]["type"] == "content_type"
+        for accepted in ("application/json; charset=utf-8", "application/vnd.api+json"):
+            response = await client.post(
+                "/v1/chat/completions/register", content=body, headers={"Content-Type": accepted}
+            )
+            assert response.status_code == 200, response.text
 
 
 async def test_bytes_held_across_requests_are_bounded(start_stack: StackFactory) -> None:
