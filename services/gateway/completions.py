@@ -281,6 +281,11 @@ class CompletionService:
             op.status = "partial"
             op.attempts[-1].error = f"stream broken: {type(exc).__name__}"
             yield _stream_error(str(exc) or "stream broken")
+        except Exception as exc:  # a chunk the gateway cannot pass on: ended as cut short
+            log.exception("stream_relay_failed", model=op.route.slug)
+            op.status = "partial"
+            op.attempts[-1].error = f"stream not relayed: {type(exc).__name__}"
+            yield _stream_error("the gateway could not relay the upstream's stream")
         except BaseException:
             op.status = "partial"  # the client went away (cancelled): record what was produced
             op.attempts[-1].error = "client disconnected"

@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeGuard
 
+from pydantic import ValidationError
+
+from schemas.api import ChatResponseMessage
 from services.common.records import RecordError, usage_counts
 
 FINISH_REASONS = {"stop", "length", "tool_calls", "content_filter", "error"}
@@ -20,14 +23,31 @@ def finish_reason(value: Any) -> str | None:
     return value if value in FINISH_REASONS else None
 
 
+def _is_int(value: Any) -> TypeGuard[int]:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def spec_message(message: dict[str, Any]) -> dict[str, Any]:
+    """An upstream's message as the spec's ``ChatResponseMessage``: a field of the wrong type
+    (a numeric ``refusal``, a tool call without an ``id``) is left out, the rest kept as sent;
+    a missing or null role is the assistant's."""
+    role = message.get("role")
+    message = {**message, "role": role if isinstance(role, str) else "assistant"}
+    try:
+        ChatResponseMessage.model_validate(message, strict=True)
+    except ValidationError as exc:
+        wrong = {error["loc"][0] for error in exc.errors(include_url=False) if error["loc"]}
+        message = {key: value for key, value in message.items() if key not in wrong}
+    return message
+
+
 def _choice(choice: dict[str, Any], position: int) -> dict[str, Any]:
     message = choice.get("message") if isinstance(choice.get("message"), dict) else {}
     assert isinstance(message, dict)
     index = choice.get("index")
-    role = message.get("role")
-    return {  # an upstream's null index or role would break the spec: the defaults instead
-        "index": index if isinstance(index, int) and not isinstance(index, bool) else position,
-        "message": {**message, "role": role if isinstance(role, str) else "assistant"},
+    return {  # an upstream's null index would break the spec: the default instead
+        "index": index if _is_int(index) else position,
+        "message": spec_message(message),
         "finish_reason": finish_reason(choice.get("finish_reason")),
         "logprobs": choice.get("logprobs"),
     }
@@ -143,13 +163,14 @@ class StreamAccumulator:
             self.created = chunk["created"]
         if isinstance(chunk.get("usage"), dict):
             self.usage = chunk["usage"]
-        for choice in chunk.get("choices") or []:
+        choices = chunk.get("choices")
+        for choice in choices if isinstance(choices, list) else ():
             if isinstance(choice, dict):
                 self._add_choice(choice)
 
     def _add_choice(self, choice: dict[str, Any]) -> None:
         index = choice.get("index", 0)
-        state = self._choices.setdefault(index if isinstance(index, int) else 0, _ChoiceState())
+        state = self._choices.setdefault(index if _is_int(index) else 0, _ChoiceState())
         delta = choice.get("delta") if isinstance(choice.get("delta"), dict) else {}
         assert isinstance(delta, dict)
         if isinstance(delta.get("role"), str):
@@ -157,7 +178,8 @@ class StreamAccumulator:
         for key in _TEXT_FIELDS:
             if isinstance(delta.get(key), str):
                 state.texts.setdefault(key, []).append(delta[key])
-        for call in delta.get("tool_calls") or []:
+        calls = delta.get("tool_calls")
+        for call in calls if isinstance(calls, list) else ():
             if isinstance(call, dict):
                 self._add_tool_call(state, call)
         if choice.get("finish_reason") is not None:
@@ -172,7 +194,8 @@ class StreamAccumulator:
 
     @staticmethod
     def _add_tool_call(state: _ChoiceState, call: dict[str, Any]) -> None:
-        position = call.get("index", len(state.tool_calls))
+        index = call.get("index")
+        position = index if _is_int(index) else len(state.tool_calls)
         current = state.tool_calls.setdefault(
             position, {"id": "", "type": "function", "function": {"name": "", "arguments": ""}}
         )

@@ -429,6 +429,17 @@ async def test_an_error_event_mid_stream_ends_it_as_cut_short(api: RunningStack)
     assert record["choices"][0]["message"]["content"] == ANSWER.split()[0]
 
 
+async def test_a_chunk_the_gateway_cannot_pass_on_ends_the_stream_as_cut_short(
+    api: RunningStack,
+) -> None:
+    events = await _events(api, {"model": "mock/deepchunk", "stream": True, "messages": []})
+    assert json.loads(events[-1])["error"]["code"] == "upstream_stream_error"
+    record = await _recorded(api, json.loads(events[0])["id"])
+    assert record["operation"]["status"] == "partial"
+    assert record["operation"]["attempts"][0]["error"] == "stream not relayed: TypeError"
+    assert record["choices"][0]["message"]["content"] == ANSWER.split()[0]
+
+
 async def test_a_stream_records_reasoning_logprobs_and_the_gateways_creation_time(
     api: RunningStack,
 ) -> None:

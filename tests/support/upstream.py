@@ -9,13 +9,15 @@ that misbehave: ``empty`` and ``nochoices`` answer 200 with ``{}`` and an object
 choices, ``rl-<s>`` a 429 with ``Retry-After: <s>``, ``trickle-<s>`` sends a space a second for
 ``<s>`` seconds before its answer, ``jsonstream`` answers a stream request with one JSON body,
 ``errfirst`` and ``errmid`` send an error event first and after one chunk, ``rich`` streams
-``reasoning_content`` and logprobs, ``badusage`` reports token counts as strings.
+``reasoning_content`` and logprobs, ``badusage`` reports token counts as strings,
+``deepchunk`` streams a chunk nested 300 levels deep.
 Every request body is kept in ``requests`` for the tests to inspect.
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 from collections.abc import AsyncIterator
 from typing import Any
@@ -131,6 +133,14 @@ async def _stream(
         return
     yield event([{"index": 0, "delta": {"role": "assistant", "content": ""}}])
     words = ANSWER.split(" ")
+    if model == "deepchunk":  # deeper than any JSON encoder writes
+        deep: Any = "x"
+        for _ in range(300):
+            deep = [deep]
+        yield event([{"index": 0, "delta": {"content": words[0]}}])
+        yield b"data: " + json.dumps({**base, "choices": [], "deep": deep}).encode() + b"\n\n"
+        yield b"data: [DONE]\n\n"
+        return
     if model == "errmid":
         yield event([{"index": 0, "delta": {"content": words[0]}}])
         yield b'data: {"error": {"message": "overloaded mid-stream", "code": 502}}\n\n'

@@ -5,7 +5,13 @@ from typing import Any
 import pytest
 
 from schemas.api import ChatRes
-from services.gateway.shaping import StreamAccumulator, chat_res, completion_chunks, finish_reason
+from services.gateway.shaping import (
+    StreamAccumulator,
+    chat_res,
+    completion_chunks,
+    finish_reason,
+    spec_message,
+)
 
 
 @pytest.mark.parametrize(
@@ -228,3 +234,35 @@ def test_accumulator_keeps_reasoning_text_and_logprobs() -> None:
         "reasoning_content": "r.r.",
     }
     assert choice["logprobs"] == {"content": [{"token": "Hel"}, {"token": "lo"}]}
+
+
+def test_accumulator_survives_chunks_of_the_wrong_shape() -> None:
+    acc = StreamAccumulator()
+    acc.add({"choices": 7})
+    acc.add(_chunk({"tool_calls": 5}))
+    call = {"index": 0, "id": "c0", "function": {"name": "f", "arguments": "{}"}}
+    acc.add(_chunk({"tool_calls": [call]}))
+    acc.add(_chunk({"tool_calls": [{**call, "index": "1", "id": "c1"}]}))
+    acc.add(_chunk({"content": "x"}, index="1"))  # type: ignore[arg-type]
+    [choice] = acc.choices()
+    assert [c["id"] for c in choice["message"]["tool_calls"]] == ["c0", "c1"]
+    assert choice["message"]["content"] == "x"
+    ChatRes.model_validate(
+        {"id": "c", "created": 1, "model": "m", "choices": acc.choices(), "usage": None}
+    )
+
+
+def test_message_fields_of_the_wrong_type_are_left_out() -> None:
+    message = {
+        "role": None,
+        "content": "hi",
+        "refusal": 5,
+        "tool_calls": [{"id": 1, "function": {"name": "f", "arguments": "{}"}}],
+        "audio": {"x": 1},
+        "annotations": [{"type": "url_citation"}],
+    }
+    assert spec_message(message) == {
+        "role": "assistant",
+        "content": "hi",
+        "annotations": [{"type": "url_citation"}],
+    }
