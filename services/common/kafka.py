@@ -290,10 +290,18 @@ def tansu_binary() -> Path:
     return path
 
 
+# Resolved once, here: a child forked from a process with threads (chDB's, the event loop's
+# executor) must not load a library before exec, as a lock another thread held may never be
+# released in it.
+_PRCTL = (
+    ctypes.CDLL("libc.so.6", use_errno=True).prctl if sys.platform.startswith("linux") else None
+)
+
+
 def _die_with_parent() -> None:
     """In the child, before exec: on Linux, get SIGTERM when the parent dies (even by kill -9)."""
-    if sys.platform.startswith("linux"):
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    if _PRCTL is not None:
+        _PRCTL(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
 
 
 def resident_bytes(pid: int) -> int | None:
@@ -458,7 +466,7 @@ class EmbeddedBroker:
         self._proc = None
 
     def kill(self) -> None:
-        """SIGKILL, for tests that need the broker to vanish."""
+        """SIGKILL: the broker vanishes at once (a restart that cannot wait, and tests)."""
         self._wanted = False
         if self._proc is not None and self._proc.poll() is None:
             self._proc.kill()

@@ -19,7 +19,9 @@ UPSTREAM_ATTEMPTS = Counter(
     ["provider", "outcome"],
 )
 UPSTREAM_LATENCY = Histogram(
-    "maniac_upstream_latency_seconds", "Upstream time to first byte, by provider.", ["provider"]
+    "maniac_upstream_latency_seconds",
+    "Upstream response time by provider: to the whole body, or to a stream's headers.",
+    ["provider"],
 )
 WORKER_ROWS = Counter("maniac_worker_rows_inserted_total", "Rows inserted into ClickHouse.")
 WORKER_DEAD = Counter(

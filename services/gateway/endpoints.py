@@ -18,6 +18,7 @@ from schemas.api import ChatReq, ChatRes, RegisterRes
 from services.common.auth import ProjectDep
 from services.common.codec import JSONDecodeError, loads
 from services.common.errors import BadRequest, PayloadTooLarge, UnsupportedMediaType
+from services.common.metrics import REGISTER_ITEMS
 from services.common.responses import JSONResponse
 from services.common.settings import GatewaySettings
 from services.gateway.budget import BodyBudget, Lease
@@ -247,6 +248,8 @@ async def _register(
     # broker, so requests waiting their turn hold only their encoded records.
     del envelope
     await publisher.publish(validated.messages)
+    REGISTER_ITEMS.labels("accepted").inc(validated.accepted)
+    REGISTER_ITEMS.labels("rejected").inc(validated.rejected)
     return JSONResponse(
         {
             "ok": validated.rejected == 0,

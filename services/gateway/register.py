@@ -8,10 +8,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict
 from pydantic_core import ErrorDetails
 
-from schemas.api import Item
+from schemas.api import Item, RegisterReq
 from schemas.events import encode_event, message_key
 from services.common.records import (
     RecordError,
@@ -27,13 +26,10 @@ MAX_ERRORS = 200
 _ITEMS = ListValidator(Item)
 
 
-class RegisterEnvelope(BaseModel):
-    """The outer shape of a RegisterReq; items are validated one by one afterwards."""
-
-    model_config = ConfigDict(extra="forbid")
+class RegisterEnvelope(RegisterReq):
+    """The spec's ``RegisterReq`` but for its items, validated one by one afterwards."""
 
     items: list[Any]
-    container: str
 
 
 @dataclass

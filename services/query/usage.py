@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import math
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
@@ -155,10 +156,15 @@ async def _repository(request: Request) -> UsageRepository:
 DASHBOARD = Path(__file__).with_name("dashboard.html")
 
 
+@functools.cache
+def _dashboard_page() -> str:
+    return DASHBOARD.read_text(encoding="utf-8")
+
+
 @router.get("/dashboard", include_in_schema=False)
 async def dashboard() -> HTMLResponse:
     """A small page charting spend and tokens over time from /v1/usage (no build step)."""
-    return HTMLResponse(DASHBOARD.read_text(encoding="utf-8"))
+    return HTMLResponse(_dashboard_page())
 
 
 @router.get("/v1/usage")

@@ -404,8 +404,10 @@ class Worker:
                     except GivenUp as exc:
                         await self._given_up(exc)
         finally:
-            with contextlib.suppress(Exception):
+            try:
                 await self.flush()
+            except Exception:  # held back, uncommitted: fetched again by the next worker
+                log.exception("final_flush_failed")
             stopping.cancel()
             if self._pool is not None:
                 await asyncio.to_thread(self._pool.close)

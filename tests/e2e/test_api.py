@@ -594,7 +594,8 @@ async def test_metrics_count_requests_rows_and_lag(api: RunningStack) -> None:
     async with api.client(KEY_A) as client:
         before = (await client.get("/metrics")).text
         await client.post(
-            "/v1/chat/completions/register", json={"container": "m", "items": [_item(1)]}
+            "/v1/chat/completions/register",
+            json={"container": "m", "items": [_item(1), {"input": 5}]},
         )
         await _visible(client, 1)
         after = ""
@@ -612,6 +613,10 @@ async def test_metrics_count_requests_rows_and_lag(api: RunningStack) -> None:
     assert _metric(after, "maniac_http_requests_total", route=route, status="200") == (
         _metric(before, "maniac_http_requests_total", route=route, status="200") + 1
     )
+    for outcome in ("accepted", "rejected"):
+        assert _metric(after, "maniac_register_items_total", outcome=outcome) == (
+            _metric(before, "maniac_register_items_total", outcome=outcome) + 1
+        )
     assert "maniac_worker_consumer_lag{" in after
     assert "maniac_worker_insert_seconds_bucket" in after
     assert "maniac_telemetry_dropped_total" in after

@@ -1,11 +1,13 @@
 """The worker pipeline, composed in one place.
 
-    Kafka ──getmany──▶ decode ─▶ validate ─▶ transform + price ─▶ batch ─▶ deduplicate
+    Kafka ──getmany──▶ decode ─▶ transform + price ─▶ batch ─▶ deduplicate
                  ─▶ insert (ClickHouse; aggregates follow by materialized views)
-                 ─▶ dead-letter (Kafka) ─▶ record dead letters (ClickHouse)
+                 ─▶ record dead letters (ClickHouse) ─▶ dead-letter (Kafka)
                  ─▶ commit offsets
 
-decode/validate/transform are pure functions on one message; only the batch I/O is async.
+Validation is in the two pure steps on one message: decode checks the event's envelope
+(``CompletionEvent``), transform what storage needs of the item (timestamps, token counts and
+spend in range); a message either refuses becomes a dead letter. Only the batch I/O is async.
 They may run in child processes (``offload``, see :class:`ProcessPool`): the same function on
 the same bytes, so the rows are the same wherever it runs.
 """
@@ -35,7 +37,7 @@ from services.worker.pipeline.types import Invalid, Partition, Processed, Row
 
 
 def processor(prices: PriceCatalog | None) -> Callable[[bytes | None], Row | Invalid]:
-    """decode -> validate -> transform (with price), for one message."""
+    """decode -> transform (with price), for one message."""
 
     def process(value: bytes | None) -> Row | Invalid:
         event = decode(value)

@@ -154,7 +154,10 @@ class ProcessAndBatch:
         try:
             await self._written()
         except Exception as exc:
-            failed = failed or exc
+            if failed is None:
+                failed = exc
+            else:  # the salvage batch failed too: said here, the first failure raised
+                log.error("salvage_batch_failed", error=repr(exc))
         if failed is not None:
             raise failed
 
