@@ -4,6 +4,7 @@ import asyncio
 import os
 import signal
 import socket
+import uuid
 
 import pytest
 from aiokafka import TopicPartition
@@ -45,8 +46,19 @@ async def test_embedded_broker_round_trip(broker: EmbeddedBroker, topics: tuple[
     assert values == [b"v%d" % i for i in range(5)]
 
 
-async def test_ensure_topics_is_idempotent(broker: EmbeddedBroker, topics: tuple[str, str]) -> None:
-    await ensure_topics(broker.bootstrap, list(topics), partitions=4)
+async def test_ensure_topics_creates_what_is_missing_and_leaves_what_exists(
+    broker: EmbeddedBroker,
+) -> None:
+    first, second = f"t-{uuid.uuid4().hex}", f"t-{uuid.uuid4().hex}"
+    await ensure_topics(broker.bootstrap, [first], partitions=3)
+    await ensure_topics(broker.bootstrap, [first, second], partitions=5)
+    producer = create_producer(broker.bootstrap)
+    await producer.start()
+    try:
+        assert len(await producer.partitions_for(first)) == 3  # as it was created
+        assert len(await producer.partitions_for(second)) == 5
+    finally:
+        await producer.stop()
 
 
 async def test_reachability(broker: EmbeddedBroker) -> None:
