@@ -76,29 +76,32 @@ async def reprice(
     if project is not None:
         condition += " AND project = {project:String}"
         params["project"] = project
-    body = await clickhouse.json_each_row(
-        f"SELECT * FROM {{database}}.completions FINAL WHERE {condition} "
-        "ORDER BY project, completion_id",
-        params,
-    )
-    changes: list[tuple[dict[str, Any], dict[str, Any]]] = []
-    for line in body.splitlines():
-        if not line.strip():
-            continue
-        row = orjson.loads(line)
-        result.examined += 1
-        new = repriced(row, prices)
-        if new is None:
-            continue
-        result.changed += 1
-        result.delta += (new["spend"] or Decimal(0)) - (_dec(row["spend"]) or Decimal(0))
-        changes.append((row, new))
-        if len(changes) >= chunk:
-            if not dry_run:
-                await _write(clickhouse, changes)
-            changes = []
-    if changes and not dry_run:
-        await _write(clickhouse, changes)
+    after: tuple[str, str] | None = None
+    while True:  # pages of `chunk` rows in key order: the range is never held whole
+        page, page_params = condition, dict(params)
+        if after is not None:
+            page += " AND (project, completion_id) > ({after_project:String}, {after_id:String})"
+            page_params |= {"after_project": after[0], "after_id": after[1]}
+        body = await clickhouse.json_each_row(
+            f"SELECT * FROM {{database}}.completions FINAL WHERE {page} "
+            "ORDER BY project, completion_id LIMIT {chunk:UInt32}",
+            page_params | {"chunk": chunk},
+        )
+        rows = [orjson.loads(line) for line in body.splitlines() if line.strip()]
+        changes: list[tuple[dict[str, Any], dict[str, Any]]] = []
+        for row in rows:
+            result.examined += 1
+            new = repriced(row, prices)
+            if new is None:
+                continue
+            result.changed += 1
+            result.delta += (new["spend"] or Decimal(0)) - (_dec(row["spend"]) or Decimal(0))
+            changes.append((row, new))
+        if changes and not dry_run:
+            await _write(clickhouse, changes)
+        if len(rows) < chunk:
+            break
+        after = (rows[-1]["project"], rows[-1]["completion_id"])
     log.info(
         "repriced",
         examined=result.examined,

@@ -67,11 +67,11 @@ async def test_reprice_corrects_spend_and_aggregates_once(
 
     start = datetime.fromtimestamp(created - 3600, UTC)
     end = datetime.fromtimestamp(created + 3600, UTC)
-    dry = await reprice(clickhouse, CORRECTED, start, end, dry_run=True)
+    dry = await reprice(clickhouse, CORRECTED, start, end, dry_run=True, chunk=2)
     assert (dry.examined, dry.changed) == (3, 3)
     assert await _spend(clickhouse) == Decimal("16.5")  # nothing written
 
-    result = await reprice(clickhouse, CORRECTED, start, end)
+    result = await reprice(clickhouse, CORRECTED, start, end, chunk=1)  # a page per row
     assert result.changed == 3
     assert result.delta == Decimal("-1") + Decimal(1)  # a, b: -0.5 each; was-unknown: +1
     spend = {
