@@ -1,10 +1,10 @@
 """The worker's deduplication lookup against a growing project (`python -m bench.dedup`).
 
 For each batch the worker asks which of its completions are stored already. This measures that
-question three ways: as the worker asks it since the tenth round (`with_known_ids`: only the
+question three ways: as the worker asks it now (`with_known_ids`: only the
 ids whose hash the worker's set of stored completions holds go to ClickHouse,
 `services/worker/known.py`; the figure includes hashing the batch and adding it to the set), as
-it was asked in the eighth and ninth (`stored_versions`, every id), and before (the same ids
+it was asked before that set existed (`stored_versions`, every id), and before that (the same ids
 with ``FINAL``), at a number of stored completions of one project, for ids that look random
 (as providers' ids do) and for ids that count up (a batch's ids next to each other in the
 primary key): CPU of the whole process (chDB's threads included) and wall time per batch of
@@ -38,7 +38,7 @@ WITH_FINAL = (
     "FROM {database}.completions FINAL "
     "WHERE project = {project:String} AND completion_id IN {ids:Array(String)}"
 )
-"""The lookup until the eighth round."""
+"""The first form of the lookup: every id, through FINAL."""
 
 ID_SQL = {
     "random": "concat('chatcmpl-', substring(hex(generateUUIDv4()), 1, 29))",

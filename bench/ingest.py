@@ -115,7 +115,7 @@ DISTINCT_ITEMS = 10_000
 
 More than any record batch or ClickHouse compression block holds, so neither the broker's nor
 ClickHouse's compression finds one item's text again in another (zstd made 500 items of 32
-texts, as earlier rounds sent, 1.5% of their size; distinct ones take 16%)."""
+texts, as this benchmark first sent, 1.5% of their size; distinct ones take 16%)."""
 
 
 def templates(item_bytes: int, count: int = DISTINCT_ITEMS, seed: int = 7) -> list[Template]:
@@ -168,7 +168,7 @@ def templates(item_bytes: int, count: int = DISTINCT_ITEMS, seed: int = 7) -> li
 def completion_id(run: str, batch: int, index: int) -> bytes:
     """A provider's completion id: ``chatcmpl-`` and 29 characters that look random.
 
-    Ids that counted up (``chatcmpl-<run>-<batch>-<i>``, until the eighth round) put a
+    Ids that count up (``chatcmpl-<run>-<batch>-<i>``, this benchmark's first ids) put a
     request's items next to each other in the primary key of `completions`, so the worker's
     lookup of which ones were stored read a few granules; real ids are random, and the
     same lookup reads the whole project's ids (see the deduplication figures in the README).
