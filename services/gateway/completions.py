@@ -128,7 +128,8 @@ async def _completion_body(response: httpx.Response, attempt: Attempt) -> dict[s
 
 
 def _is_json(response: httpx.Response) -> bool:
-    return "json" in response.headers.get("content-type", "")
+    media: str = response.headers.get("content-type", "").partition(";")[0].strip().lower()
+    return media == "application/json"
 
 
 def _stream_error(message: str, upstream: dict[str, Any] | None = None) -> bytes:
@@ -214,10 +215,12 @@ class CompletionService:
                 result = self._result(op, payload)
                 op.ttft_ms = op.elapsed_ms()
                 return UpstreamStream(response, completion_chunks(result))
-        except TimeoutError:
+        except BaseException as exc:  # a timeout, or the client gone (cancelled)
             if response is not None:
                 with contextlib.suppress(httpx.HTTPError):
                     await response.aclose()
+            if not isinstance(exc, TimeoutError):
+                raise
             attempt.outcome = "timeout"
             attempt.error = f"upstream gave no answer within {route.provider.timeout_s:g} s"
             attempt.latency_ms = round((time.perf_counter() - started) * 1000, 1)
@@ -257,15 +260,19 @@ class CompletionService:
         """Forward each SSE event as it arrives, assembling the completion on the way."""
         assert op.route is not None
         acc = StreamAccumulator()
+        created: int | float | None = None
         try:
             async for chunk in stream.chunks():
                 acc.add(chunk)
+                if created is None:  # as the record has it, the same in every chunk
+                    created = created_at(acc.created, op.received_at_ms // 1000)
                 if not wants_usage:
                     if not chunk.get("choices") and chunk.get("usage"):
                         continue  # the usage-only chunk the caller did not ask for
                     chunk.pop("usage", None)
                 chunk["id"] = op.completion_id
                 chunk["model"] = op.route.slug
+                chunk["created"] = created
                 yield b"data: " + dumps(chunk) + b"\n\n"
             if stream.done:
                 yield b"data: [DONE]\n\n"

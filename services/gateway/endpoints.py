@@ -84,17 +84,16 @@ async def read_json_body(
     declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > max_bytes:
         raise PayloadTooLarge(f"Request body exceeds {max_bytes} bytes.")
-    decompressor = zlib.decompressobj(wbits=31) if gzipped else None
+    gunzip = Gunzip() if gzipped else None
     chunks: list[bytes] = []
-    size = 0
+    size = received_size = 0
     try:
         async with asyncio.timeout(timeout_s):
             async for received in request.stream():
-                chunk = received
-                if decompressor is not None:
-                    chunk = decompressor.decompress(received, max_bytes - size + 1)
+                received_size += len(received)
+                chunk = received if gunzip is None else gunzip.feed(received, max_bytes - size)
                 size += len(chunk)
-                if size > max_bytes:
+                if size > max_bytes or received_size > max_bytes:
                     raise PayloadTooLarge(f"Request body exceeds {max_bytes} bytes.")
                 if lease is not None:
                     lease.take(len(chunk))
@@ -103,7 +102,7 @@ async def read_json_body(
         raise BadRequest(f"The request body was not received within {timeout_s:g} s.") from None
     except zlib.error as exc:
         raise BadRequest(f"The request body is not valid gzip: {exc}.") from None
-    if decompressor is not None and not decompressor.eof:
+    if gunzip is not None and not gunzip.complete:
         raise BadRequest("The request body is not valid gzip: it ends before its last block.")
     try:
         return loads(b"".join(chunks))
@@ -111,6 +110,32 @@ async def read_json_body(
         raise RequestValidationError(
             [{"type": "json_invalid", "loc": ("body",), "msg": f"JSON decode error: {exc}"}]
         ) from exc
+
+
+class Gunzip:
+    """gzip decompressed as it arrives, in members one after another (RFC 1952), with at most
+    one byte more out of each call than asked for (the caller then refuses the body)."""
+
+    def __init__(self) -> None:
+        self._member = zlib.decompressobj(wbits=31)
+
+    def feed(self, data: bytes, room: int) -> bytes:
+        out: list[bytes] = []
+        while data and room >= 0:
+            part = self._member.decompress(data, room + 1)
+            out.append(part)
+            room -= len(part)
+            if self._member.eof:
+                data = self._member.unused_data
+                if data:  # another member (anything else is refused by zlib)
+                    self._member = zlib.decompressobj(wbits=31)
+            else:
+                data = self._member.unconsumed_tail
+        return b"".join(out)
+
+    @property
+    def complete(self) -> bool:
+        return self._member.eof
 
 
 def _json_content(content_type: str | None) -> bool:

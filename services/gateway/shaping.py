@@ -118,7 +118,7 @@ def completion_chunks(result: dict[str, Any]) -> list[dict[str, Any]]:
             "choices": [
                 {
                     "index": c["index"],
-                    "delta": c["message"],
+                    "delta": _delta(c["message"]),
                     "finish_reason": c["finish_reason"],
                     "logprobs": c["logprobs"],
                 }
@@ -129,6 +129,14 @@ def completion_chunks(result: dict[str, Any]) -> list[dict[str, Any]]:
     if result["usage"] is not None:
         chunks.append({**base, "choices": [], "usage": result["usage"]})
     return chunks
+
+
+def _delta(message: dict[str, Any]) -> dict[str, Any]:
+    """A whole message as one delta: its tool calls numbered, as a stream's carry them."""
+    calls = message.get("tool_calls")
+    if not calls:
+        return message
+    return {**message, "tool_calls": [{**call, "index": i} for i, call in enumerate(calls)]}
 
 
 # Text fields of a delta that are concatenated: the spec's, and the reasoning text as

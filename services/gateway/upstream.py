@@ -169,8 +169,9 @@ def _event(line: str) -> object:
 
 
 def _stream_error(chunk: dict[str, Any]) -> StreamError | None:
-    """An error event (``{"error": ...}`` without choices), as some upstreams send one."""
-    if "error" not in chunk or chunk.get("choices"):
+    """An error event: a chunk with an ``error`` (OpenRouter's has choices too, finished with
+    ``"error"``)."""
+    if not chunk.get("error"):
         return None
     message, error = error_body(dumps(chunk))
     return StreamError(message, error)
@@ -203,7 +204,7 @@ class UpstreamStream:
         lines = response.aiter_lines()
         error = "upstream stream ended before its first chunk"
         try:
-            async for line in lines:
+            async for line in lines:  # (cancelled: the caller closes the response)
                 chunk = _event(line)
                 if chunk is _DONE:
                     break

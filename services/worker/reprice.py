@@ -64,6 +64,8 @@ async def reprice(
     dry_run: bool = False,
     chunk: int = 5_000,
 ) -> RepriceResult:
+    if chunk < 1:
+        raise ValueError("chunk must be at least 1")
     result = RepriceResult()
     condition = (
         "created >= {start:DateTime64(3, 'UTC')} AND created < {end:DateTime64(3, 'UTC')} "

@@ -413,8 +413,11 @@ async def test_a_json_answer_to_a_stream_request_is_relayed_as_a_stream(
     assert record["operation"]["status"] == "ok"
 
 
-async def test_an_error_event_mid_stream_ends_it_as_cut_short(api: RunningStack) -> None:
-    events = await _events(api, {"model": "mock/errmid", "stream": True, "messages": []})
+@pytest.mark.parametrize("model", ["mock/errmid", "mock/errmid-openrouter"])
+async def test_an_error_event_mid_stream_ends_it_as_cut_short(
+    api: RunningStack, model: str
+) -> None:
+    events = await _events(api, {"model": model, "stream": True, "messages": []})
     assert "[DONE]" not in events
     assert json.loads(events[-1])["error"] == {
         "code": "upstream_stream_error",
@@ -446,6 +449,7 @@ async def test_a_stream_records_reasoning_logprobs_and_the_gateways_creation_tim
     events = await _events(api, {"model": "mock/rich", "stream": True, "messages": []})
     assert events[-1] == "[DONE]"
     record = await _recorded(api, json.loads(events[0])["id"])
+    assert {json.loads(e)["created"] for e in events[:-1]} == {record["created"]}
     [choice] = record["choices"]
     assert choice["message"]["content"] == "".join(ANSWER.split()[:2])
     assert choice["message"]["reasoning_content"] == "hm.hm."

@@ -8,7 +8,8 @@ connection. Streams send one word per chunk (``MOCK_CHUNK_DELAY_MS`` apart when 
 that misbehave: ``empty`` and ``nochoices`` answer 200 with ``{}`` and an object without
 choices, ``rl-<s>`` a 429 with ``Retry-After: <s>``, ``trickle-<s>`` sends a space a second for
 ``<s>`` seconds before its answer, ``jsonstream`` answers a stream request with one JSON body,
-``errfirst`` and ``errmid`` send an error event first and after one chunk, ``rich`` streams
+``errfirst`` and ``errmid`` send an error event first and after one chunk
+(``errmid-openrouter`` as OpenRouter does), ``rich`` streams
 ``reasoning_content`` and logprobs, ``badusage`` reports token counts as strings,
 ``deepchunk`` streams a chunk nested 300 levels deep.
 Every request body is kept in ``requests`` for the tests to inspect.
@@ -141,9 +142,14 @@ async def _stream(
         yield b"data: " + json.dumps({**base, "choices": [], "deep": deep}).encode() + b"\n\n"
         yield b"data: [DONE]\n\n"
         return
-    if model == "errmid":
+    if model in ("errmid", "errmid-openrouter"):
         yield event([{"index": 0, "delta": {"content": words[0]}}])
-        yield b'data: {"error": {"message": "overloaded mid-stream", "code": 502}}\n\n'
+        error = {"message": "overloaded mid-stream", "code": 502}
+        if model == "errmid":
+            yield b"data: " + orjson.dumps({"error": error}) + b"\n\n"
+        else:  # OpenRouter's: the error in a chunk whose choice finished with "error"
+            choice = {"index": 0, "delta": {"content": ""}, "finish_reason": "error"}
+            yield event([choice], error=error)
         yield b"data: [DONE]\n\n"
         return
     if model == "rich":

@@ -3,6 +3,7 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
+from openai.types.chat import ChatCompletionChunk
 
 from schemas.api import ChatRes
 from services.gateway.shaping import (
@@ -151,10 +152,16 @@ def test_a_whole_completion_as_chunks_assembles_to_itself() -> None:
         created=5,
     )
     acc = StreamAccumulator()
-    for chunk in completion_chunks(result):
+    chunks = completion_chunks(result)
+    for chunk in chunks:
         acc.add(chunk)
     assert acc.choices() == result["choices"]
     assert acc.usage == USAGE
+    # what the openai SDK requires of a chunk: tool calls numbered
+    [delta_call] = chunks[0]["choices"][0]["delta"]["tool_calls"]
+    assert delta_call["index"] == 0
+    for chunk in chunks:
+        ChatCompletionChunk.model_validate({**chunk, "object": "chat.completion.chunk"})
 
 
 def test_chat_res_from_an_empty_body_is_still_valid() -> None:
