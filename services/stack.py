@@ -109,6 +109,25 @@ async def bounded(work: Awaitable[Any], seconds: float, what: str) -> None:
         log.error("shutdown_step_failed", step=what, error="CancelledError")
 
 
+def resume_after_crash(
+    stored: dict[int, int], acked: dict[int, int], kept: dict[int, int]
+) -> tuple[dict[int, int], int]:
+    """Where a worker resumes on a durable broker that crashed, by partition, and how many
+    acknowledged records are lost.
+
+    ``stored``: where storing had reached (the offset after the last record stored);
+    ``acked``: the last offset the gateway had acknowledged; ``kept``: the high watermark the
+    broker came back with. Records up to ``kept`` are still there; the broker numbers new
+    ones from ``kept``, so a worker past it would wait past the new records: it starts at
+    ``kept`` then. Acknowledged records at or past both ``kept`` and ``stored`` are gone.
+    """
+    start_at = {p: min(offset, kept.get(p, 0)) for p, offset in stored.items()}
+    lost = sum(
+        max(0, last + 1 - max(kept.get(p, 0), stored.get(p, 0))) for p, last in acked.items()
+    )
+    return start_at, lost
+
+
 class Stack:
     def __init__(
         self,
@@ -163,7 +182,9 @@ class Stack:
         if self.broker is not None:
             self._watcher = asyncio.create_task(self._watch_broker(self.broker), name="broker")
 
-    async def _start_worker(self, *, resuming: Worker | None = None) -> None:
+    async def _start_worker(
+        self, *, resuming: Worker | None = None, start_at: dict[int, int] | None = None
+    ) -> None:
         """``resuming``: a worker on the same broker that stopped on an error; what it
         committed is where this one starts, and counts as stored (the drain, the backlog)."""
         assert self.gateway is not None
@@ -179,6 +200,7 @@ class Stack:
             # the worker before it on the same partitions (the stack's own broker) added
             # every id it asked about, even those of an insert still running when it stopped
             known=self.worker.known if self.worker is not None and self.broker else None,
+            start_at=start_at,
         )
         if resuming is not None:
             self.worker.pipeline.commit.committed.update(resuming.pipeline.commit.committed)
@@ -259,8 +281,12 @@ class Stack:
         """Start the embedded broker again after it exited by itself (crashed, killed).
 
         Whatever it held on memory storage is gone: the records acknowledged and not yet
-        stored are logged as lost (S3 storage keeps them, and the worker resumes at its
-        committed offsets). Publishes in flight fail, and their clients get a 503 to retry.
+        stored are logged as lost. S3 storage keeps them, and the worker resumes where storing
+        had reached; unless the broker comes back with less than it acknowledged (its high
+        watermark behind, as when an S3 write was cut short by the crash): those records are
+        logged as lost too, and the worker starts at the high watermark, where the broker
+        numbers the next records, instead of waiting past them. Publishes in flight fail, and
+        their clients get a 503 to retry.
         """
         broker, publisher = self.broker, self.publisher
         if broker is None or publisher is None or self.worker is None:
@@ -268,10 +294,12 @@ class Stack:
         async with self._restarting:
             code = broker.exit_code
             publisher.pause()
+            start_at: dict[int, int] | None = None
             try:
                 acked = dict(publisher.acked)
                 await self._detach_worker()  # it stores what it had fetched
-                unstored = self.worker.pending(acked)
+                stored = self.worker.stored_offsets()
+                lost = unstored = self.worker.pending(acked)
                 try:
                     publisher.restart_offsets()
                     await asyncio.to_thread(broker.restart)
@@ -279,8 +307,15 @@ class Stack:
                     await prepare_topics(self.bootstrap, self.settings, partitions=SERVE_PARTITIONS)
                     if broker.on_memory:
                         await self._restore_dead_letters()
+                    else:
+                        kept = {
+                            tp.partition: end
+                            for tp, end in broker.highwaters.items()
+                            if tp.topic == self.settings.topic
+                        }
+                        start_at, lost = resume_after_crash(stored, acked, kept)
                 finally:
-                    await self._start_worker()
+                    await self._start_worker(start_at=start_at)
             finally:
                 publisher.resume()
             BROKER_RESTARTS.labels("exited").inc()
@@ -289,7 +324,8 @@ class Stack:
                 exit_code=code,
                 storage=broker.storage,
                 unstored_records=unstored,
-                lost=unstored if broker.on_memory else 0,
+                lost=lost,
+                resumed_at=start_at,
             )
 
     async def restart_broker(self, *, reason: str, memory_bytes: int | None = None) -> bool:

@@ -343,6 +343,8 @@ class EmbeddedBroker:
         self._proc: subprocess.Popen[bytes] | None = None
         self._wanted = False
         """Started and not stopped on purpose: it should be running."""
+        self.highwaters: dict[TopicPartition, int] = {}
+        """On durable storage, each partition's high watermark as the broker last started."""
 
     @property
     def bootstrap(self) -> str:
@@ -385,6 +387,7 @@ class EmbeddedBroker:
         except BaseException:
             self.stop()
             raise
+        self.highwaters = highwaters
         log.info(
             "broker_watermarks_loaded",
             partitions=len(highwaters),

@@ -38,6 +38,9 @@ from services.worker.pipeline.types import Message, Partition, Processed
 
 log = structlog.get_logger(__name__)
 
+OFFSETS_WAIT_S = 15.0
+"""How long a worker given every partition waits for the group's committed offsets."""
+
 KNOWN_IDS_RETRY_S = 30.0
 """After the known ids failed to load, how long until a batch's lookup loads them again."""
 
@@ -132,6 +135,7 @@ class Worker:
         prices: PriceCatalog | None = None,
         assign: bool = False,
         known: KnownIds | None = None,
+        start_at: dict[int, int] | None = None,
     ) -> None:
         """``assign``: read every partition of the topic without joining the group (offsets
         are still committed to it), for a worker that is the topic's only consumer, as in
@@ -139,7 +143,10 @@ class Worker:
 
         ``known``: the completions known to be stored, from a worker this one replaces on
         the same partitions (which added everything it asked about); without it, this worker
-        loads them (see :mod:`services.worker.known`)."""
+        loads them (see :mod:`services.worker.known`).
+
+        ``start_at``: with ``assign``, where to start reading partitions (partition -> offset)
+        instead of at the group's committed offsets; committed at once."""
         self.settings = settings
         self._assign = assign
         self.topic = settings.topic
@@ -152,6 +159,7 @@ class Worker:
         self._detached = False
         self._lock = asyncio.Lock()
         self._first_offsets: dict[int, int] = {}
+        self._start_at = dict(start_at or {})
         self._known = known if settings.known_ids else None
         self._letting_go = False
         """Set while partitions are revoked: a failing step gives up instead of retrying."""
@@ -338,6 +346,38 @@ class Worker:
                 log.info("rewound", partitions=self.partitions)
                 return
 
+    async def _position(self) -> None:
+        """Where a worker given every partition starts: at ``start_at`` (committed at once),
+        else at the group's committed offsets, else at the beginning.
+
+        The beginning too when the committed offsets cannot be read in
+        :data:`OFFSETS_WAIT_S`: Tansu on S3 storage fails every OffsetFetch for good once the
+        group's offsets object is cut short (s3rver truncates an object it is sent again
+        before the new one has arrived: a broker killed then leaves it empty). Reading from the
+        beginning stores nothing twice (the worker skips what is stored) and the commits
+        that follow write the object whole again.
+        """
+        start_at = dict(self._start_at)
+        for tp in self._consumer.assignment():
+            if tp.partition in start_at:
+                continue
+            try:
+                offset = await asyncio.wait_for(self._consumer.committed(tp), OFFSETS_WAIT_S)
+            except TimeoutError:
+                log.error("committed_offset_unreadable", partition=tp.partition, start="beginning")
+                start_at[tp.partition] = 0
+                continue
+            if offset is None:
+                await self._consumer.seek_to_beginning(tp)
+            else:
+                self._consumer.seek(tp, offset)
+        if start_at:
+            offsets = {TopicPartition(self.topic, p): o for p, o in start_at.items()}
+            for tp, offset in offsets.items():
+                self._consumer.seek(tp, offset)
+            await self._consumer.commit(offsets)
+            log.warning("worker_positioned", offsets=start_at)
+
     async def rewind_if_given_up(self) -> None:
         if self._rewind_pending:
             self._rewind_pending = False
@@ -368,6 +408,7 @@ class Worker:
             await self._consumer.topics()  # the topic's partitions, fresh
             partitions = sorted(self._consumer.partitions_for_topic(self.topic) or ())
             self._consumer.assign([TopicPartition(self.topic, p) for p in partitions])
+            await self._position()
             if self._known is None:
                 await self.load_known()
         else:
@@ -441,7 +482,7 @@ class Worker:
         return sum(self._pending_by_partition(acked).values())
 
     def _pending_by_partition(self, acked: dict[int, int] | None = None) -> dict[int, int]:
-        committed = self.pipeline.commit.committed
+        committed = {**self.pipeline.commit.committed, **self.pipeline.write.stored}
         highwaters: dict[int, int] = {}
         for tp in self._consumer.assignment():
             highwater = self._consumer.highwater(tp) if tp.topic == self.topic else None
@@ -476,6 +517,12 @@ class Worker:
 
     def committed_offsets(self) -> dict[int, int]:
         return {p.partition: o for p, o in self.pipeline.commit.committed.items()}
+
+    def stored_offsets(self) -> dict[int, int]:
+        """Per partition, where storing has reached: the offset after the last record stored
+        (committed or not), else the first offset fetched (nothing stored since then)."""
+        stored = {p.partition: o for p, o in self.pipeline.write.stored.items()}
+        return {**self._first_offsets, **self.committed_offsets(), **stored}
 
     def _own(self, acked: dict[int, int]) -> dict[int, int]:
         """Of the acknowledged offsets, those of this worker's partitions: in a group, the

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import re
 import signal
@@ -409,6 +410,86 @@ async def test_s3_broker_storage_keeps_what_was_acknowledged_across_restarts(
     await eventually(lambda: _is_total(third.url, "key-a", 160), timeout_s=60)
     assert '"broker_watermarks_loaded"' in third.output()
     assert third.stop() == 0
+
+
+_CLUSTER = Path("tansu", "clusters", "tansu_cluster")
+_WATERMARK = (
+    _CLUSTER / "topics" / COMPLETIONS_TOPIC / "partitions" / "0000000000" / "watermark.json"
+)
+_OFFSETS = (
+    _CLUSTER
+    / "groups"
+    / "consumers"
+    / "maniac-workers"
+    / "offsets"
+    / COMPLETIONS_TOPIC
+    / "partitions"
+    / "0000000000.json"
+)
+
+
+def _s3_object(s3: Path, key: Path) -> Path:
+    """Where s3rver keeps an object's bytes."""
+    return s3 / key.parent / f"{key.name}._S3rver_object"
+
+
+async def test_an_s3_broker_that_crashed_mid_write_is_resumed_where_it_numbers_records(
+    tmp_path: Path, env: dict[str, str], servers: list[Serve], s3_env: dict[str, str]
+) -> None:
+    """What a broker killed in the middle of its S3 writes leaves behind, as measured: s3rver
+    truncates an object it is sent again before the new one has arrived, so the group's
+    offsets object was left empty (Tansu then fails every OffsetFetch), and the partition's
+    high watermark came back far behind what had been stored (Tansu numbered new records from
+    there, behind the worker's committed offset). Both made here by hand while the broker is
+    stopped, then it is killed."""
+    s3 = tmp_path / "s3"
+    env = {**env, **s3_env, "MANIAC_API_KEYS": "projA:key-a"}
+    server = await start_serve(servers, tmp_path / "data", env)
+    await _register(server.url, "key-a", 50, batch=10)
+    await eventually(lambda: _is_total(server.url, "key-a", 50), timeout_s=60)
+    offsets = _s3_object(s3, _OFFSETS)
+    await eventually(lambda: _is_offset(offsets, 50), timeout_s=30)
+
+    broker = _broker_pid(server)
+    os.kill(broker, signal.SIGSTOP)  # it writes nothing more while its objects are changed
+    _s3_object(s3, _WATERMARK).write_text('{"low":null,"high":20,"timestamps":null}')
+    offsets.write_bytes(b"")
+    os.kill(broker, signal.SIGKILL)
+
+    async def revived() -> bool:
+        return '"broker_revived"' in server.output()
+
+    await eventually(revived, timeout_s=60)
+    # numbered from 20 by the revived broker, over what was stored: stored all the same
+    await eventually(lambda: _registers(server.url, 30, first=50), timeout_s=60, interval_s=0.5)
+    await eventually(lambda: _is_total(server.url, "key-a", 80), timeout_s=60)
+    revival = next(line for line in server.output().splitlines() if "broker_revived" in line)
+    assert '"lost": 0' in revival
+    assert '"resumed_at": {"0": 20}' in revival
+    assert server.stop() == 0
+
+    # the offsets object cut short across a restart: read from the beginning, nothing twice
+    offsets.write_bytes(b"")
+    again = await start_serve(servers, tmp_path / "data", env)
+    await _register(again.url, "key-a", 10, batch=10, first=80)
+    await eventually(lambda: _is_total(again.url, "key-a", 90), timeout_s=90)
+    assert '"committed_offset_unreadable"' in again.output()
+    assert again.stop() == 0
+
+
+async def _is_offset(path: Path, offset: int) -> bool:
+    try:
+        return bool(json.loads(path.read_bytes())["offset"] == offset)
+    except (OSError, ValueError, KeyError):
+        return False
+
+
+async def _registers(url: str, n: int, first: int) -> bool:
+    try:
+        await _register(url, "key-a", n, batch=n, first=first)
+    except (AssertionError, httpx.HTTPError):
+        return False
+    return True
 
 
 async def test_dlq_cli_replays_once_by_project_and_lists(

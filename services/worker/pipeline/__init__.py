@@ -109,6 +109,7 @@ class ProcessPool:
 @dataclass(frozen=True)
 class Pipeline:
     first: ProcessAndBatch
+    write: WriteBatch
     commit: CommitOffsets
 
 
@@ -140,4 +141,4 @@ def build_pipeline(
         max_ms=max_ms,
         offload=offload,
     )
-    return Pipeline(first=first, commit=commit_step)
+    return Pipeline(first=first, write=write_step, commit=commit_step)

@@ -364,6 +364,8 @@ class WriteBatch:
         self._record_dead = record_dead
         self._retrying = retrying
         self._next = next_step
+        self.stored: dict[Partition, int] = {}
+        """Per partition, the offset after the last batch stored (committed or not)."""
 
     async def submit(self, batch: Batch) -> None:
         started = time.perf_counter()
@@ -377,6 +379,7 @@ class WriteBatch:
             if not batch.salvage:
                 await self._retrying.run("dead_letter", lambda: self._dead_letter(batch.dead))
                 observe_dead(batch.dead)
+        self.stored.update(batch.offsets)
         log.debug(
             "batch_written",
             rows=len(batch.rows),
