@@ -6,6 +6,7 @@ maniac migrate                   apply ClickHouse migrations
 maniac keys create --project P   print a new API key (once)
 maniac keys list | revoke KEY_ID
 maniac reprice --from T --to T   re-price history after a price correction
+maniac rebuild [--check]         the list's index and the aggregates, again from completions
 maniac dlq list | replay         dead letters: list them, replay them once fixed
 """
 
@@ -177,6 +178,16 @@ async def _with_clickhouse(args: argparse.Namespace, action: str) -> int:
                 f"examined {result.examined}, re-priced {result.changed}, spend changed by "
                 f"{format(result.delta, 'f')}{' (dry run)' if args.dry_run else ''}"
             )
+        elif action == "rebuild":
+            from services.worker.rebuild import check, rebuild
+
+            counts = await (check(clickhouse) if args.check else rebuild(clickhouse))
+            for count in counts:
+                print(  # noqa: T201
+                    f"{count.table}: {count.found} of {count.expected} completions"
+                    + ("" if count.ok else "  (differs: `maniac rebuild` fills it again)")
+                )
+            return 0 if all(count.ok for count in counts) else 1
         elif action == "dlq_list":
             from services.common.losses import LossRepository
 
@@ -282,6 +293,15 @@ def build_parser() -> argparse.ArgumentParser:
     reprice.add_argument("--project", default=None)
     reprice.add_argument("--pricing-file", type=Path, default=None, dest="pricing_file")
     reprice.add_argument("--dry-run", action="store_true", dest="dry_run")
+
+    rebuild = leaf(
+        sub,
+        "rebuild",
+        "fill the list's index and the usage aggregates again from completions "
+        "(stop the workers first)",
+        admin("rebuild"),
+    )
+    rebuild.add_argument("--check", action="store_true", help="only compare them with completions")
 
     dlq = sub.add_parser("dlq", help="dead letters").add_subparsers(
         dest="dlq_command", required=True

@@ -9,6 +9,7 @@ import re
 import signal
 import socket
 import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -172,6 +173,48 @@ def test_reprice_cli_refuses_bad_ranges_and_prints_plain_decimals(
     assert "--from must be before --to" in backwards
     dry = maniac("reprice", "--from", "2025-06-01", "--to", "2025-07-01", "--dry-run")
     assert "examined 0, re-priced 0, spend changed by 0 (dry run)" in dry
+
+
+_LOSE_HALF_THE_LISTING = """
+import asyncio, sys
+from services.common.clickhouse import ClickHouse, ClickHouseTarget
+from pathlib import Path
+
+async def main() -> None:
+    ch = ClickHouse.connect(ClickHouseTarget.embedded(Path(sys.argv[1])))
+    await ch.command("DELETE FROM {database}.completion_listing WHERE completion_id < 'id-18'")
+    ch.close()
+
+asyncio.run(main())
+"""
+
+
+async def test_rebuild_cli_finds_and_fills_again_what_the_list_lost(
+    tmp_path: Path, env: dict[str, str], servers: list[Serve]
+) -> None:
+    data = tmp_path / "data"
+    env = {**env, "MANIAC_API_KEYS": "projA:key-a"}
+    server = await start_serve(servers, data, env)
+    await _register(server.url, "key-a", 20, batch=10)
+    await eventually(lambda: _is_total(server.url, "key-a", 20), timeout_s=60)
+    assert server.stop() == 0
+    assert "completion_listing: 20 of 20 completions\n" in _maniac(data, env, "rebuild", "--check")
+
+    # rows lost from the list's index (ClickHouse detaching a broken part of it, say)
+    script = [sys.executable, "-c", _LOSE_HALF_THE_LISTING, str(data)]
+    subprocess.run(script, env=env, check=True, capture_output=True)
+    lost = _maniac(data, env, "rebuild", "--check", code=1)
+    assert "completion_listing: 10 of 20 completions  (differs" in lost
+    assert "usage_hourly: 20 of 20 completions\n" in lost
+
+    assert "completion_listing: 20 of 20 completions\n" in _maniac(data, env, "rebuild")
+    again = await start_serve(servers, data, env)
+    async with httpx.AsyncClient(
+        base_url=again.url, headers={"Authorization": "Bearer key-a"}
+    ) as c:
+        page = (await c.get("/v1/chat/completions", params={"limit": 100})).json()
+    assert sorted(r["id"] for r in page["data"]) == sorted(f"id-{i}" for i in range(20))
+    assert again.stop() == 0
 
 
 def test_an_admin_command_on_a_clickhouse_that_does_not_answer_says_so(

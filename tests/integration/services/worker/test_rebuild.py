@@ -1,0 +1,82 @@
+"""The derived tables, rebuilt from completions after one lost rows, hold what they held."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from services.common.clickhouse import ClickHouse
+from services.common.settings import ServeSettings
+from services.worker.rebuild import Count, check, rebuild
+from tests.conftest import Broker, eventually
+from tests.support.worker import RunningWorker, all_committed, event, produce
+
+# What each derived table says, in a form that does not depend on how its parts merged.
+STATES = {
+    "completion_listing": (
+        "SELECT project, created, completion_id, model, container, sum(sign) AS s "
+        "FROM {database}.completion_listing GROUP BY ALL HAVING s != 0 ORDER BY ALL"
+    ),
+    "completion_counts": (
+        "SELECT project, model, container, sum(completions) AS n "
+        "FROM {database}.completion_counts GROUP BY ALL HAVING n != 0 ORDER BY ALL"
+    ),
+    **{
+        table: (
+            "SELECT project, bucket, container, model, provider, sum(requests) AS n, "
+            "sum(errors), sum(unpriced), sum(prompt_tokens), sum(completion_tokens), "
+            "sum(cached_tokens), sum(reasoning_tokens), sum(total_tokens), sum(spend) "
+            f"FROM {{database}}.{table} GROUP BY ALL HAVING n != 0 ORDER BY ALL"
+        )
+        for table in ("usage_hourly", "usage_daily")
+    },
+}
+
+
+async def _states(ch: ClickHouse) -> dict[str, list[list[Any]]]:
+    return {table: [list(r) for r in await ch.rows(sql)] for table, sql in STATES.items()}
+
+
+def _messages(version: int, changed: bool = False) -> list[tuple[bytes, bytes]]:
+    messages = []
+    for i in range(40):
+        tokens = {"prompt_tokens": 10 + i, "completion_tokens": i, "total_tokens": 10 + 2 * i}
+        extra: dict[str, Any] = {
+            "model": ["openai/gpt-4o", "unknown/model"][i % 2],
+            "usage": {**tokens, "prompt_tokens": 1000 + i} if changed else tokens,
+            "created": 1_750_000_000 + i * 3000,
+        }
+        key, value = event(f"id-{i}", **extra)
+        value = value.replace(b'"received_at_ms":1700000000000', b'"received_at_ms":%d' % version)
+        messages.append((key, value))
+    return messages
+
+
+async def test_derived_tables_that_lost_rows_are_found_and_rebuilt(
+    settings: ServeSettings, broker: Broker, clickhouse: ClickHouse, producer: Any
+) -> None:
+    changed = _messages(version=1_700_000_001_000, changed=True)[:15]  # registered again
+    await produce(producer, settings.topic, _messages(version=1_700_000_000_000) + changed)
+    async with RunningWorker(settings, broker, clickhouse) as worker:
+        await eventually(lambda: all_committed(worker, 55))
+    before = await _states(clickhouse)
+    assert all(before.values())
+    assert all(count.ok for count in await check(clickhouse))
+
+    # rows lost, as when ClickHouse detaches a broken part of each
+    for table in ("completion_listing", "completion_counts", "usage_hourly", "usage_daily"):
+        await clickhouse.command(
+            f"DELETE FROM {{database}}.{table} WHERE model = 'openai/gpt-4o'",
+        )
+    assert [count.table for count in await check(clickhouse) if not count.ok] == [
+        "completion_listing",
+        "completion_counts",
+        "usage_hourly",
+        "usage_daily",
+    ]
+
+    counts = await rebuild(clickhouse)
+    assert counts == [
+        Count(table, 40, 40)
+        for table in ("completion_listing", "completion_counts", "usage_hourly", "usage_daily")
+    ]
+    assert await _states(clickhouse) == before
