@@ -243,6 +243,8 @@ class Stack:
         if task is None:
             return
         await asyncio.wait({task}, timeout=10.0)
+        if not task.done():
+            log.error("worker_detach_timed_out", seconds=10.0)
         while not task.done():
             task.cancel()
             await asyncio.wait({task}, timeout=1.0)

@@ -15,7 +15,7 @@ from typing import Any
 
 import structlog
 from aiokafka import ConsumerRebalanceListener, TopicPartition
-from aiokafka.errors import CommitFailedError, IllegalStateError
+from aiokafka.errors import CommitFailedError, IllegalStateError, KafkaError
 
 from schemas import COMPLETIONS_INSERT_COLUMNS, COMPLETIONS_INSERT_TABLE
 from services.common.clickhouse import ClickHouse, StringArray
@@ -157,6 +157,7 @@ class Worker:
         self._losses = LossRepository(clickhouse)
         self._stopping = asyncio.Event()
         self._detached = False
+        self._detaching = asyncio.Event()
         self._lock = asyncio.Lock()
         self._first_offsets: dict[int, int] = {}
         self._start_at = dict(start_at or {})
@@ -291,10 +292,23 @@ class Worker:
     async def _commit(self, offsets: dict[Partition, int]) -> None:
         if self._detached:
             return
-        try:
-            await self._consumer.commit(
+        commit = asyncio.ensure_future(
+            self._consumer.commit(
                 {TopicPartition(p.topic, p.partition): o for p, o in offsets.items()}
             )
+        )
+        detaching = asyncio.ensure_future(self._detaching.wait())
+        try:  # a commit waits for a broker that died until it is back: not once detached
+            await asyncio.wait({commit, detaching}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            detaching.cancel()
+        if not commit.done():
+            commit.cancel()
+            with contextlib.suppress(asyncio.CancelledError, KafkaError):
+                await commit
+            return
+        try:
+            commit.result()
         except (CommitFailedError, IllegalStateError) as exc:
             # The group moved on (rebalance): the rows are stored and the new owner will
             # re-deliver them; storage deduplicates, so nothing is lost or counted twice.
@@ -508,6 +522,7 @@ class Worker:
         """Stop, storing what was fetched but committing nothing more: for a worker whose
         broker is gone (and whose offsets must not reach the one started in its place)."""
         self._detached = True
+        self._detaching.set()
         self.stop()
 
     @property

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import re
@@ -347,6 +348,50 @@ async def test_an_embedded_broker_that_dies_is_started_again(
     async with httpx.AsyncClient() as client:
         assert (await client.get(f"{server.url}/readyz")).status_code == 200
     assert server.stop() == 0
+
+
+async def test_a_broker_that_dies_under_load_is_replaced_without_waiting_on_a_commit(
+    tmp_path: Path, env: dict[str, str], servers: list[Serve]
+) -> None:
+    """A commit in flight when the broker dies waits for it to come back; the worker being
+    replaced must not wait for it (it held publishing for its whole 10 s bound)."""
+    # the default session timeout, which bounds how long aiokafka's commit waits
+    env = {k: v for k, v in env.items() if "SESSION" not in k and "HEARTBEAT" not in k}
+    env["MANIAC_API_KEYS"] = "projA:key-a"
+    server = await start_serve(servers, tmp_path / "data", env)
+    registered = 0
+
+    async def load() -> None:  # batches stored and committed all the time
+        nonlocal registered
+        while True:
+            with contextlib.suppress(AssertionError, KeyError, httpx.HTTPError):  # 503s
+                await _register(server.url, "key-a", 100, batch=100, first=registered)
+                registered += 100
+
+    loading = asyncio.create_task(load())
+    try:
+        await eventually(lambda: _is_registered(registered, 3000), timeout_s=60)
+        broker = _broker_pid(server)
+        os.kill(broker, signal.SIGSTOP)  # the batches stored meanwhile wait on their commits
+        await asyncio.sleep(1.0)
+        os.kill(broker, signal.SIGKILL)
+
+        async def revived() -> bool:
+            return '"broker_revived"' in server.output()
+
+        await eventually(revived, timeout_s=30)
+        after = registered
+        await eventually(lambda: _is_registered(registered, after + 500), timeout_s=30)
+    finally:
+        loading.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await loading
+    assert "worker_detach_timed_out" not in server.output()
+    assert server.stop() == 0
+
+
+async def _is_registered(registered: int, at_least: int) -> bool:
+    return registered >= at_least
 
 
 @pytest.fixture
