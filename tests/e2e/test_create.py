@@ -6,6 +6,7 @@ import json
 import time
 from typing import Any
 
+import httpx
 import openai
 import pytest
 from fastapi import FastAPI
@@ -25,6 +26,20 @@ TOOLS: Any = [
 
 def _sdk(api: RunningStack, key: str = "key-a") -> openai.AsyncOpenAI:
     return openai.AsyncOpenAI(base_url=f"{api.base_url}/v1", api_key=key, max_retries=0)
+
+
+async def _streamed(api: RunningStack, model: str, **kwargs: Any) -> list[Any]:
+    """The chunks the SDK reads of a streamed completion of ``model``."""
+    async with _sdk(api) as sdk:
+        stream = await sdk.chat.completions.create(
+            model=model, messages=[{"role": "user", "content": "hi"}], stream=True, **kwargs
+        )
+        return [chunk async for chunk in stream]
+
+
+async def _create(api: RunningStack, model: str) -> httpx.Response:
+    async with api.client(KEY_A) as client:
+        return await client.post("/v1/chat/completions", json={"model": model, "messages": []})
 
 
 async def _recorded(api: RunningStack, completion_id: str) -> dict[str, Any]:
@@ -129,14 +144,7 @@ async def test_upstream_key_comes_from_the_configured_env_var(
 async def test_streaming_relays_chunks_and_records_the_assembled_completion(
     api: RunningStack, include_usage: bool
 ) -> None:
-    async with _sdk(api) as sdk:
-        stream = await sdk.chat.completions.create(
-            model="mock/ok",
-            messages=[{"role": "user", "content": "stream please"}],
-            stream=True,
-            stream_options={"include_usage": include_usage},
-        )
-        chunks = [chunk async for chunk in stream]
+    chunks = await _streamed(api, "mock/ok", stream_options={"include_usage": include_usage})
     text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
     assert text == ANSWER
     usage_chunks = [c for c in chunks if c.usage is not None]
@@ -374,14 +382,9 @@ async def _events(api: RunningStack, request: dict[str, Any]) -> list[str]:
 async def test_a_stream_that_holds_no_completion_moves_on_to_the_next_model(
     api: RunningStack,
 ) -> None:
-    async with _sdk(api) as sdk:
-        stream = await sdk.chat.completions.create(
-            model="mock/errfirst",
-            messages=[{"role": "user", "content": "hi"}],
-            stream=True,
-            extra_body={"models": ["mock/error200", "mock/notjson", "mock/ok"]},
-        )
-        chunks = [chunk async for chunk in stream]
+    chunks = await _streamed(
+        api, "mock/errfirst", extra_body={"models": ["mock/error200", "mock/notjson", "mock/ok"]}
+    )
     assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == ANSWER
     record = await _recorded(api, chunks[0].id)
     assert [(a["model"], a["outcome"], a["error"]) for a in record["operation"]["attempts"]] == [
@@ -396,14 +399,7 @@ async def test_a_stream_that_holds_no_completion_moves_on_to_the_next_model(
 async def test_a_json_answer_to_a_stream_request_is_relayed_as_a_stream(
     api: RunningStack,
 ) -> None:
-    async with _sdk(api) as sdk:
-        stream = await sdk.chat.completions.create(
-            model="mock/jsonstream",
-            messages=[{"role": "user", "content": "hi"}],
-            stream=True,
-            stream_options={"include_usage": True},
-        )
-        chunks = [chunk async for chunk in stream]
+    chunks = await _streamed(api, "mock/jsonstream", stream_options={"include_usage": True})
     assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == ANSWER
     assert chunks[-1].usage is not None
     record = await _recorded(api, chunks[0].id)
@@ -475,10 +471,7 @@ async def test_a_slow_body_is_a_timeout_and_moves_on(api: RunningStack) -> None:
 
 
 async def test_the_upstreams_retry_after_is_passed_on(api: RunningStack) -> None:
-    async with api.client(KEY_A) as client:
-        response = await client.post(
-            "/v1/chat/completions", json={"model": "mock/rl-30", "messages": []}
-        )
+    response = await _create(api, "mock/rl-30")
     assert response.status_code == 429
     assert response.headers["retry-after"] == "30"
 
@@ -486,10 +479,7 @@ async def test_the_upstreams_retry_after_is_passed_on(api: RunningStack) -> None
 async def test_usage_a_record_cannot_hold_is_dropped_not_the_completion(
     api: RunningStack,
 ) -> None:
-    async with api.client(KEY_A) as client:
-        response = await client.post(
-            "/v1/chat/completions", json={"model": "mock/badusage", "messages": []}
-        )
+    response = await _create(api, "mock/badusage")
     assert response.status_code == 200
     answer = response.json()
     assert answer["usage"] is None
@@ -501,12 +491,9 @@ async def test_usage_a_record_cannot_hold_is_dropped_not_the_completion(
 async def test_a_failed_request_through_a_container_is_recorded_in_it(
     api: RunningStack,
 ) -> None:
+    assert (await _create(api, "maniac:broken")).status_code == 503
+    assert await _settled_total(api) == 1
     async with api.client(KEY_A) as client:
-        response = await client.post(
-            "/v1/chat/completions", json={"model": "maniac:broken", "messages": []}
-        )
-        assert response.status_code == 503
-        assert await _settled_total(api) == 1
         listed = (await client.get("/v1/chat/completions", params={"container": "broken"})).json()
     [record] = listed["data"]
     assert (record["container"], record["model"]) == ("broken", "mock/fail-500")
