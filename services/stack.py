@@ -225,7 +225,12 @@ class Stack:
                     return  # stopping, or a broker restart started a worker already
                 try:
                     await bounded(self._consumer.stop(), 10, "consumer_stop")
-                    await self._start_worker(resuming=self.worker)
+                    # where the failed one was (positioned after a revival, say), not where
+                    # the group's offsets may say
+                    await self._start_worker(
+                        resuming=self.worker,
+                        start_at=self.worker.committed_offsets() if self.worker else None,
+                    )
                 except Exception as exc:
                     log.error("worker_revive_failed", error=repr(exc))
                     continue

@@ -386,6 +386,7 @@ class EmbeddedBroker:
             highwaters = asyncio.run(load_watermarks(self.bootstrap, timeout_s))
         except BaseException:
             self.stop()
+            self._wanted = True  # it did not come up: still wanted (started again later)
             raise
         self.highwaters = highwaters
         log.info(

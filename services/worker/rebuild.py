@@ -11,8 +11,10 @@ the ones the migrations created).
 
 Run it while no worker writes: an insert between the emptying and the filling would be counted
 twice or not at all. (Under ``maniac serve`` that is given: its embedded ClickHouse is open in
-one process at a time.) Latency quantiles are rebuilt from the stored versions only: those of
-completions replaced since (which the views could not retract) are no longer in them.
+one process at a time.) Every query is prepared before anything is emptied; a rebuild that
+fails while filling leaves tables short, and is run again. Latency quantiles are rebuilt from
+the stored versions only: those of completions replaced since (which the views could not
+retract) are no longer in them.
 """
 
 from __future__ import annotations
@@ -68,14 +70,14 @@ async def rebuild(clickhouse: ClickHouse) -> list[Count]:
     missing = set(REBUILT) - views.keys()
     if missing:
         raise RuntimeError(f"no view from completions into {sorted(missing)}: migrate first")
+    inserts = {}  # every query made, and checked by ClickHouse, before anything is emptied
+    for table in REBUILT:
+        columns = [row[0] for row in await clickhouse.rows(f"DESCRIBE ({views[table]})")]
+        inserts[table] = f"INSERT INTO {{database}}.{table} ({', '.join(columns)}) {views[table]}"
     for table in EMPTIED:
         await clickhouse.command(f"TRUNCATE TABLE {{database}}.{table}")
-    for table in REBUILT:
-        select = views[table]
-        columns = [row[0] for row in await clickhouse.rows(f"DESCRIBE ({select})")]
-        await clickhouse.command(
-            f"INSERT INTO {{database}}.{table} ({', '.join(columns)}) {select}",
-        )
+    for table, insert in inserts.items():
+        await clickhouse.command(insert)
         log.info("derived_table_rebuilt", table=table)
     return await check(clickhouse)
 
@@ -83,9 +85,9 @@ async def rebuild(clickhouse: ClickHouse) -> list[Count]:
 async def _views(clickhouse: ClickHouse) -> dict[str, str]:
     """Per table in :data:`REBUILT`, its view's query, reading the current version of every
     completion (``completions FINAL``, stored versions only) instead of inserted blocks."""
-    database = re.escape(clickhouse.database)
-    source = re.compile(rf"\bFROM {database}\.completions\b(?:\s+AS\s+(\w+))?")
-    target = re.compile(rf"\bTO {database}\.(\w+)")
+    database = f"`?{re.escape(clickhouse.database)}`?"  # quoted when it is a keyword
+    source = re.compile(rf"\bFROM {database}\.`?completions\b`?(?:\s+AS\s+(\w+))?")
+    target = re.compile(rf"\bTO {database}\.`?(\w+)")
     views: dict[str, str] = {}
     for create, select in await clickhouse.rows(
         "SELECT create_table_query, as_select FROM system.tables "

@@ -300,6 +300,9 @@ class Worker:
         detaching = asyncio.ensure_future(self._detaching.wait())
         try:  # a commit waits for a broker that died until it is back: not once detached
             await asyncio.wait({commit, detaching}, return_when=asyncio.FIRST_COMPLETED)
+        except asyncio.CancelledError:
+            commit.cancel()  # it must not land later, on a broker started in its place
+            raise
         finally:
             detaching.cancel()
         if not commit.done():
@@ -362,34 +365,44 @@ class Worker:
 
     async def _position(self) -> None:
         """Where a worker given every partition starts: at ``start_at`` (committed at once),
-        else at the group's committed offsets, else at the beginning.
+        else at the group's committed offsets, else at the beginning. Either way it counts as
+        committed by this worker (what is pending, and where a revival resumes, start there).
 
         The beginning too when the committed offsets cannot be read in
         :data:`OFFSETS_WAIT_S`: Tansu on S3 storage fails every OffsetFetch for good once the
         group's offsets object is cut short (s3rver truncates an object it is sent again
         before the new one has arrived: a broker killed then leaves it empty). Reading from the
-        beginning stores nothing twice (the worker skips what is stored) and the commits
-        that follow write the object whole again.
+        beginning stores nothing twice (the worker skips what is stored), and committing that
+        start writes the object whole again; until it has caught up, everything before counts
+        as pending (register requests wait on the backlog limit).
         """
         start_at = dict(self._start_at)
-        for tp in self._consumer.assignment():
-            if tp.partition in start_at:
-                continue
+        unread = [tp for tp in self._consumer.assignment() if tp.partition not in start_at]
+        found: list[int | None] = [None] * len(unread)
+        if unread:
             try:
-                offset = await asyncio.wait_for(self._consumer.committed(tp), OFFSETS_WAIT_S)
-            except TimeoutError:
-                log.error("committed_offset_unreadable", partition=tp.partition, start="beginning")
-                start_at[tp.partition] = 0
-                continue
+                found = await asyncio.wait_for(
+                    asyncio.gather(*(self._consumer.committed(tp) for tp in unread)),
+                    OFFSETS_WAIT_S,
+                )
+            except TimeoutError:  # committed as it starts: the object is written whole again
+                start_at |= {tp.partition: 0 for tp in unread}
+                unread, found = [], []
+                log.error("committed_offset_unreadable", partitions=sorted(start_at))
+        for tp, offset in zip(unread, found, strict=True):
             if offset is None:
                 await self._consumer.seek_to_beginning(tp)
             else:
                 self._consumer.seek(tp, offset)
+                self.pipeline.commit.committed[Partition(self.topic, tp.partition)] = offset
         if start_at:
             offsets = {TopicPartition(self.topic, p): o for p, o in start_at.items()}
             for tp, offset in offsets.items():
                 self._consumer.seek(tp, offset)
             await self._consumer.commit(offsets)
+            self.pipeline.commit.committed.update(
+                {Partition(self.topic, p): o for p, o in start_at.items()}
+            )
             log.warning("worker_positioned", offsets=start_at)
 
     async def rewind_if_given_up(self) -> None:

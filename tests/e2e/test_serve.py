@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import json
 import os
 import re
@@ -563,6 +564,37 @@ async def test_an_s3_broker_that_crashed_mid_write_is_resumed_where_it_numbers_r
     await eventually(lambda: _is_total(again.url, "key-a", 90), timeout_s=90)
     assert '"committed_offset_unreadable"' in again.output()
     assert again.stop() == 0
+
+
+async def test_an_s3_broker_that_comes_back_behind_twice_in_a_row_is_resumed_both_times(
+    tmp_path: Path, env: dict[str, str], servers: list[Serve], s3_env: dict[str, str]
+) -> None:
+    """The second time before the worker fetched anything: where it was positioned counts."""
+    s3 = tmp_path / "s3"
+    env = {**env, **s3_env, "MANIAC_API_KEYS": "projA:key-a"}
+    server = await start_serve(servers, tmp_path / "data", env)
+    await _register(server.url, "key-a", 50, batch=10)
+    await eventually(lambda: _is_total(server.url, "key-a", 50), timeout_s=60)
+    offsets = _s3_object(s3, _OFFSETS)
+    await eventually(lambda: _is_offset(offsets, 50), timeout_s=30)
+
+    for times, behind in enumerate((20, 10), start=1):
+        broker = _broker_pid(server)
+        os.kill(broker, signal.SIGSTOP)
+        _s3_object(s3, _WATERMARK).write_text(f'{{"low":null,"high":{behind},"timestamps":null}}')
+        os.kill(broker, signal.SIGKILL)
+        revived = functools.partial(_logged, server, "broker_revived", times)
+        await eventually(revived, timeout_s=60)
+        await eventually(functools.partial(_is_offset, offsets, behind), timeout_s=30)
+
+    await eventually(lambda: _registers(server.url, 30, first=50), timeout_s=60, interval_s=0.5)
+    await eventually(lambda: _is_total(server.url, "key-a", 80), timeout_s=60)
+    assert '"resumed_at": {"0": 10}' in server.output()
+    assert server.stop() == 0
+
+
+async def _logged(server: Serve, event: str, times: int) -> bool:
+    return server.output().count(f'"{event}"') >= times
 
 
 async def _is_offset(path: Path, offset: int) -> bool:

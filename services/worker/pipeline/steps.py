@@ -379,7 +379,8 @@ class WriteBatch:
             if not batch.salvage:
                 await self._retrying.run("dead_letter", lambda: self._dead_letter(batch.dead))
                 observe_dead(batch.dead)
-        self.stored.update(batch.offsets)
+        if not batch.salvage:  # one after a failed batch: the records before it are not stored
+            self.stored.update(batch.offsets)
         log.debug(
             "batch_written",
             rows=len(batch.rows),
