@@ -2,8 +2,8 @@
 
 A key is shown once when created. The store keeps ``key_id`` (the first 16 hex digits of the
 key's SHA-256, an index only), a random salt and ``sha256(salt || key)``; a request's key is
-compared with :func:`hmac.compare_digest`. Every service refreshes its in-memory copy every
-``keys_refresh_s`` seconds, so a revoked key stops working within that time.
+compared with :func:`hmac.compare_digest`. Every service loads its in-memory copy again once it
+is ``keys_refresh_s`` old, so a revoked key stops working within twice that time.
 """
 
 from __future__ import annotations
@@ -109,14 +109,16 @@ class KeyStore:
     async def authenticate(self, key: str) -> str | None:
         """The project of ``key``, or None.
 
-        Keys are loaded again every ``refresh_s``; no request waits for that but one with a key
-        not loaded (perhaps one added since): a known key is answered from the keys at hand
-        while they are loaded again in the background, so a revocation takes effect one
-        refresh (and the time it takes) later.
+        Keys older than ``refresh_s`` are loaded again. A request with a key among them is
+        answered from them while they are loaded in the background; it waits for the load
+        when its key is not among them (perhaps one added since), or when they are older than
+        twice ``refresh_s`` (no request came for a while). So no key revoked more than twice
+        ``refresh_s`` ago is accepted, and under steady traffic requests do not wait.
         """
         project = self._lookup(key)
-        if time.monotonic() - self._loaded_at >= self._refresh_s:
-            if project is None:
+        age = time.monotonic() - self._loaded_at
+        if age >= self._refresh_s:
+            if project is None or age >= 2 * self._refresh_s:
                 await self.refresh()
                 project = self._lookup(key)
             elif self._refreshing is None or self._refreshing.done():

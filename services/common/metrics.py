@@ -71,7 +71,7 @@ WORKER_FAILURES = Counter(
 )
 CONSUMER_LAG = Gauge(
     "maniac_worker_consumer_lag",
-    "Records in the partition not yet stored and committed (high watermark - committed).",
+    "Records in the partition not yet stored (high watermark - where storing reached).",
     ["topic", "partition"],
 )
 

@@ -1,10 +1,12 @@
 """Create a chat completion: route, fall back across `models`, stream, and record.
 
 One request is one logical completion (one operation id, one recorded completion), made of one
-or more upstream attempts. An attempt that fails with 429, 5xx, a timeout or a connection error
-hands over to the next model; an upstream 4xx that is the caller's fault ends the operation and
-is passed through in the error envelope. The record is queued for Kafka after the answer is
-complete (or the client went away), never on the way to the client's first byte.
+or more upstream attempts. An attempt that fails with 408, 425, 429, a 5xx, a timeout or a
+connection error, or answers 200 with no completion in it (a stream that ends or errs before
+its first chunk), hands over to the next model; an upstream 4xx that is the caller's fault ends
+the operation and is passed through in the error envelope. The record is queued for Kafka
+after the answer is complete (or the client went away), never on the way to the client's first
+byte.
 """
 
 from __future__ import annotations

@@ -73,6 +73,9 @@ def valid_usage(usage: Any) -> dict[str, Any] | None:
     for name in ("prompt_tokens", "completion_tokens", "total_tokens"):
         if isinstance(usage.get(name), bool) or not isinstance(usage.get(name), int | float):
             return None
+    for name in ("prompt_tokens_details", "completion_tokens_details"):
+        if not isinstance(usage.get(name) or {}, dict):
+            return None
     try:
         usage_counts(usage)
     except RecordError:

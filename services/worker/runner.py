@@ -495,12 +495,12 @@ class Worker:
         await self.pipeline.first.poll()
 
     def _observe_lag(self) -> None:
-        """Consumer lag per assigned partition: high watermark minus committed offset."""
+        """Consumer lag per assigned partition: high watermark minus where storing reached."""
         for partition, lag in self._pending_by_partition().items():
             CONSUMER_LAG.labels(self.topic, str(partition)).set(lag)
 
     def pending(self, acked: dict[int, int] | None = None) -> int:
-        """Records in the topic not yet stored and committed, over this worker's partitions.
+        """Records in the topic not yet stored, over this worker's partitions.
 
         The end of a partition is its high watermark as of the last fetch, or the gateway's
         last acknowledged offset + 1 (``acked``, from a gateway in the same process) when that

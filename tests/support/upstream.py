@@ -3,9 +3,9 @@
 The model name says what to do: ``ok`` (default) answers, ``tools`` calls the first tool,
 ``fail-<status>`` answers that status with an OpenAI-style error body, ``slow-<ms>`` waits
 before answering, ``hang`` never answers, ``cut`` streams half an answer and drops the
-connection. Streams send one word per chunk (``MOCK_CHUNK_DELAY_MS`` apart when the model is
-``drip``), honour ``stream_options.include_usage``, and end with ``data: [DONE]``. Upstreams
-that misbehave: ``empty`` and ``nochoices`` answer 200 with ``{}`` and an object without
+connection. Streams send one word per chunk (50 ms apart when the model is ``drip``), honour
+``stream_options.include_usage``, and end with ``data: [DONE]`` (``nodone`` leaves it out).
+Upstreams that misbehave: ``empty`` and ``nochoices`` answer 200 with ``{}`` and an object without
 choices, ``rl-<s>`` a 429 with ``Retry-After: <s>``, ``trickle-<s>`` sends a space a second for
 ``<s>`` seconds before its answer, ``jsonstream`` answers a stream request with one JSON body,
 ``errfirst`` and ``errmid`` send an error event first and after one chunk

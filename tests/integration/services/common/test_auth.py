@@ -84,18 +84,30 @@ async def test_keys_already_loaded_keep_working_while_clickhouse_is_away(
     await eventually(rejected)
 
 
-async def test_a_known_key_never_waits_for_the_keys_to_be_loaded_again(
+async def test_a_known_key_does_not_wait_for_the_keys_to_be_loaded_again(
     clickhouse: ClickHouse,
 ) -> None:
-    store = KeyStore(clickhouse, refresh_s=0.01)
+    store = KeyStore(clickhouse, refresh_s=1.0)
     key = await store.create("projA")
-    await asyncio.sleep(0.02)
+    await store.load()
+    await asyncio.sleep(1.0)  # due for a load, and not yet twice as old
     # The client is busy (as behind a worker's insert): a reload would wait for it.
     busy = asyncio.create_task(clickhouse.rows("SELECT sleepEachRow(0.5) FROM numbers(2)"))
     await asyncio.sleep(0.1)
     assert await store.authenticate(key) == "projA"
     assert not busy.done()  # answered from the keys at hand, not after the reload
     await busy
+
+
+async def test_after_a_quiet_spell_a_revoked_key_is_refused_at_once(
+    clickhouse: ClickHouse,
+) -> None:
+    store = KeyStore(clickhouse, refresh_s=0.05)
+    key = await store.create("projA")
+    assert await store.authenticate(key) == "projA"
+    assert await KeyStore(clickhouse).revoke(key_id(key)) == 1
+    await asyncio.sleep(0.11)  # no request for twice the refresh interval
+    assert await store.authenticate(key) is None
 
 
 async def test_an_unknown_key_waits_for_the_keys_to_be_loaded_again(

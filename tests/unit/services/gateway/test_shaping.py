@@ -124,6 +124,9 @@ USAGE = {"prompt_tokens": 3, "completion_tokens": 2, "total_tokens": 5}
         ({"prompt_tokens": 3, "completion_tokens": 2}, False),
         ({**USAGE, "completion_tokens": 10**13}, False),
         ({**USAGE, "prompt_tokens_details": {"cached_tokens": "1"}}, False),
+        ({**USAGE, "prompt_tokens_details": "x"}, False),
+        ({**USAGE, "completion_tokens_details": [1]}, False),
+        ({**USAGE, "completion_tokens_details": None}, True),
         ([3, 2, 5], False),
     ],
 )
