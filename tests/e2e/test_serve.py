@@ -517,6 +517,19 @@ _OFFSETS = (
 )
 
 
+async def _fifty_stored_on_s3(
+    tmp_path: Path, env: dict[str, str], servers: list[Serve]
+) -> tuple[Serve, Path]:
+    """`maniac serve` on S3 storage with 50 items stored and committed; where s3rver keeps the
+    group's offsets."""
+    server = await start_serve(servers, tmp_path / "data", env)
+    await _register(server.url, "key-a", 50, batch=10)
+    await eventually(lambda: _is_total(server.url, "key-a", 50), timeout_s=60)
+    offsets = _s3_object(tmp_path / "s3", _OFFSETS)
+    await eventually(lambda: _is_offset(offsets, 50), timeout_s=30)
+    return server, offsets
+
+
 def _s3_object(s3: Path, key: Path) -> Path:
     """Where s3rver keeps an object's bytes."""
     return s3 / key.parent / f"{key.name}._S3rver_object"
@@ -531,17 +544,12 @@ async def test_an_s3_broker_that_crashed_mid_write_is_resumed_where_it_numbers_r
     high watermark came back far behind what had been stored (Tansu numbered new records from
     there, behind the worker's committed offset). Both made here by hand while the broker is
     stopped, then it is killed."""
-    s3 = tmp_path / "s3"
     env = {**env, **s3_env, "MANIAC_API_KEYS": "projA:key-a"}
-    server = await start_serve(servers, tmp_path / "data", env)
-    await _register(server.url, "key-a", 50, batch=10)
-    await eventually(lambda: _is_total(server.url, "key-a", 50), timeout_s=60)
-    offsets = _s3_object(s3, _OFFSETS)
-    await eventually(lambda: _is_offset(offsets, 50), timeout_s=30)
+    server, offsets = await _fifty_stored_on_s3(tmp_path, env, servers)
 
     broker = _broker_pid(server)
     os.kill(broker, signal.SIGSTOP)  # it writes nothing more while its objects are changed
-    _s3_object(s3, _WATERMARK).write_text('{"low":null,"high":20,"timestamps":null}')
+    _s3_object(tmp_path / "s3", _WATERMARK).write_text('{"low":null,"high":20,"timestamps":null}')
     offsets.write_bytes(b"")
     os.kill(broker, signal.SIGKILL)
 
@@ -570,18 +578,14 @@ async def test_an_s3_broker_that_comes_back_behind_twice_in_a_row_is_resumed_bot
     tmp_path: Path, env: dict[str, str], servers: list[Serve], s3_env: dict[str, str]
 ) -> None:
     """The second time before the worker fetched anything: where it was positioned counts."""
-    s3 = tmp_path / "s3"
     env = {**env, **s3_env, "MANIAC_API_KEYS": "projA:key-a"}
-    server = await start_serve(servers, tmp_path / "data", env)
-    await _register(server.url, "key-a", 50, batch=10)
-    await eventually(lambda: _is_total(server.url, "key-a", 50), timeout_s=60)
-    offsets = _s3_object(s3, _OFFSETS)
-    await eventually(lambda: _is_offset(offsets, 50), timeout_s=30)
+    server, offsets = await _fifty_stored_on_s3(tmp_path, env, servers)
 
     for times, behind in enumerate((20, 10), start=1):
         broker = _broker_pid(server)
         os.kill(broker, signal.SIGSTOP)
-        _s3_object(s3, _WATERMARK).write_text(f'{{"low":null,"high":{behind},"timestamps":null}}')
+        watermark = _s3_object(tmp_path / "s3", _WATERMARK)
+        watermark.write_text(f'{{"low":null,"high":{behind},"timestamps":null}}')
         os.kill(broker, signal.SIGKILL)
         revived = functools.partial(_logged, server, "broker_revived", times)
         await eventually(revived, timeout_s=60)
