@@ -186,8 +186,12 @@ class Stack:
         self, *, resuming: Worker | None = None, start_at: dict[int, int] | None = None
     ) -> None:
         """``resuming``: a worker on the same broker that stopped on an error; what it
-        committed is where this one starts, and counts as stored (the drain, the backlog)."""
+        committed is where this one starts (not where the group's offsets may say, after a
+        revival positioned it), and counts as stored (the drain, the backlog).
+        ``start_at``: where to start otherwise (see :class:`Worker`)."""
         assert self.gateway is not None
+        if resuming is not None:
+            start_at = resuming.committed_offsets()
         self._consumer = create_worker_consumer(self.bootstrap, self.settings)
         await self._consumer.start()
         self.worker = Worker(
@@ -225,12 +229,7 @@ class Stack:
                     return  # stopping, or a broker restart started a worker already
                 try:
                     await bounded(self._consumer.stop(), 10, "consumer_stop")
-                    # where the failed one was (positioned after a revival, say), not where
-                    # the group's offsets may say
-                    await self._start_worker(
-                        resuming=self.worker,
-                        start_at=self.worker.committed_offsets() if self.worker else None,
-                    )
+                    await self._start_worker(resuming=self.worker)
                 except Exception as exc:
                     log.error("worker_revive_failed", error=repr(exc))
                     continue

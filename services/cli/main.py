@@ -334,6 +334,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from clickhouse_connect.driver.exceptions import OperationalError
 
     from services.common.clickhouse import EngineInUse
+    from services.common.logging import first_line
 
     args = build_parser().parse_args(argv)
     try:
@@ -342,8 +343,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(exc, file=sys.stderr)  # noqa: T201
         return 2
     except OperationalError as exc:  # a server that does not answer: said, not a traceback
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else repr(exc)
-        print(f"ClickHouse cannot be reached: {first}", file=sys.stderr)  # noqa: T201
+        print(f"ClickHouse cannot be reached: {first_line(exc)}", file=sys.stderr)  # noqa: T201
         return 2
     return result
 

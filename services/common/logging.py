@@ -57,3 +57,9 @@ def detached(coro: Coroutine[Any, Any, T], *, name: str) -> asyncio.Task[T]:
     event with that request's bound values (its project) whichever project the event is about.
     """
     return asyncio.get_running_loop().create_task(coro, name=name, context=contextvars.Context())
+
+
+def first_line(exc: BaseException) -> str:
+    """The first line of an exception's message (ClickHouse's run to pages), or its repr."""
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else repr(exc)

@@ -127,8 +127,8 @@ def usage_counts(usage: dict[str, Any] | None) -> dict[str, int]:
     if not usage:
         return dict.fromkeys(COUNT_FIELDS, 0)
     counts = {f: token_count(usage.get(f), ("output", "usage", f)) for f in TOKEN_FIELDS}
-    prompt_details = usage.get("prompt_tokens_details") or {}
-    completion_details = usage.get("completion_tokens_details") or {}
+    prompt_details = _details(usage, "prompt_tokens_details")
+    completion_details = _details(usage, "completion_tokens_details")
     counts["cached_tokens"] = token_count(
         prompt_details.get("cached_tokens"),
         ("output", "usage", "prompt_tokens_details", "cached_tokens"),
@@ -144,6 +144,13 @@ def usage_counts(usage: dict[str, Any] | None) -> dict[str, int]:
         ("output", "usage", "completion_tokens_details", "reasoning_tokens"),
     )
     return counts
+
+
+def _details(usage: dict[str, Any], name: str) -> dict[str, Any]:
+    details = usage.get(name) or {}
+    if not isinstance(details, dict):
+        raise RecordError(("output", "usage", name), "token details must be an object")
+    return details
 
 
 def normalize_slug(slug: str) -> str:

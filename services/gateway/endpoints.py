@@ -258,15 +258,7 @@ async def _register(
 ) -> JSONResponse:
     envelope = (await read_model(request, RegisterEnvelope, settings, lease))[1]
     if len(envelope.items) > settings.max_items_per_request:
-        raise RequestValidationError(
-            [
-                {
-                    "type": "too_long",
-                    "loc": ("body", "items"),
-                    "msg": f"At most {settings.max_items_per_request} items per request.",
-                }
-            ]
-        )
+        raise too_long(("items",), settings.max_items_per_request, "items per request")
     validated = build_events(envelope, project=project, received_at_ms=time.time_ns() // 1_000_000)
     container, received = envelope.container, len(envelope.items)
     # The parsed items (some 60 objects each) are done with: let them go before waiting for the

@@ -68,15 +68,10 @@ def created_at(value: Any, default: int) -> int | float:
 def valid_usage(usage: Any) -> dict[str, Any] | None:
     """``usage`` when it is the spec's ``ChatResponseUsage`` with counts a record can hold;
     None otherwise (the answer and its record keep everything else)."""
-    if not isinstance(usage, dict):
+    required = ("prompt_tokens", "completion_tokens", "total_tokens")
+    if not isinstance(usage, dict) or any(usage.get(name) is None for name in required):
         return None
-    for name in ("prompt_tokens", "completion_tokens", "total_tokens"):
-        if isinstance(usage.get(name), bool) or not isinstance(usage.get(name), int | float):
-            return None
-    for name in ("prompt_tokens_details", "completion_tokens_details"):
-        if not isinstance(usage.get(name) or {}, dict):
-            return None
-    try:
+    try:  # what a record needs of them: counts that are numbers, details that are objects
         usage_counts(usage)
     except RecordError:
         return None

@@ -91,15 +91,14 @@ class UpstreamClient:
             attempt.latency_ms = round((time.perf_counter() - started) * 1000, 1)
             if response.status_code == 200:
                 attempt.outcome = "ok"
-            elif response.status_code == 429:
-                attempt.outcome = "retryable"
-                attempt.retry_after_s = retry_after_s(response.headers.get("retry-after"))
             else:
                 attempt.outcome = (
                     "retryable"
                     if response.status_code in RETRYABLE or response.status_code >= 500
                     else "caller_error"
                 )
+            if response.status_code == 429:
+                attempt.retry_after_s = retry_after_s(response.headers.get("retry-after"))
             return response
         attempt.latency_ms = round((time.perf_counter() - started) * 1000, 1)
         return None
@@ -188,44 +187,37 @@ class UpstreamStream:
         self,
         response: httpx.Response,
         first: list[dict[str, Any]],
-        rest: AsyncIterator[str] | None = None,
+        lines: AsyncIterator[str] | None = None,
     ) -> None:
-        """``first``: the chunks already read; ``rest``: the lines still to come (None: the
+        """``first``: the chunks already read; ``lines``: the lines still to come (None: the
         answer is whole, as when an upstream answers a stream request with one JSON body)."""
         self.response = response
         self._first = first
-        self._rest = rest
-        self.done = rest is None
+        self._rest = None if lines is None else self._read(lines)
+        self.done = lines is None
 
     @classmethod
     async def open(cls, response: httpx.Response, attempt: Attempt) -> UpstreamStream | None:
         """Read up to the first chunk; None, with ``attempt`` marked retryable and the
         response closed, when the stream ends or fails first (the next model is tried)."""
-        lines = response.aiter_lines()
-        error = "upstream stream ended before its first chunk"
-        try:
-            async for line in lines:  # (cancelled: the caller closes the response)
-                chunk = _event(line)
-                if chunk is _DONE:
-                    break
-                if isinstance(chunk, dict):
-                    failed = _stream_error(chunk)
-                    if failed is None:
-                        return cls(response, [chunk], lines)
-                    error = f"upstream stream began with an error: {failed.message}"
-                    break
+        stream = cls(response, [], response.aiter_lines())
+        assert stream._rest is not None
+        try:  # (cancelled: the caller closes the response)
+            stream._first.append(await anext(stream._rest))
+        except StopAsyncIteration:
+            error = "upstream stream ended before its first chunk"
+        except StreamError as exc:
+            error = f"upstream stream began with an error: {exc.message}"
         except httpx.HTTPError as exc:
             error = f"stream broken before its first chunk: {type(exc).__name__}"
+        else:
+            return stream
         await response.aclose()
         attempt.outcome, attempt.error = "retryable", error
         return None
 
-    async def chunks(self) -> AsyncIterator[dict[str, Any]]:
-        while self._first:
-            yield self._first.pop(0)
-        if self._rest is None:
-            return
-        async for line in self._rest:
+    async def _read(self, lines: AsyncIterator[str]) -> AsyncIterator[dict[str, Any]]:
+        async for line in lines:
             chunk = _event(line)
             if chunk is _DONE:
                 self.done = True
@@ -234,4 +226,11 @@ class UpstreamStream:
                 failed = _stream_error(chunk)
                 if failed is not None:
                     raise failed
+                yield chunk
+
+    async def chunks(self) -> AsyncIterator[dict[str, Any]]:
+        while self._first:
+            yield self._first.pop(0)
+        if self._rest is not None:
+            async for chunk in self._rest:
                 yield chunk

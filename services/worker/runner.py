@@ -509,7 +509,7 @@ class Worker:
         return sum(self._pending_by_partition(acked).values())
 
     def _pending_by_partition(self, acked: dict[int, int] | None = None) -> dict[int, int]:
-        committed = {**self.pipeline.commit.committed, **self.pipeline.write.stored}
+        reached = {**self.pipeline.commit.committed, **self.pipeline.write.stored}
         highwaters: dict[int, int] = {}
         for tp in self._consumer.assignment():
             highwater = self._consumer.highwater(tp) if tp.topic == self.topic else None
@@ -520,9 +520,9 @@ class Worker:
             ends[p] = max(ends.get(p, 0), offset + 1)
         pending = {}
         for p, end in ends.items():
-            done = committed.get(Partition(self.topic, p))
+            done = reached.get(Partition(self.topic, p))
             if done is None:
-                # nothing committed by this worker yet: it started at its first fetched offset,
+                # nothing stored by this worker yet: it started at its first fetched offset,
                 # or, having fetched nothing from the partition, at its high watermark
                 done = self._first_offsets.get(p, highwaters.get(p, 0))
             pending[p] = max(end - done, 0)

@@ -28,12 +28,19 @@ def _sdk(api: RunningStack, key: str = "key-a") -> openai.AsyncOpenAI:
     return openai.AsyncOpenAI(base_url=f"{api.base_url}/v1", api_key=key, max_retries=0)
 
 
-async def _streamed(api: RunningStack, model: str, **kwargs: Any) -> list[Any]:
-    """The chunks the SDK reads of a streamed completion of ``model``."""
+HI: Any = [{"role": "user", "content": "hi"}]
+
+
+async def _completed(api: RunningStack, model: str, **kwargs: Any) -> Any:
+    """What the SDK answers for a completion of ``model`` asked "hi"."""
     async with _sdk(api) as sdk:
-        stream = await sdk.chat.completions.create(
-            model=model, messages=[{"role": "user", "content": "hi"}], stream=True, **kwargs
-        )
+        return await sdk.chat.completions.create(model=model, messages=HI, **kwargs)
+
+
+async def _streamed(api: RunningStack, model: str, **kwargs: Any) -> list[Any]:
+    """The chunks the SDK reads of a streamed completion of ``model`` asked "hi"."""
+    async with _sdk(api) as sdk:
+        stream = await sdk.chat.completions.create(model=model, messages=HI, stream=True, **kwargs)
         return [chunk async for chunk in stream]
 
 
@@ -187,12 +194,11 @@ async def test_tool_calls(api: RunningStack, stream: bool) -> None:
 
 
 async def test_fallback_moves_on_after_429_5xx_and_connection_errors(api: RunningStack) -> None:
-    async with _sdk(api) as sdk:
-        completion = await sdk.chat.completions.create(
-            model="mock/fail-429",
-            messages=[{"role": "user", "content": "hi"}],
-            extra_body={"models": ["mock/fail-503", "down/any", "mock/hang", "mock/ok"]},
-        )
+    completion = await _completed(
+        api,
+        "mock/fail-429",
+        extra_body={"models": ["mock/fail-503", "down/any", "mock/hang", "mock/ok"]},
+    )
     assert completion.model == "mock/ok"
     record = await _recorded(api, completion.id)
     attempts = record["operation"]["attempts"]
@@ -210,12 +216,11 @@ async def test_fallback_moves_on_after_429_5xx_and_connection_errors(api: Runnin
 async def test_a_200_that_holds_no_completion_moves_on_to_the_next_model(
     api: RunningStack,
 ) -> None:
-    async with _sdk(api) as sdk:
-        completion = await sdk.chat.completions.create(
-            model="mock/notjson",
-            messages=[{"role": "user", "content": "hi"}],
-            extra_body={"models": ["mock/error200", "mock/empty", "mock/nochoices", "mock/ok"]},
-        )
+    completion = await _completed(
+        api,
+        "mock/notjson",
+        extra_body={"models": ["mock/error200", "mock/empty", "mock/nochoices", "mock/ok"]},
+    )
     assert completion.model == "mock/ok"
     attempts = (await _recorded(api, completion.id))["operation"]["attempts"]
     assert [(a["model"], a["status"], a["outcome"], a["error"]) for a in attempts] == [
@@ -288,10 +293,7 @@ async def test_unknown_model_or_container_is_404(api: RunningStack, model: str) 
 
 @pytest.mark.parametrize("slug", ["maniac:support", "maniac/support"])
 async def test_container_slug_routes_to_its_model(api: RunningStack, slug: str) -> None:
-    async with _sdk(api) as sdk:
-        completion = await sdk.chat.completions.create(
-            model=slug, messages=[{"role": "user", "content": "hi"}]
-        )
+    completion = await _completed(api, slug)
     assert completion.model == "mock/ok"
     record = await _recorded(api, completion.id)
     assert record["container"] == "support"
@@ -454,13 +456,8 @@ async def test_a_stream_records_reasoning_logprobs_and_the_gateways_creation_tim
 
 
 async def test_a_slow_body_is_a_timeout_and_moves_on(api: RunningStack) -> None:
-    async with _sdk(api) as sdk:
-        started = time.monotonic()
-        completion = await sdk.chat.completions.create(
-            model="mock/trickle-6",
-            messages=[{"role": "user", "content": "hi"}],
-            extra_body={"models": ["mock/ok"]},
-        )
+    started = time.monotonic()
+    completion = await _completed(api, "mock/trickle-6", extra_body={"models": ["mock/ok"]})
     assert time.monotonic() - started < 5  # the provider's timeout_s is 2, for the whole body
     assert completion.model == "mock/ok"
     attempts = (await _recorded(api, completion.id))["operation"]["attempts"]

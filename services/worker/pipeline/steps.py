@@ -22,6 +22,7 @@ from schemas import COMPLETIONS_INSERT_COLUMNS
 from schemas.events import split_key
 from services.common.clickhouse import rejects_data
 from services.common.codec import loads
+from services.common.logging import first_line
 from services.common.metrics import (
     INGESTION_LAG,
     PROJECT_DEAD,
@@ -379,17 +380,16 @@ class WriteBatch:
             if not batch.salvage:
                 await self._retrying.run("dead_letter", lambda: self._dead_letter(batch.dead))
                 observe_dead(batch.dead)
-        if not batch.salvage:  # one after a failed batch: the records before it are not stored
-            self.stored.update(batch.offsets)
         log.debug(
             "batch_written",
             rows=len(batch.rows),
             dead=len(batch.dead),
             ms=round((time.perf_counter() - started) * 1000, 1),
         )
-        if batch.salvage:
+        if batch.salvage:  # one after a failed batch: the records before it are not stored
             log.warning("batch_salvaged", rows=len(batch.rows), dead=len(batch.dead))
             return
+        self.stored.update(batch.offsets)
         await self._next.submit(batch.offsets)
 
     async def _insert_rows(self, rows: list[Row]) -> None:
@@ -434,8 +434,7 @@ def _by_completion(rows: list[Row]) -> list[list[Row]]:
 
 
 def _first_line(exc: Exception) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0][:300] if text else repr(exc)
+    return first_line(exc)[:300]
 
 
 class CommitOffsets:
