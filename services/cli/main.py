@@ -210,7 +210,10 @@ async def _with_clickhouse(args: argparse.Namespace, action: str) -> int:
 
 
 async def _replay(args: argparse.Namespace, settings: CommonSettings, clickhouse: Any) -> int:
+    from aiokafka.errors import KafkaError
+
     from services.common.kafka import create_producer
+    from services.common.logging import first_line
     from services.common.losses import LossRepository
     from services.common.replay import producer_publish, replay
 
@@ -222,7 +225,15 @@ async def _replay(args: argparse.Namespace, settings: CommonSettings, clickhouse
         )
         return 2
     producer = create_producer(settings.kafka_bootstrap)
-    await producer.start()
+    try:
+        await producer.start()
+    except KafkaError as exc:  # a broker that does not answer: said, not a traceback
+        await producer.stop()
+        print(  # noqa: T201
+            f"Kafka cannot be reached at {settings.kafka_bootstrap}: {first_line(exc)}",
+            file=sys.stderr,
+        )
+        return 2
     try:
         result = await replay(
             bootstrap=settings.kafka_bootstrap,

@@ -230,6 +230,19 @@ def test_an_admin_command_on_a_clickhouse_that_does_not_answer_says_so(
     assert "Traceback" not in refused
 
 
+def test_a_dlq_replay_on_a_kafka_that_does_not_answer_says_so(
+    tmp_path: Path, env: dict[str, str]
+) -> None:
+    _maniac(tmp_path, env, "migrate")
+    with socket.socket() as sock:  # a port nothing listens on
+        sock.bind(("127.0.0.1", 0))
+        away = {**env, "MANIAC_KAFKA_BOOTSTRAP": f"127.0.0.1:{sock.getsockname()[1]}"}
+    refused = _maniac(tmp_path, away, "dlq", "replay", "--dry-run", code=2)
+    assert "Kafka cannot be reached at 127.0.0.1:" in refused
+    assert "Traceback" not in refused
+    assert "Unclosed" not in refused
+
+
 async def test_kill_9_does_not_leave_the_embedded_broker_behind(
     tmp_path: Path, env: dict[str, str], servers: list[Serve]
 ) -> None:
