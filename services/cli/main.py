@@ -16,6 +16,7 @@ import argparse
 import asyncio
 import contextlib
 import signal
+import socket
 import sys
 from collections.abc import Iterator, Sequence
 from datetime import UTC, datetime
@@ -70,6 +71,18 @@ def _serve_uvicorn(app: Any, host: str, port: int) -> None:
     Server(config).run()
 
 
+def cannot_listen(host: str, port: int) -> str | None:
+    """Why ``host:port`` cannot be listened on now (as uvicorn will bind it), or None."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((host, port))
+        except OSError as exc:
+            return exc.strerror or str(exc)
+    return None
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     from services.common.clickhouse import ClickHouse
     from services.common.kafka import EmbeddedBroker
@@ -77,6 +90,15 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from services.stack import Stack
 
     settings: ServeSettings = _settings(ServeSettings, args)
+    # before anything starts: a first run would otherwise print its development key and stop
+    busy = cannot_listen(settings.host, settings.port)
+    if busy is not None:
+        print(  # noqa: T201
+            f"maniac serve cannot listen on {settings.host}:{settings.port} ({busy}): stop "
+            "what uses it, or choose another port (MANIAC_PORT or --port).",
+            file=sys.stderr,
+        )
+        return 2
     settings.data_dir.mkdir(parents=True, exist_ok=True)
     clickhouse = ClickHouse.connect(clickhouse_target(settings))  # first: it may be in use
     broker: EmbeddedBroker | None = None

@@ -97,6 +97,27 @@ async def test_without_keys_a_dev_key_is_created_and_printed(
     assert server.stop() == 0
 
 
+def test_a_port_in_use_is_refused_before_anything_starts(
+    tmp_path: Path, env: dict[str, str], servers: list[Serve]
+) -> None:
+    env.pop("MANIAC_API_KEYS", None)
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        server = Serve(tmp_path / "data", env)
+        server.port = taken.getsockname()[1]
+        servers.append(server)
+        server.start()
+        assert server.proc.wait(timeout=30) == 2
+    output = server.output()
+    assert f"cannot listen on 127.0.0.1:{server.port}" in output
+    assert "MANIAC_PORT" in output
+    # nothing started: no broker, no database, and no development key printed and lost
+    assert "broker_started" not in output
+    assert "mk-" not in output
+    assert not (tmp_path / "data" / "clickhouse").exists()
+
+
 async def _is_total(url: str, key: str, n: int) -> bool:
     return await _total(url, key) == n
 
