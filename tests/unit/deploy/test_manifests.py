@@ -70,3 +70,19 @@ def test_grafana_dashboard_queries_the_aggregate_tables() -> None:
     sqls = [t["rawSql"] for p in dashboard["panels"] for t in p["targets"]]
     assert len(sqls) == 5
     assert all("maniac.usage_" in sql and "project = '${project}'" in sql for sql in sqls)
+
+
+def test_the_image_build_context_holds_only_what_the_dockerfile_copies() -> None:
+    copied = set()
+    for line in (DEPLOY / "Dockerfile").read_text().splitlines():
+        words = line.split()
+        if words[:1] == ["COPY"] and not any(w.startswith("--from") for w in words):
+            copied |= set(words[1:-1])
+    ignore = [
+        line.strip()
+        for line in (DEPLOY.parent / ".dockerignore").read_text().splitlines()
+        if line.strip() and not line.startswith("#")
+    ]
+    # everything is left out (a local .venv, .maniac, .env), then what is copied let back in
+    assert ignore[0] == "*"
+    assert copied == {line[1:] for line in ignore if line.startswith("!")}
