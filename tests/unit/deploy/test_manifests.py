@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any
 
@@ -86,3 +87,21 @@ def test_the_image_build_context_holds_only_what_the_dockerfile_copies() -> None
     # everything is left out (a local .venv, .maniac, .env), then what is copied let back in
     assert ignore[0] == "*"
     assert copied == {line[1:] for line in ignore if line.startswith("!")}
+
+
+def _nginx_directives(conf: str) -> list[str]:
+    conf = re.sub(r"#[^\n]*", "", conf).replace("maniac-gateway:", "gateway:")
+    conf = conf.replace("maniac-query:", "query:")
+    return sorted(d.strip() for d in re.split(r"[;{}]", " ".join(conf.split())) if d.strip())
+
+
+def test_the_kubernetes_proxy_routes_as_the_compose_one_and_keeps_the_clients_host() -> None:
+    compose = _nginx_directives((DEPLOY / "nginx.conf").read_text())
+    proxy = next(
+        d
+        for d in _documents()
+        if d["kind"] == "ConfigMap" and d["metadata"]["name"] == "maniac-proxy"
+    )
+    assert _nginx_directives(proxy["data"]["nginx.conf"]) == compose
+    # the services build redirects (a trailing slash) from Host: the client's, port and all
+    assert "proxy_set_header Host $http_host" in compose
