@@ -120,26 +120,31 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def cmd_gateway(args: argparse.Namespace) -> int:
+    from services.common.runtime import wait_for_dependencies
     from services.gateway.app import create_app
 
     settings: GatewaySettings = _settings(GatewaySettings, args)
+    asyncio.run(wait_for_dependencies(settings, broker=True))
     _serve_uvicorn(create_app(settings), args.host or "0.0.0.0", args.port or 8000)
     return 0
 
 
 def cmd_query(args: argparse.Namespace) -> int:
+    from services.common.runtime import wait_for_dependencies
     from services.query.app import create_app
 
     settings: QuerySettings = _settings(QuerySettings, args)
+    asyncio.run(wait_for_dependencies(settings, broker=False))
     _serve_uvicorn(create_app(settings), args.host or "0.0.0.0", args.port or 8001)
     return 0
 
 
 def cmd_worker(args: argparse.Namespace) -> int:
-    from services.common.runtime import tune_gc
+    from services.common.runtime import tune_gc, wait_for_dependencies
     from services.worker.main import run
 
     settings: WorkerSettings = _settings(WorkerSettings, args)
+    asyncio.run(wait_for_dependencies(settings, broker=True))
     tune_gc()
     asyncio.run(run(settings))
     return 0
@@ -368,11 +373,12 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     from services.common.clickhouse import EngineInUse
     from services.common.logging import first_line
+    from services.common.runtime import NotReady
 
     args = build_parser().parse_args(argv)
     try:
         result: int = args.func(args)
-    except EngineInUse as exc:
+    except (EngineInUse, NotReady) as exc:
         print(exc, file=sys.stderr)  # noqa: T201
         return 2
     except OperationalError as exc:  # a server that does not answer: said, not a traceback

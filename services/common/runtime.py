@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import asyncio
 import gc
+import time
 
 import structlog
+from clickhouse_connect.driver.exceptions import OperationalError
 
 from services.common.auth import KeyStore, RevokedKey, parse_seed
 from services.common.clickhouse import ClickHouse, ClickHouseTarget
-from services.common.kafka import ensure_topics
-from services.common.migrations import migrate, wait_for_schema
+from services.common.kafka import broker_reachable, ensure_topics
+from services.common.logging import first_line
+from services.common.migrations import SchemaNotReady, migrate, wait_for_schema
 from services.common.settings import CommonSettings
 
 log = structlog.get_logger(__name__)
@@ -50,6 +54,53 @@ def require_bootstrap(settings: CommonSettings) -> str:
             "or use `maniac serve`, which starts an embedded one."
         )
     return settings.kafka_bootstrap
+
+
+class NotReady(RuntimeError):
+    """What a service needs at start-up did not answer within ``MANIAC_MIGRATIONS_WAIT_S``."""
+
+
+async def wait_for_dependencies(
+    settings: CommonSettings, *, broker: bool, poll_s: float = 2.0
+) -> None:
+    """Return once what a service on its own needs answers: a ClickHouse server with every
+    migration applied, then the broker when ``broker``; :class:`NotReady` after
+    ``MANIAC_MIGRATIONS_WAIT_S`` without.
+
+    On a cluster the services may start before ClickHouse, the broker or ``maniac migrate``
+    (Kubernetes has no start order): they wait, saying what for, instead of failing with a
+    traceback and being restarted until everything is up. A ``chdb://`` directory has no server
+    to wait for: it opens in the service itself.
+    """
+    deadline = time.monotonic() + settings.migrations_wait_s
+
+    def left() -> float:
+        return deadline - time.monotonic()
+
+    target = clickhouse_target(settings)
+    if target.interface != "chdb":
+        while True:
+            try:
+                clickhouse = await asyncio.to_thread(ClickHouse.connect, target)
+                break
+            except OperationalError as exc:
+                if left() <= 0:
+                    raise NotReady(f"ClickHouse cannot be reached: {first_line(exc)}") from exc
+                log.info("waiting_for_clickhouse", reason=first_line(exc), left_s=round(left(), 1))
+                await asyncio.sleep(min(poll_s, left()))
+        try:
+            await wait_for_schema(clickhouse, timeout_s=max(left(), 0.0), poll_s=poll_s)
+        except SchemaNotReady as exc:
+            raise NotReady(str(exc)) from exc
+        finally:
+            clickhouse.close()
+    if broker:
+        bootstrap = require_bootstrap(settings)
+        while not await broker_reachable(bootstrap):
+            if left() <= 0:
+                raise NotReady(f"Kafka cannot be reached at {bootstrap}")
+            log.info("waiting_for_broker", bootstrap=bootstrap, left_s=round(left(), 1))
+            await asyncio.sleep(min(poll_s, left()))
 
 
 async def prepare_clickhouse(

@@ -51,7 +51,8 @@ class CommonSettings(BaseSettings):
         default=300.0,
         ge=0,
         description="How long `maniac gateway`, `worker` and `query` wait at start-up for "
-        "`maniac migrate` to have applied every migration they know.",
+        "ClickHouse and the broker to answer and for `maniac migrate` to have applied every "
+        "migration they know.",
     )
     rate_limit_per_minute: int = Field(
         default=6_000, ge=0, description="Requests per minute per API key and process; 0: off."

@@ -5,13 +5,15 @@ from __future__ import annotations
 
 import contextlib
 import signal
+import socket
 import subprocess
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import httpx
+from aiokafka.admin import AIOKafkaAdminClient
 
-from services.common.kafka import create_producer, free_port
+from services.common.kafka import EmbeddedBroker, create_producer, free_port
 from tests.conftest import Broker, eventually, unique
 from tests.support.serve import MANIAC
 from tests.support.worker import event, produce
@@ -90,3 +92,77 @@ async def test_a_worker_process_stores_serves_its_metrics_and_the_query_process_
             )
 
         await eventually(listed, timeout_s=60, interval_s=0.2)
+
+
+async def _has_topic(bootstrap: str, topic: str) -> bool:
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
+    await admin.start()
+    try:
+        return topic in await admin.list_topics()
+    finally:
+        await admin.close()
+
+
+async def test_a_worker_started_before_its_broker_waits_for_it(
+    env: dict[str, str], tmp_path: Path
+) -> None:
+    port, metrics_port, project = free_port(), free_port(), unique("p")
+    topic = unique("maniac.completions")
+    env = {
+        **env,
+        "MANIAC_KAFKA_BOOTSTRAP": f"127.0.0.1:{port}",
+        "MANIAC_CLICKHOUSE_URL": f"chdb://{tmp_path / 'chdb'}",
+        "MANIAC_TOPIC": topic,
+        "MANIAC_DEAD_LETTER_TOPIC": unique("maniac.dlq"),
+        "MANIAC_CONSUMER_GROUP": unique("group"),
+        "MANIAC_METRICS_PORT": str(metrics_port),
+        "MANIAC_MIGRATIONS_WAIT_S": "120",
+    }
+    subprocess.run([MANIAC, "migrate"], env=env, check=True, capture_output=True, timeout=120)
+    broker = EmbeddedBroker(port=port, log_file=tmp_path / "tansu.log")
+    try:
+        with running(["worker"], env, tmp_path / "worker.log") as alive:
+
+            async def waiting() -> bool:
+                return "waiting_for_broker" in alive()
+
+            await eventually(waiting, timeout_s=30, interval_s=0.2)
+            broker.start()  # a cluster's broker may come up after its workers
+
+            async def topic_created() -> bool:
+                alive()
+                return await _has_topic(broker.bootstrap, topic)
+
+            await eventually(topic_created, timeout_s=60, interval_s=0.5)
+            producer = create_producer(broker.bootstrap, linger_ms=0)
+            await producer.start()
+            try:
+                await produce(producer, topic, [event(f"c{i}", project) for i in range(3)])
+            finally:
+                await producer.stop()
+            stored = f'maniac_project_records_stored_total{{project="{project}"}} 3.0'
+
+            async def stored_all() -> bool:
+                alive()
+                url = f"http://127.0.0.1:{metrics_port}/metrics"
+                return await _answers(url, lambda response: stored in response.text)
+
+            await eventually(stored_all, timeout_s=90, interval_s=0.2)
+    finally:
+        broker.stop()
+
+
+def test_a_clickhouse_server_that_never_answers_is_said_in_one_line(
+    env: dict[str, str], tmp_path: Path
+) -> None:
+    with socket.socket() as closed:  # a port nothing listens on
+        closed.bind(("127.0.0.1", 0))
+        url = f"http://127.0.0.1:{closed.getsockname()[1]}/maniac"
+    env = {**env, "MANIAC_CLICKHOUSE_URL": url, "MANIAC_MIGRATIONS_WAIT_S": "2"}
+    args = [MANIAC, "query", "--host", "127.0.0.1", "--port", str(free_port())]
+    result = subprocess.run(args, env=env, capture_output=True, text=True, timeout=60, check=False)
+    output = result.stdout + result.stderr
+    assert result.returncode == 2, output
+    assert "waiting_for_clickhouse" in output  # it waited, saying what for
+    assert "ClickHouse cannot be reached: " in result.stderr
+    assert "Traceback" not in output
