@@ -6,6 +6,7 @@ from typing import Annotated, Literal
 
 from fastapi import APIRouter, Depends, Query, Request
 from fastapi.responses import Response
+from starlette.convertors import PathConvertor, register_url_convertor
 
 from schemas.api import ChatListRes, ChatResRelaxed
 from services.common.auth import ProjectDep
@@ -21,6 +22,17 @@ async def _repository(request: Request) -> CompletionsRepository:
 
 
 RepositoryDep = Annotated[CompletionsRepository, Depends(_repository)]
+
+
+class _RestOfPath(PathConvertor):
+    """The rest of the path, whatever it holds. Starlette's ``path`` (``.*``) stops at a
+    newline, and its route's closing ``$`` lets a trailing one go: an id ``a\\nb`` matched no
+    route, and ``a\\n`` fetched ``a``."""
+
+    regex = r"[\s\S]*"
+
+
+register_url_convertor("rest", _RestOfPath())
 
 
 def _json(body: bytes) -> Response:
@@ -45,8 +57,8 @@ async def list_completions(
     return _json(b'{"object":"list","data":[' + data + b'],"total":' + str(total).encode() + b"}")
 
 
-# ``:path``: a registered id may hold a ``/`` (sent as ``%2F``, or as it is)
-@router.get("/v1/chat/completions/{completion_id:path}", response_model=ChatResRelaxed)
+# ``:rest``: a registered id may hold a ``/`` (sent as ``%2F``, or as it is), or a newline
+@router.get("/v1/chat/completions/{completion_id:rest}", response_model=ChatResRelaxed)
 async def get_completion(
     completion_id: str, project: ProjectDep, repository: RepositoryDep
 ) -> Response:

@@ -10,6 +10,7 @@ import json
 import uuid
 from collections.abc import AsyncIterator
 from typing import Any
+from urllib.parse import quote
 
 import httpx
 import pytest
@@ -198,6 +199,23 @@ async def test_an_id_with_a_slash_is_fetched_by_its_id(api: RunningStack) -> Non
         assert (
             missing.json()["error"]["message"] == "No chat completion 'org/run-2' in this project."
         )
+
+
+async def test_an_id_with_a_newline_is_fetched_by_its_id(api: RunningStack) -> None:
+    ids = ["run", "run\n", "run\nb"]
+    items = [_item(n, id=i) for n, i in enumerate(ids)]
+    async with api.client(KEY_A) as client:
+        payload = {"container": "c", "items": items}
+        assert (await client.post("/v1/chat/completions/register", json=payload)).is_success
+        await _visible(client, len(ids))
+        for n, completion_id in enumerate(ids):
+            response = await client.get(f"/v1/chat/completions/{quote(completion_id, safe='')}")
+            assert response.status_code == 200, (completion_id, response.text)
+            assert response.json()["id"] == completion_id
+            assert response.json()["choices"][0]["message"]["content"] == f"a{n}"
+        missing = await client.get("/v1/chat/completions/run%0Ac")
+        _error(missing, 404, "not_found")
+        assert missing.json()["error"]["message"] == "No chat completion 'run\\nc' in this project."
 
 
 async def test_the_same_id_twice_in_one_request_keeps_the_later_item(api: RunningStack) -> None:
