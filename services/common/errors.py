@@ -12,7 +12,9 @@ The tree::
     └── ServiceUnavailable         503 service_unavailable
 
 Every one renders as the spec's envelope ``{"error": {"code", "message", "details"}}``.
-Request validation errors stay FastAPI's ``{"detail": [...]}`` with status 422.
+Request validation errors stay FastAPI's ``{"detail": [...]}`` with status 422. A ClickHouse
+server that does not answer (clickhouse-connect's ``OperationalError``: refused, reset, timed
+out) is a 503 ``service_unavailable`` with ``Retry-After``, not a 500: the request may be retried.
 """
 
 from __future__ import annotations
@@ -20,10 +22,12 @@ from __future__ import annotations
 from typing import Any, ClassVar
 
 import structlog
+from clickhouse_connect.driver.exceptions import OperationalError
 from fastapi import FastAPI, Request
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import Match
 
+from services.common.logging import first_line
 from services.common.responses import JSONResponse
 
 log = structlog.get_logger(__name__)
@@ -136,6 +140,18 @@ async def _http_error(request: Request, exc: Exception) -> JSONResponse:
     return JSONResponse(body, status_code=exc.status_code, headers=headers)
 
 
+CLICKHOUSE_RETRY_AFTER_S = 1
+
+
+async def _clickhouse_unavailable(_: Request, exc: Exception) -> JSONResponse:
+    log.warning("clickhouse_unavailable", error=first_line(exc))
+    unavailable = ServiceUnavailable(
+        "ClickHouse did not answer; try again shortly.",
+        headers={"Retry-After": str(CLICKHOUSE_RETRY_AFTER_S)},
+    )
+    return error_response(unavailable)
+
+
 async def _unhandled(_: Request, exc: Exception) -> JSONResponse:
     log.exception("unhandled_error", error=repr(exc))
     return error_response(ManiacError("Internal server error."))
@@ -145,4 +161,5 @@ def install_error_handlers(app: FastAPI) -> None:
     """Render every error in the spec's envelope (422 validation errors excepted)."""
     app.add_exception_handler(ManiacError, _maniac_error)
     app.add_exception_handler(StarletteHTTPException, _http_error)
+    app.add_exception_handler(OperationalError, _clickhouse_unavailable)
     app.add_exception_handler(Exception, _unhandled)
