@@ -212,11 +212,17 @@ async def require_project(request: Request) -> str:
     header = request.headers.get("authorization", "")
     scheme, _, token = header.partition(" ")
     if scheme.lower() != "bearer" or not token.strip():
-        raise Unauthorized("Missing API key: send 'Authorization: Bearer <key>'.")
+        # RFC 6750: a 401 names the scheme it wants, and why the token was refused
+        raise Unauthorized(
+            "Missing API key: send 'Authorization: Bearer <key>'.",
+            headers={"WWW-Authenticate": "Bearer"},
+        )
     store: KeyStore = request.state.keys
     project = await store.authenticate(token.strip())
     if project is None:
-        raise Unauthorized("Invalid API key.")
+        raise Unauthorized(
+            "Invalid API key.", headers={"WWW-Authenticate": 'Bearer error="invalid_token"'}
+        )
     structlog.contextvars.bind_contextvars(project=project)
     limiter: RateLimiter | None = getattr(request.state, "rate_limiter", None)
     if limiter is not None and limiter.enabled:

@@ -366,6 +366,10 @@ async def test_missing_or_wrong_key_is_401(
     async with api.client(headers) as client:
         response = await client.request(method, path, json={"container": "c", "items": []})
         _error(response, 401, "unauthorized")
+    wrong = headers.get("Authorization") == "Bearer wrong"
+    assert response.headers["www-authenticate"] == (
+        'Bearer error="invalid_token"' if wrong else "Bearer"
+    )
 
 
 @pytest.mark.parametrize(
