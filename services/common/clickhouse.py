@@ -214,6 +214,13 @@ class ClickHouse:
             raise RuntimeError("this client was not opened from a target")
         return ClickHouse.connect(replace(self._target, database=self.database))
 
+    @property
+    def embedded_path(self) -> Path | None:
+        """The chDB directory this client opened; None for a ClickHouse server."""
+        if self._target is None or self._target.interface != "chdb":
+            return None
+        return self._target.path
+
     def render(self, sql: str) -> str:
         """Replace ``{database}`` by this client's database name."""
         return sql.replace("{database}", self.database)

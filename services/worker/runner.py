@@ -11,6 +11,8 @@ import contextlib
 import time
 from collections.abc import Iterable
 from datetime import UTC, datetime
+from functools import partial
+from pathlib import Path
 from typing import Any
 
 import structlog
@@ -18,7 +20,7 @@ from aiokafka import ConsumerRebalanceListener, TopicPartition
 from aiokafka.errors import CommitFailedError, IllegalStateError, KafkaError
 
 from schemas import COMPLETIONS_INSERT_COLUMNS, COMPLETIONS_INSERT_TABLE
-from services.common.clickhouse import ClickHouse, StringArray
+from services.common.clickhouse import ClickHouse, StringArray, rejects_data
 from services.common.kafka import create_consumer
 from services.common.losses import LossRepository
 from services.common.metrics import (
@@ -30,10 +32,11 @@ from services.common.metrics import (
 )
 from services.common.pricing import PriceCatalog
 from services.common.settings import WorkerSettings
+from services.worker.journal import InsertJournal
 from services.worker.known import KnownIds, Scope, hashes, load_known
 from services.worker.pipeline import Pipeline, ProcessPool, build_pipeline
 from services.worker.pipeline.dead import dead_letter_headers, dead_letter_record
-from services.worker.pipeline.steps import GivenUp
+from services.worker.pipeline.steps import GivenUp, Retrying
 from services.worker.pipeline.types import Message, Partition, Processed
 
 log = structlog.get_logger(__name__)
@@ -176,6 +179,9 @@ class Worker:
         self._pool = (
             ProcessPool(settings.worker_processes, prices) if settings.worker_processes else None
         )
+        self._journal = InsertJournal.of(clickhouse)
+        self._journaled: tuple[bytes, Path] | None = None
+        """The body of the insert under way (tried, or to be tried again) and its entry."""
         self.pipeline: Pipeline = build_pipeline(
             insert=self._insert,
             dead_letter=self._dead_letter,
@@ -196,11 +202,53 @@ class Worker:
     # -- I/O the pipeline calls ------------------------------------------------------------
 
     async def _insert(self, body: bytes) -> None:
+        journal = self._journal
+        if journal is not None and (self._journaled is None or self._journaled[0] is not body):
+            self._end_insert()  # the body before, if any, was given up on (rows refused)
+            self._journaled = (body, await asyncio.to_thread(journal.begin, body))
         started = time.perf_counter()
-        await insert_rows(self._clickhouse, body)
+        try:
+            await insert_rows(self._clickhouse, body)
+        except Exception as exc:
+            if rejects_data(exc):  # never stored as it is: split, or dead-lettered
+                self._end_insert()
+            raise
+        self._end_insert()
         seconds = time.perf_counter() - started
         WORKER_INSERT_SECONDS.observe(seconds)
         log.debug("batch_inserted", bytes=len(body), ms=round(seconds * 1e3, 1))
+
+    def _end_insert(self) -> None:
+        """The insert under way is done with: stored, or given up (fetched again)."""
+        if self._journal is not None and self._journaled is not None:
+            self._journal.end(self._journaled[1])
+        self._journaled = None
+
+    async def finish_inserts(self) -> None:
+        """Insert again what a worker on this embedded ClickHouse began inserting and did not
+        see through (its process was killed): the tables it reached drop it (the same body
+        carries the same deduplication token), the others get it. Done before anything is
+        looked up or fetched, so the deduplication and the known ids see it stored."""
+        if self._journal is None:
+            return
+        retrying = Retrying(
+            self.settings.insert_retry_initial_s, self.settings.insert_retry_max_s, self._stopping
+        )
+        for entry in self._journal.unfinished():
+            body = entry.read_bytes()
+            try:
+                await retrying.run(
+                    "insert_unfinished",
+                    partial(insert_rows, self._clickhouse, body),
+                    permanent=rejects_data,
+                )
+            except Exception as exc:
+                if not rejects_data(exc):
+                    raise
+                log.error("unfinished_insert_refused", entry=entry.name, error=repr(exc))
+            else:
+                log.warning("unfinished_insert_finished", entry=entry.name, bytes=len(body))
+            self._journal.end(entry)
 
     async def _lookup(self, project: str, ids: list[str]) -> dict[str, int]:
         """The stored versions of these completions; ClickHouse is asked only about the ids
@@ -338,6 +386,7 @@ class Worker:
     async def _given_up(self, exc: GivenUp) -> None:
         """Drop what the pipeline holds; it is fetched again from the committed offsets."""
         WORKER_GIVEN_UP.labels(str(exc)).inc()
+        self._end_insert()  # fetched again: never inserted again from here
         self.pipeline.first.discard()
         if self._letting_go:
             self._rewind_pending = True  # the partitions are going: rewind those given next
@@ -431,6 +480,7 @@ class Worker:
 
     async def run(self) -> None:
         """Consume until :meth:`stop`; then flush and commit what was fetched."""
+        await self.finish_inserts()
         if self._assign:
             await self._consumer.topics()  # the topic's partitions, fresh
             partitions = sorted(self._consumer.partitions_for_topic(self.topic) or ())

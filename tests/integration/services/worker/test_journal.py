@@ -1,0 +1,77 @@
+"""Inserts a killed process began are seen through by the next worker on the embedded engine,
+and counted once."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+
+import pytest
+
+from services.common.clickhouse import ClickHouse
+from services.common.settings import ServeSettings
+from services.worker.journal import InsertJournal
+from tests.conftest import Broker, eventually
+from tests.support.worker import RunningWorker, count_is, counted, event, store
+
+
+def _journal(clickhouse: ClickHouse) -> InsertJournal:
+    journal = InsertJournal.of(clickhouse)
+    if journal is None:
+        pytest.skip("only the embedded ClickHouse dies with the worker's process")
+    return journal
+
+
+async def _daily(clickhouse: ClickHouse) -> int:
+    [(daily,)] = await clickhouse.rows("SELECT sum(requests) FROM {database}.usage_daily")
+    return int(daily)
+
+
+async def test_an_insert_cut_short_by_the_process_dying_is_finished_by_the_next_worker(
+    settings: ServeSettings, broker: Broker, clickhouse: ClickHouse
+) -> None:
+    journal = _journal(clickhouse)
+    # the insert reaches completions, the list and usage_hourly; the process dies before
+    # usage_daily has the batch (its table refuses blocks until then, so the moment is sure)
+    await clickhouse.command(
+        "ALTER TABLE {database}.usage_daily ADD CONSTRAINT refusing CHECK requests < 0"
+    )
+    storing = asyncio.create_task(store(clickhouse, [event(f"c{i}")[1] for i in range(3)]))
+    try:
+        await eventually(lambda: count_is(clickhouse, 3))
+        await asyncio.sleep(0.2)
+    finally:
+        storing.cancel()  # killed: nothing after this point runs in that worker
+        with contextlib.suppress(asyncio.CancelledError):
+            await storing
+        await clickhouse.command("ALTER TABLE {database}.usage_daily DROP CONSTRAINT refusing")
+    assert await counted(clickhouse) == (3, 3, 3)
+    assert await _daily(clickhouse) == 0  # the aggregates disagree with completions
+
+    async with RunningWorker(settings, broker, clickhouse):
+        await eventually(lambda: _daily_is(clickhouse, 3))
+    assert await counted(clickhouse) == (3, 3, 3)
+    assert journal.unfinished() == []
+
+
+async def test_an_insert_that_landed_before_the_process_died_is_not_counted_twice(
+    settings: ServeSettings, broker: Broker, clickhouse: ClickHouse, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    journal = _journal(clickhouse)
+    with monkeypatch.context() as patched:  # killed after the insert, before its entry went
+        patched.setattr(InsertJournal, "end", staticmethod(lambda entry: None))
+        await store(clickhouse, [event(f"c{i}")[1] for i in range(3)])
+    assert len(journal.unfinished()) == 1
+
+    async with RunningWorker(settings, broker, clickhouse):
+        await eventually(lambda: _empty(journal))
+    assert await counted(clickhouse) == (3, 3, 3)
+    assert await _daily(clickhouse) == 3
+
+
+async def _daily_is(clickhouse: ClickHouse, n: int) -> bool:
+    return await _daily(clickhouse) == n
+
+
+async def _empty(journal: InsertJournal) -> bool:
+    return journal.unfinished() == []
