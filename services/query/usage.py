@@ -128,7 +128,10 @@ class UsageRepository:
             f"SELECT {', '.join(keys)}, {sums}, sum(spend), "
             "quantilesMerge(0.5, 0.9, 0.99)(latency_ms), quantilesMerge(0.5, 0.9, 0.99)(ttft_ms) "
             f"FROM {{database}}.{table} WHERE {' AND '.join(where)} "
-            f"GROUP BY {', '.join(keys)} ORDER BY {', '.join(keys)}",
+            f"GROUP BY {', '.join(keys)} "
+            # a group whose completions were all registered again elsewhere nets to nothing
+            "HAVING sum(requests) != 0 "
+            f"ORDER BY {', '.join(keys)}",
             params,
         )
         data = []

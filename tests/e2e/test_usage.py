@@ -102,6 +102,25 @@ async def test_usage_by_day_model_and_container(api: RunningStack) -> None:
     assert sum(d["requests"] for d in everything["data"]) == 6
 
 
+async def test_a_group_emptied_by_registering_its_completion_elsewhere_is_not_shown(
+    api: RunningStack,
+) -> None:
+    assert api.stack.worker is not None
+    assert api.stack.publisher is not None
+    async with api.client(KEY_B) as client:
+        for container in ("gamma", "delta"):  # the same id, stored, then moved elsewhere
+            response = await client.post(
+                "/v1/chat/completions/register",
+                json={"container": container, "items": [_item(20, "openai/gpt-4o", DAY)]},
+            )
+            assert response.json()["ok"]
+            assert await api.stack.worker.drain(dict(api.stack.publisher.acked), 20)
+
+    groups = (await _usage(api, KEY_B, group_by="container"))["data"]
+    # gamma's counts were taken back: it nets to nothing, and is no group of the answer
+    assert [(d["container"], d["requests"]) for d in groups] == [("delta", 1)]
+
+
 @pytest.mark.parametrize(
     "params",
     [
