@@ -134,11 +134,16 @@ def usage_counts(usage: dict[str, Any] | None) -> dict[str, int]:
         ("output", "usage", "prompt_tokens_details", "cached_tokens"),
     )
     cache_write = prompt_details.get("cache_write_tokens")
-    if cache_write is None:
-        cache_write = usage.get("cache_creation_input_tokens")
-    counts["cache_write_tokens"] = token_count(
-        cache_write, ("output", "usage", "prompt_tokens_details", "cache_write_tokens")
+    cache_write_loc: tuple[str, ...] = (
+        "output",
+        "usage",
+        "prompt_tokens_details",
+        "cache_write_tokens",
     )
+    if cache_write is None:  # Anthropic's name, at the top of its usage
+        cache_write = usage.get("cache_creation_input_tokens")
+        cache_write_loc = ("output", "usage", "cache_creation_input_tokens")
+    counts["cache_write_tokens"] = token_count(cache_write, cache_write_loc)
     counts["reasoning_tokens"] = token_count(
         completion_details.get("reasoning_tokens"),
         ("output", "usage", "completion_tokens_details", "reasoning_tokens"),

@@ -82,6 +82,29 @@ def test_usage_counts_reads_cache_writes() -> None:
     assert usage_counts(openai_style)["cache_write_tokens"] == 3
 
 
+@pytest.mark.parametrize(
+    ("usage", "loc"),
+    [
+        pytest.param(
+            {"cache_creation_input_tokens": -6},
+            ("output", "usage", "cache_creation_input_tokens"),
+            id="anthropic",
+        ),
+        pytest.param(
+            {"prompt_tokens_details": {"cache_write_tokens": "6"}},
+            ("output", "usage", "prompt_tokens_details", "cache_write_tokens"),
+            id="openai",
+        ),
+    ],
+)
+def test_a_bad_cache_write_count_is_located_where_it_was_given(
+    usage: dict[str, Any], loc: tuple[str, ...]
+) -> None:
+    with pytest.raises(RecordError) as raised:
+        usage_counts({"prompt_tokens": 10, "completion_tokens": 1, "total_tokens": 11, **usage})
+    assert raised.value.loc == loc
+
+
 def test_usage_counts_absent_is_zero() -> None:
     assert set(usage_counts(None).values()) == {0}
 
