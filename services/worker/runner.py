@@ -167,6 +167,8 @@ class Worker:
         self._known = known if settings.known_ids else None
         self._letting_go = False
         """Set while partitions are revoked: a failing step gives up instead of retrying."""
+        self._revocations = 0
+        """How many times partitions were revoked (see :meth:`_fetch`)."""
         self._fetched_at = time.monotonic()
         self._rewind_pending = False
         """A batch was given up while partitions were revoked: rewind those assigned next."""
@@ -462,6 +464,7 @@ class Worker:
     async def let_go(self) -> None:
         """Before the partitions are taken: store what is held, or give it up if it cannot
         be stored now (it is not written after this returns)."""
+        self._revocations += 1
         self._letting_go = True
         try:
             async with self._lock:
@@ -501,11 +504,7 @@ class Worker:
         stopping = asyncio.create_task(self._stopping.wait())
         try:
             while not self._stopping.is_set():
-                fetch = asyncio.ensure_future(
-                    self._consumer.getmany(
-                        timeout_ms=50, max_records=self.settings.fetch_max_records
-                    )
-                )
+                fetch = asyncio.ensure_future(self._fetch())
                 # a fetch can hang while the broker is gone: stopping must not wait for it
                 await asyncio.wait({fetch, stopping}, return_when=asyncio.FIRST_COMPLETED)
                 if not fetch.done():
@@ -513,10 +512,13 @@ class Worker:
                     with contextlib.suppress(asyncio.CancelledError):
                         await fetch
                     break
-                fetched = fetch.result()
+                fetched, revocations = fetch.result()
                 self._fetched_at = time.monotonic()
                 self._observe_lag()
                 async with self._lock:
+                    if revocations != self._revocations:
+                        self._drop(fetched)
+                        continue
                     try:
                         await self._submit(fetched)
                     except GivenUp as exc:
@@ -530,6 +532,28 @@ class Worker:
             if self._pool is not None:
                 await asyncio.to_thread(self._pool.close)
             log.info("worker_stopped", committed=self.committed_offsets())
+
+    async def _fetch(self) -> tuple[dict[Any, list[Any]], int]:
+        """The next records, with the number of revocations when they came.
+
+        The consumer returns records only of the partitions assigned then, but the worker
+        takes them a turn of the event loop later, and the partitions may have been revoked
+        meanwhile (let go, with nothing of these records held): some may be another worker's
+        now, which stores them too, and a write of this one's would count them twice. Such
+        records are dropped; the partitions this worker keeps are fetched again from their
+        committed offsets, as after every rebalance.
+        """
+        fetched = await self._consumer.getmany(
+            timeout_ms=50, max_records=self.settings.fetch_max_records
+        )
+        return fetched, self._revocations
+
+    def _drop(self, fetched: dict[Any, list[Any]]) -> None:
+        """Drop records fetched before the partitions were revoked (see :meth:`_fetch`)."""
+        records = sum(len(r) for r in fetched.values())
+        if records:
+            partitions = sorted(tp.partition for tp, r in fetched.items() if r)
+            log.info("fetch_dropped_after_revoke", records=records, partitions=partitions)
 
     async def _submit(self, fetched: dict[Any, list[Any]]) -> None:
         for tp, records in fetched.items():

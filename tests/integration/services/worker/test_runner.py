@@ -7,6 +7,7 @@ import time
 from typing import Any
 
 import pytest
+from aiokafka import TopicPartition
 from aiokafka.errors import KafkaConnectionError
 from prometheus_client import REGISTRY
 
@@ -624,3 +625,80 @@ async def test_a_worker_stopping_with_its_broker_gone_stores_everything_it_fetch
     assert sorted(r[0] for r in stored) == ["a1", "a2", "b1", "b2"]
     assert len(await _dead_letters(clickhouse)) == 1  # kept in ClickHouse before the topic
     assert worker.committed_offsets() == {}
+
+
+async def _group_committed(bootstrap: str, settings: ServeSettings, partitions: list[int]) -> int:
+    """The offsets the broker holds for the workers' group, added over these partitions."""
+    consumer = create_consumer(bootstrap, group_id=settings.consumer_group)
+    await consumer.start()
+    try:
+        found = [await consumer.committed(TopicPartition(settings.topic, p)) for p in partitions]
+    finally:
+        await consumer.stop()
+    return sum(offset or 0 for offset in found)
+
+
+async def test_records_fetched_before_a_rebalance_are_not_written_after_it(
+    settings: ServeSettings, broker: Broker, clickhouse: ClickHouse, producer: Any
+) -> None:
+    """A fetch can return just before the partitions are revoked and reach the worker only
+    after it let them go. Some of its records are another worker's by then, which stores them
+    too: had the first one written them as well (its insert slow, here), every aggregate would
+    count them twice. The worker drops such a fetch; the partitions it keeps it fetches again
+    from the committed offsets."""
+    first, second = ([event(f"{n}-{i}") for i in range(40)] for n in ("first", "second"))
+    await produce(producer, settings.topic, first)
+    ends = [0, 0, 0, 0]
+    for partition in partitions_of([key for key, _ in first + second], 4).tolist():
+        ends[partition] += 1
+    slow = clickhouse.with_database(clickhouse.database)  # the first worker's, slow to insert
+    insert, inserting = slow.insert_json_compact, asyncio.Event()
+    inserting.set()
+
+    async def slow_insert(*args: Any, **kwargs: Any) -> None:
+        await inserting.wait()
+        await insert(*args, **kwargs)
+
+    slow.insert_json_compact = slow_insert  # type: ignore[method-assign]
+    running = RunningWorker(settings, broker, slow)
+    async with running as a:
+        await eventually(lambda: all_committed(a, 40), timeout_s=30)
+        assert a.partitions == [0, 1, 2, 3]
+        consumer, fetch, held = running.consumer, a._fetch, asyncio.Event()
+
+        def reloaded() -> bool:
+            known = a.known
+            mine = frozenset(a.partitions)
+            return known is not None and known.scope is not None and known.scope.assigned == mine
+
+        async def fetched_then_revoked() -> Any:
+            fetched = await fetch()
+            if len(fetched[0]) == 4 and not held.is_set():
+                held.set()  # taken by the worker once another one has some of the partitions
+                await eventually(lambda: _true(0 < len(a.partitions) < 4 and reloaded()), 30)
+            return fetched
+
+        every = consumer.assignment()
+        consumer.pause(*every)  # so that one fetch returns the records of every partition
+        await produce(producer, settings.topic, second)
+        inserting.clear()
+        a._fetch = fetched_then_revoked  # type: ignore[method-assign]
+        consumer.resume(*every)
+        await held.wait()
+        async with RunningWorker(settings, broker, clickhouse) as b:
+            await eventually(lambda: _true(bool(b.partitions) and 0 < len(a.partitions) < 4), 30)
+
+            async def stored_by_b() -> bool:
+                theirs = b.partitions
+                done = await _group_committed(broker.bootstrap, settings, theirs)
+                return done == sum(ends[p] for p in theirs)
+
+            await eventually(stored_by_b, timeout_s=30)
+            inserting.set()
+
+            async def all_in_the_group() -> bool:
+                return await _group_committed(broker.bootstrap, settings, [0, 1, 2, 3]) == 80
+
+            await eventually(all_in_the_group, timeout_s=30)
+            await asyncio.sleep(0.5)  # any insert still under way
+    assert await counted(clickhouse) == (80, 80, 80)
