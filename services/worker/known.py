@@ -125,23 +125,32 @@ class KnownIds:
     def add(self, project: str, ids: Sequence[str]) -> None:
         self.add_hashes(hashes(project, ids))
 
-    def maybe_stored(
-        self, project: str, ids: Sequence[str], values: Hashes | None = None
-    ) -> list[str]:
-        """Those of ``ids`` that may be stored; every other one certainly is not. ``values``:
-        their hashes, if the caller has them already."""
-        if not ids:
-            return []
-        if values is None:
-            values = hashes(project, ids)
+    def holds(self, values: Hashes) -> npt.NDArray[np.bool_]:
+        """Whether the set holds each of these hashes."""
         order = np.argsort(values)
         needles = values[order]  # in order, the searches walk each level once
         in_order = np.zeros(len(values), dtype=bool)
         for level in self._levels:
             at = np.minimum(np.searchsorted(level, needles), len(level) - 1)
             in_order |= level[at] == needles
-        found = np.empty_like(in_order)
-        found[order] = in_order
+        held = np.empty_like(in_order)
+        held[order] = in_order
+        return held
+
+    def maybe_stored(
+        self,
+        project: str,
+        ids: Sequence[str],
+        values: Hashes | None = None,
+        held: npt.NDArray[np.bool_] | None = None,
+    ) -> list[str]:
+        """Those of ``ids`` that may be stored; every other one certainly is not. ``values``:
+        their hashes, and ``held``: :meth:`holds` of them, if the caller has them already."""
+        if not ids:
+            return []
+        if values is None:
+            values = hashes(project, ids)
+        found = self.holds(values) if held is None else held.copy()
         if self.scope is not None:
             found |= ~self.scope.covers(project, ids)
         return [i for i, hit in zip(ids, found.tolist(), strict=True) if hit]

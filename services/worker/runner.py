@@ -259,16 +259,19 @@ class Worker:
             await self._load_known()  # between batches: the one before this is stored
         known = self._known
         values = hashes(project, ids) if known is not None else None
+        held = known.holds(values) if known is not None and values is not None else None
         asked = (
-            known.maybe_stored(project, ids, values)
+            known.maybe_stored(project, ids, values, held)
             if known is not None and self.trusts_known
             else ids
         )
         WORKER_DEDUP_IDS.labels("known_ids").inc(len(ids) - len(asked))
         WORKER_DEDUP_IDS.labels("clickhouse").inc(len(asked))
         stored = await stored_versions(self._clickhouse, project, asked) if asked else {}
-        if known is not None and values is not None:
-            known.add_hashes(values)  # before they are inserted: never missing, at worst extra
+        if known is not None and values is not None and held is not None:
+            # those it does not hold yet (a completion delivered again is not held twice),
+            # before they are inserted: never missing, at worst extra
+            known.add_hashes(values[~held])
             WORKER_KNOWN_IDS_BYTES.set(known.nbytes)
         return stored
 

@@ -377,15 +377,31 @@ async def test_a_new_worker_knows_what_was_stored_before_it_and_asks_only_about_
         await produce(producer, settings.topic, again + new)
         await eventually(lambda: all_committed(worker, 30 + 1_030))  # offsets, from the first
         assert worker.known is not None
-        # the 30 loaded, then every id asked about added (the 30 again among them)
-        assert worker.known.count == 30 + 1_030
-        assert REGISTRY.get_sample_value("maniac_worker_known_ids_bytes") == 8 * (30 + 1_030)
+        # the 30 loaded, then the 1,000 new ones asked about added (not the 30 again)
+        assert worker.known.count == 1_030
+        assert REGISTRY.get_sample_value("maniac_worker_known_ids_bytes") == 8 * 1_030
 
     asked = _dedup_ids("clickhouse") - by_clickhouse
     assert asked == 30  # the stored ones only
     assert _dedup_ids("known_ids") - by_known == 1_030 - asked
     # without a retraction each, the 30 would count twice: 1,060
     assert await counted(clickhouse) == (1_030, 1_030, 1_030)
+
+
+async def test_completions_delivered_again_are_held_once_in_the_known_ids(
+    settings: ServeSettings, broker: Broker, clickhouse: ClickHouse, producer: Any
+) -> None:
+    """The set grows with the completions stored, not with the records delivered: the same
+    completions delivered again and again (registered again, a replay) take no more memory."""
+    messages = [event(f"id-{i}") for i in range(200)]
+    async with RunningWorker(settings, broker, clickhouse, assign=True) as worker:
+        for delivered in range(1, 6):
+            await produce(producer, settings.topic, messages)
+            await eventually(lambda: all_committed(worker, 200 * delivered))  # noqa: B023
+        assert worker.known is not None
+        assert worker.known.count == 200
+        assert REGISTRY.get_sample_value("maniac_worker_known_ids_bytes") == 8 * 200
+    assert await counted(clickhouse) == (200, 200, 200)
 
 
 async def test_known_ids_that_failed_to_load_are_loaded_again_by_a_later_batch(
