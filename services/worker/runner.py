@@ -17,7 +17,12 @@ from typing import Any
 
 import structlog
 from aiokafka import ConsumerRebalanceListener, TopicPartition
-from aiokafka.errors import CommitFailedError, IllegalStateError, KafkaError
+from aiokafka.errors import (
+    CommitFailedError,
+    IllegalStateError,
+    KafkaError,
+    MessageSizeTooLargeError,
+)
 
 from schemas import COMPLETIONS_INSERT_COLUMNS, COMPLETIONS_INSERT_TABLE
 from services.common.clickhouse import ClickHouse, StringArray, rejects_data
@@ -123,6 +128,16 @@ async def insert_rows(
     the same body inserted again (a retry after a failure halfway, or an answer lost) is not
     written again anywhere it reached."""
     await clickhouse.insert_json_compact(table, COMPLETIONS_INSERT_COLUMNS, body, deduplicate=True)
+
+
+def _too_large(item: Processed, exc: Exception) -> None:
+    log.error(
+        "dead_letter_too_large_for_topic",
+        partition=item.message.partition.partition,
+        offset=item.message.offset,
+        bytes=len(item.message.value or b""),
+        error=repr(exc),
+    )
 
 
 class Worker:
@@ -326,16 +341,33 @@ class Worker:
         return await retractions(self._clickhouse, project, ids)
 
     async def _dead_letter(self, dead: list[Processed]) -> None:
-        futures = [
-            await self._producer.send(
-                self.dead_letter_topic,
-                value=item.message.value,
-                key=item.message.key,
-                headers=dead_letter_headers(item),
-            )
-            for item in dead
-        ]
-        await asyncio.gather(*futures)
+        """Send the dead letters to the topic. One too large for it (a record another
+        producer put into the completions topic, larger than this one may send, or than the
+        broker takes with the headers) never will be: it stays in ``dead_letters`` only,
+        where it was recorded first, and its partition moves on."""
+        sent, futures = [], []
+        for item in dead:
+            try:
+                future = await self._producer.send(
+                    self.dead_letter_topic,
+                    value=item.message.value,
+                    key=item.message.key,
+                    headers=dead_letter_headers(item),
+                )
+            except MessageSizeTooLargeError as exc:
+                _too_large(item, exc)
+            else:
+                sent.append(item)
+                futures.append(future)
+        results = await asyncio.gather(*futures, return_exceptions=True)
+        failed = None
+        for item, result in zip(sent, results, strict=True):
+            if isinstance(result, MessageSizeTooLargeError):
+                _too_large(item, result)
+            elif isinstance(result, BaseException) and failed is None:
+                failed = result
+        if failed is not None:
+            raise failed
 
     async def _record_dead(self, dead: list[Processed]) -> None:
         """Keep each dead letter in ClickHouse too, by project (counted once per source)."""

@@ -7,7 +7,7 @@ import time
 from typing import Any
 
 import pytest
-from aiokafka import TopicPartition
+from aiokafka import AIOKafkaProducer, TopicPartition
 from aiokafka.errors import KafkaConnectionError
 from prometheus_client import REGISTRY
 
@@ -174,6 +174,32 @@ async def _dead_letters(ch: ClickHouse) -> list[tuple[Any, ...]]:
         "FROM {database}.dead_letters FINAL ORDER BY completion_id"
     )
     return [tuple(r) for r in rows]
+
+
+async def test_a_message_too_large_for_the_dead_letter_topic_is_kept_and_committed(
+    settings: ServeSettings, broker: Broker, clickhouse: ClickHouse
+) -> None:
+    """A record larger than the worker's producer may send (another producer put it there)
+    can never reach the dead-letter topic: it is kept in ``dead_letters``, with its bytes and
+    reason, and the partition moves on instead of retrying the topic for ever."""
+    big = AIOKafkaProducer(
+        bootstrap_servers=broker.bootstrap, max_request_size=32 * 2**20, enable_idempotence=False
+    )
+    await big.start()
+    try:
+        huge = b"x" * (9 * 2**20)  # over the 8 MB a request of the worker's producer may hold
+        await big.send_and_wait(settings.topic, key=b"p/huge", value=huge, partition=0)
+        await produce(big, settings.topic, [event("after")])
+    finally:
+        await big.stop()
+    async with RunningWorker(settings, broker, clickhouse) as worker:
+        await eventually(lambda: all_committed(worker, 2), timeout_s=20)
+    assert await count(clickhouse) == 1
+    [(project, completion_id, reason, size)] = await clickhouse.rows(
+        "SELECT project, completion_id, reason, length(payload) FROM {database}.dead_letters FINAL"
+    )
+    assert (project, completion_id, size) == ("p", "huge", len(huge))
+    assert reason.startswith("not JSON")
 
 
 async def test_dead_letters_are_recorded_by_project_and_counted_once_when_redelivered(
