@@ -212,6 +212,7 @@ async def _with_clickhouse(args: argparse.Namespace, action: str) -> int:
             for count in counts:
                 print(  # noqa: T201
                     f"{count.table}: {count.found} of {count.expected} completions"
+                    + (f", {count.differing} groups differ" if count.differing else "")
                     + ("" if count.ok else "  (differs: `maniac rebuild` fills it again)")
                 )
             return 0 if all(count.ok for count in counts) else 1

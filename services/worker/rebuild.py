@@ -5,7 +5,9 @@ aggregates (``usage_hourly``, and ``usage_daily`` from it) are written by materi
 insert time: nothing writes them again. When one loses rows (ClickHouse detaching a part it
 found broken, after a disk filled up, say), the completions are still in ``completions``, but
 the list no longer shows them all and the aggregates undercount. :func:`check` compares each
-with ``completions``; :func:`rebuild` empties them and fills them again from the current
+with ``completions``: the completions each counts, and each of its groups (an id of the list,
+an hour of the usage) with every count and sum in it; :func:`rebuild` empties them and fills
+them again from the current
 version of every completion, through the views' own queries (read from ClickHouse, so they are
 the ones the migrations created).
 
@@ -34,19 +36,46 @@ REBUILT = ("completion_listing", "completion_counts", "usage_hourly")
 EMPTIED = ("usage_daily", *REBUILT)
 
 
+USAGE_KEYS = ("project", "bucket", "container", "model", "provider")
+USAGE_MEASURES = (
+    "requests",
+    "errors",
+    "unpriced",
+    "prompt_tokens",
+    "completion_tokens",
+    "cached_tokens",
+    "reasoning_tokens",
+    "total_tokens",
+    "spend",
+)
+GROUPS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
+    "completion_listing": (
+        ("project", "created", "completion_id", "model", "container"),
+        ("sign",),
+    ),
+    "completion_counts": (("project", "model", "container"), ("completions",)),
+    "usage_hourly": (USAGE_KEYS, USAGE_MEASURES),
+    "usage_daily": (USAGE_KEYS, USAGE_MEASURES),
+}
+"""Per derived table, the key of its groups and the measures each group sums."""
+
+
 @dataclass(frozen=True)
 class Count:
     table: str
     expected: int
     found: int
+    differing: int = 0
+    """Groups whose measures differ from those computed from ``completions``."""
 
     @property
     def ok(self) -> bool:
-        return self.expected == self.found
+        return self.expected == self.found and not self.differing
 
 
 async def check(clickhouse: ClickHouse) -> list[Count]:
-    """Completions each derived table counts, against those stored (after FINAL)."""
+    """Completions each derived table counts, against those stored (after FINAL), and its
+    groups whose counts or sums differ from what its view makes of the stored versions."""
     [(stored, listed, totals, hourly, daily)] = await clickhouse.rows(
         "SELECT "
         "(SELECT count() FROM {database}.completions FINAL WHERE agg_sign = 1), "
@@ -55,21 +84,52 @@ async def check(clickhouse: ClickHouse) -> list[Count]:
         "(SELECT sum(requests) FROM {database}.usage_hourly), "
         "(SELECT sum(requests) FROM {database}.usage_daily)"
     )
-    tables = ("completion_counts", "usage_hourly", "usage_daily")
-    found = dict(zip(tables, (totals, hourly, daily), strict=True))
+    found = dict(zip(GROUPS, (listed, totals, hourly, daily), strict=True))
+    expected = await _expected(clickhouse)
     return [
-        Count("completion_listing", int(stored), int(listed)),
-        *(Count(table, int(stored), int(value)) for table, value in found.items()),
+        Count(table, int(stored), int(found[table]), await _differing(clickhouse, table, source))
+        for table, source in expected.items()
     ]
+
+
+async def _expected(clickhouse: ClickHouse) -> dict[str, str]:
+    """Per derived table, a query of what it should hold: its view's query over the stored
+    versions (``usage_daily``: what ``usage_hourly`` should hold, by day, as its view has it)."""
+    views = await _views(clickhouse)
+    keys = ", ".join(USAGE_KEYS[:1] + USAGE_KEYS[2:])
+    sums = ", ".join(f"sum({m}) AS {m}" for m in USAGE_MEASURES)
+    by_day = (
+        f"SELECT {keys}, toDateTime(toStartOfDay(bucket), 'UTC') AS bucket, {sums} "
+        f"FROM ({views['usage_hourly']}) GROUP BY ALL"
+    )
+    return {table: views.get(table, by_day) for table in GROUPS}
+
+
+async def _differing(clickhouse: ClickHouse, table: str, expected: str) -> int:
+    """Groups of ``table`` whose measures differ from those of ``expected`` (a group of
+    ``table`` that nets to nothing is no group: a completion registered again elsewhere)."""
+    keys, measures = GROUPS[table]
+    group = ", ".join(keys)
+    sums = ", ".join(f"sum({m}) AS {m}" for m in measures)
+    held = " OR ".join(f"{m} != 0" for m in measures)
+    left = ", ".join(f"e.{m}" for m in measures)
+    right = ", ".join(f"f.{m}" for m in measures)
+    [(n,)] = await clickhouse.rows(
+        f"SELECT count() FROM (SELECT {group}, {sums} FROM ({expected}) GROUP BY {group}) AS e "
+        f"FULL OUTER JOIN (SELECT {group}, {sums} FROM {{database}}.{table} GROUP BY {group} "
+        f"HAVING {held}) AS f USING ({group}) "
+        f"WHERE ({left}) != ({right}) "
+        # both sides sorted and merged: 3,000,000 ids took 360 MB and 3.1 s this way, against
+        # 640 MB and 3.8 s for the default hash join (chDB)
+        "SETTINGS join_algorithm = 'full_sorting_merge'"
+    )
+    return int(n)
 
 
 async def rebuild(clickhouse: ClickHouse) -> list[Count]:
     """Empty the derived tables and fill them from ``completions``; what :func:`check` says
     afterwards."""
     views = await _views(clickhouse)
-    missing = set(REBUILT) - views.keys()
-    if missing:
-        raise RuntimeError(f"no view from completions into {sorted(missing)}: migrate first")
     inserts = {}  # every query made, and checked by ClickHouse, before anything is emptied
     for table in REBUILT:
         columns = [row[0] for row in await clickhouse.rows(f"DESCRIBE ({views[table]})")]
@@ -103,4 +163,7 @@ async def _views(clickhouse: ClickHouse) -> dict[str, str]:
             f"WHERE agg_sign = 1) AS {alias}"
         )
         views[into.group(1)] = select[: reads.start()] + current + select[reads.end() :]
+    missing = set(REBUILT) - views.keys()
+    if missing:
+        raise RuntimeError(f"no view from completions into {sorted(missing)}: migrate first")
     return views

@@ -227,7 +227,7 @@ async def test_rebuild_cli_finds_and_fills_again_what_the_list_lost(
     script = [sys.executable, "-c", _LOSE_HALF_THE_LISTING, str(data)]
     subprocess.run(script, env=env, check=True, capture_output=True)
     lost = _maniac(data, env, "rebuild", "--check", code=1)
-    assert "completion_listing: 10 of 20 completions  (differs" in lost
+    assert "completion_listing: 10 of 20 completions, 10 groups differ  (differs" in lost
     assert "usage_hourly: 20 of 20 completions\n" in lost
 
     assert "completion_listing: 20 of 20 completions\n" in _maniac(data, env, "rebuild")

@@ -80,3 +80,35 @@ async def test_derived_tables_that_lost_rows_are_found_and_rebuilt(
         for table in ("completion_listing", "completion_counts", "usage_hourly", "usage_daily")
     ]
     assert await _states(clickhouse) == before
+
+
+async def test_groups_that_differ_are_found_where_the_totals_agree(
+    settings: ServeSettings, broker: Broker, clickhouse: ClickHouse, producer: Any
+) -> None:
+    await produce(producer, settings.topic, _messages(version=1_700_000_000_000))
+    async with RunningWorker(settings, broker, clickhouse) as worker:
+        await eventually(lambda: all_committed(worker, 40))
+    assert all(count.ok for count in await check(clickhouse))
+
+    # each table's completions still add up to 40, but what it holds moved or changed
+    await clickhouse.command(
+        "INSERT INTO {database}.completion_listing VALUES "
+        "('ghost', '2025-06-15 00:00:00', 'in', 'm', 'c', 1), "
+        "('ghost', '2025-06-15 00:00:00', 'out', 'm', 'c', -1)"
+    )
+    await clickhouse.command(
+        "INSERT INTO {database}.completion_counts VALUES "
+        "('ghost', 'in', 'c', 1, 1), ('ghost', 'out', 'c', -1, 1)"
+    )
+    for table in ("usage_hourly", "usage_daily"):  # tokens no completion of this hour used
+        await clickhouse.command(
+            f"INSERT INTO {{database}}.{table} (project, bucket, container, model, provider, "
+            "requests, total_tokens) VALUES ('ghost', '2025-06-15 00:00:00', 'c', 'm', 'p', 0, 7)"
+        )
+    assert await check(clickhouse) == [
+        Count("completion_listing", 40, 40, differing=2),
+        Count("completion_counts", 40, 40, differing=2),
+        Count("usage_hourly", 40, 40, differing=1),
+        Count("usage_daily", 40, 40, differing=1),
+    ]
+    assert all(count.ok for count in await rebuild(clickhouse))
