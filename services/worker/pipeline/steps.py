@@ -241,9 +241,10 @@ class Retrying:
                 delay = min(delay * 2, self.max_s)
 
     async def _pause(self, delay: float) -> str | None:
-        """Wait ``delay``, or less if a reason to give up comes up meanwhile (returned)."""
+        """Wait ``delay``, or less if a reason to give up comes up meanwhile (returned), or
+        we stop (one last attempt then, at once)."""
         deadline = time.monotonic() + delay
-        while (left := deadline - time.monotonic()) > 0:
+        while (left := deadline - time.monotonic()) > 0 and not self.stopping.is_set():
             await asyncio.sleep(min(left, 0.1))
             if (reason := self.give_up()) is not None:
                 return reason

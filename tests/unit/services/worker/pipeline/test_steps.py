@@ -270,6 +270,23 @@ async def test_a_failing_write_is_given_up_once_there_is_a_reason_and_tried_no_m
     assert [c[0] for c in rec.calls] == ["insert_failed"]
 
 
+async def test_stopping_in_the_middle_of_a_wait_between_attempts_ends_it() -> None:
+    """One last attempt at once, then the failure is raised: a shutdown does not wait out
+    the backoff (up to ``MANIAC_INSERT_RETRY_MAX_S``)."""
+    rec = Recorder(failures=100)
+    stopping = asyncio.Event()
+    pipeline = _pipeline(rec, max_rows=1, retry_s=60.0, stopping=stopping)
+    await pipeline.first.submit(_valid(P0, 0))
+    await asyncio.sleep(0.05)  # the insert failed and waits to be tried again
+    asyncio.get_running_loop().call_later(0.1, stopping.set)
+    started = time.monotonic()
+    with pytest.raises(ConnectionError):
+        await pipeline.first.join()
+    assert time.monotonic() - started < 5.0
+    assert [c[0] for c in rec.calls] == ["insert_failed", "insert_failed"]
+    assert pipeline.commit.committed == {}
+
+
 async def test_a_write_that_failed_is_raised_by_the_next_poll_without_new_messages() -> None:
     rec = Recorder(failures=100)
     stopping = asyncio.Event()
