@@ -51,8 +51,12 @@ class InsertJournal:
         self.directory.mkdir(parents=True, exist_ok=True)
         entry = self.directory / f"{uuid.uuid4().hex}{SUFFIX}"
         partial = entry.with_suffix(".partial")
-        partial.write_bytes(body)
-        os.replace(partial, entry)
+        try:
+            partial.write_bytes(body)
+            os.replace(partial, entry)
+        except BaseException:  # a full disk, say: what was written must not stay and fill it
+            partial.unlink(missing_ok=True)
+            raise
         return entry
 
     @staticmethod
