@@ -221,7 +221,10 @@ class Worker:
     async def _insert(self, body: bytes) -> None:
         journal = self._journal
         if journal is not None and (self._journaled is None or self._journaled[0] is not body):
-            self._end_insert()  # the body before, if any, was given up on (rows refused)
+            # An entry still held here is that of an insert that failed as the worker stopped
+            # (stored or refused ones are ended, given up ones too): this is the batch after
+            # it, salvaged. That insert may have reached some tables: its entry stays, for the
+            # next start to see it through before its records are fetched again.
             self._journaled = (body, await asyncio.to_thread(journal.begin, body))
         started = time.perf_counter()
         try:

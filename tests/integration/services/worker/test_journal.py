@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+from typing import Any
 
 import pytest
 
@@ -12,7 +13,15 @@ from services.common.clickhouse import ClickHouse
 from services.common.settings import ServeSettings
 from services.worker.journal import InsertJournal
 from tests.conftest import Broker, eventually
-from tests.support.worker import RunningWorker, count_is, counted, event, store
+from tests.support.worker import (
+    RunningWorker,
+    all_committed,
+    count_is,
+    counted,
+    event,
+    produce,
+    store,
+)
 
 
 def _journal(clickhouse: ClickHouse) -> InsertJournal:
@@ -75,3 +84,41 @@ async def _daily_is(clickhouse: ClickHouse, n: int) -> bool:
 
 async def _empty(journal: InsertJournal) -> bool:
     return journal.unfinished() == []
+
+
+async def test_an_insert_that_failed_as_the_worker_stopped_is_finished_by_the_next_worker(
+    settings: ServeSettings, broker: Broker, clickhouse: ClickHouse, producer: Any
+) -> None:
+    """A batch whose insert fails while the worker stops, after reaching some tables, keeps
+    its entry, though the records fetched after it are salvaged in an insert of their own: the
+    next worker finds the batch stored in ``completions`` and drops its records, so only its
+    entry can bring the other tables into line."""
+    journal = _journal(clickhouse)
+    held = settings.model_copy(update={"batch_max_rows": 3, "batch_max_ms": 60_000})
+    await clickhouse.command(
+        "ALTER TABLE {database}.usage_daily ADD CONSTRAINT refusing CHECK requests < 0"
+    )
+    try:
+        running = RunningWorker(held, broker, clickhouse, assign=True)
+        worker = await running.__aenter__()
+        try:
+            await produce(producer, settings.topic, [event(f"a{i}") for i in range(3)])
+            await eventually(lambda: count_is(clickhouse, 3))  # retried: usage_daily refuses
+            await produce(producer, settings.topic, [event(f"b{i}") for i in range(2)])
+
+            async def next_batch_held() -> bool:
+                return len(worker.pipeline.first._batch) == 2
+
+            await eventually(next_batch_held)
+        finally:
+            await running.__aexit__()  # the batch in flight fails, the one held is salvaged
+    finally:
+        await clickhouse.command("ALTER TABLE {database}.usage_daily DROP CONSTRAINT refusing")
+    assert await _daily(clickhouse) == 0
+    assert len(journal.unfinished()) == 2
+
+    async with RunningWorker(settings, broker, clickhouse, assign=True) as again:
+        await eventually(lambda: all_committed(again, 5))
+    assert await counted(clickhouse) == (5, 5, 5)
+    assert await _daily(clickhouse) == 5
+    assert journal.unfinished() == []
