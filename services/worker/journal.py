@@ -20,11 +20,12 @@ from __future__ import annotations
 
 import os
 import uuid
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import structlog
 
-from services.common.clickhouse import ClickHouse
+from services.common.clickhouse import ClickHouse, rejects_data
 
 log = structlog.get_logger(__name__)
 
@@ -72,3 +73,19 @@ class InsertJournal:
             partial.unlink(missing_ok=True)
         entries = list(self.directory.glob(f"*{SUFFIX}"))
         return sorted(entries, key=lambda entry: entry.stat().st_mtime_ns)
+
+    async def finish(self, insert: Callable[[bytes], Awaitable[None]]) -> None:
+        """Insert each unfinished body again with ``insert``, oldest first, and end it: the
+        tables that hold it drop it (the same body carries the same deduplication token), the
+        others get it. One ClickHouse refuses for its data is ended, said in the log."""
+        for entry in self.unfinished():
+            body = entry.read_bytes()
+            try:
+                await insert(body)
+            except Exception as exc:
+                if not rejects_data(exc):
+                    raise
+                log.error("unfinished_insert_refused", entry=entry.name, error=repr(exc))
+            else:
+                log.warning("unfinished_insert_finished", entry=entry.name, bytes=len(body))
+            self.end(entry)

@@ -13,20 +13,25 @@ the ones the migrations created).
 
 Run it while no worker writes: an insert between the emptying and the filling would be counted
 twice or not at all. (Under ``maniac serve`` that is given: its embedded ClickHouse is open in
-one process at a time.) Every query is prepared before anything is emptied; a rebuild that
-fails while filling leaves tables short, and is run again. Latency quantiles are rebuilt from
-the stored versions only: those of completions replaced since (which the views could not
-retract) are no longer in them.
+one process at a time.) An insert a worker on the embedded ClickHouse left unfinished (its
+process killed) is finished first: emptying a table forgets the deduplication tokens of the
+blocks it held, so the next worker, finishing it, would add it to the rebuilt tables again.
+Every query is prepared before anything is emptied; a rebuild that fails while filling leaves
+tables short, and is run again. Latency quantiles are rebuilt from the stored versions only:
+those of completions replaced since (which the views could not retract) are no longer in them.
 """
 
 from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from functools import partial
 
 import structlog
 
 from services.common.clickhouse import ClickHouse
+from services.worker.journal import InsertJournal
+from services.worker.runner import insert_rows
 
 log = structlog.get_logger(__name__)
 
@@ -134,6 +139,9 @@ async def rebuild(clickhouse: ClickHouse) -> list[Count]:
     for table in REBUILT:
         columns = [row[0] for row in await clickhouse.rows(f"DESCRIBE ({views[table]})")]
         inserts[table] = f"INSERT INTO {{database}}.{table} ({', '.join(columns)}) {views[table]}"
+    journal = InsertJournal.of(clickhouse)
+    if journal is not None:  # before emptying: see the module
+        await journal.finish(partial(insert_rows, clickhouse))
     for table in EMPTIED:
         await clickhouse.command(f"TRUNCATE TABLE {{database}}.{table}")
     for table, insert in inserts.items():

@@ -254,21 +254,15 @@ class Worker:
         retrying = Retrying(
             self.settings.insert_retry_initial_s, self.settings.insert_retry_max_s, self._stopping
         )
-        for entry in self._journal.unfinished():
-            body = entry.read_bytes()
-            try:
-                await retrying.run(
-                    "insert_unfinished",
-                    partial(insert_rows, self._clickhouse, body),
-                    permanent=rejects_data,
-                )
-            except Exception as exc:
-                if not rejects_data(exc):
-                    raise
-                log.error("unfinished_insert_refused", entry=entry.name, error=repr(exc))
-            else:
-                log.warning("unfinished_insert_finished", entry=entry.name, bytes=len(body))
-            self._journal.end(entry)
+
+        async def insert(body: bytes) -> None:
+            await retrying.run(
+                "insert_unfinished",
+                partial(insert_rows, self._clickhouse, body),
+                permanent=rejects_data,
+            )
+
+        await self._journal.finish(insert)
 
     async def _lookup(self, project: str, ids: list[str]) -> dict[str, int]:
         """The stored versions of these completions; ClickHouse is asked only about the ids
