@@ -414,6 +414,33 @@ async def test_body_that_is_not_a_register_request_is_422(api: RunningStack, bod
         assert response.json()["detail"][0]["loc"][0] == "body"
 
 
+@pytest.mark.parametrize(
+    ("path", "field"),
+    [("/v1/chat/completions/register", "container"), ("/v1/chat/completions", "model")],
+)
+async def test_a_refused_object_or_array_is_not_sent_back_in_the_422(
+    api: RunningStack, path: str, field: str
+) -> None:
+    deep = b"[" * 900 + b"]" * 900  # within orjson's 1024 levels
+    many = b",".join([b"[]"] * 200_000)
+    bodies = {  # the refused value: the whole body (no container), or the model
+        "/v1/chat/completions/register": b'{"items": [' + deep + b"," + many + b"]}",
+        "/v1/chat/completions": b'{"messages": [], "model": [' + deep + b"," + many + b"]}",
+    }
+    async with api.client(KEY_A) as client:
+        response = await client.post(
+            path, content=bodies[path], headers={"Content-Type": "application/json"}
+        )
+        assert response.status_code == 422, response.text[:500]
+        assert len(response.content) < 1000
+        [error] = response.json()["detail"]
+        assert error["loc"] == ["body", field]
+        assert "input" not in error
+        short = {"container": "c" * 5, "items": 5}  # a scalar refused is still shown
+        response = await client.post("/v1/chat/completions/register", json=short)
+        assert response.json()["detail"][0]["input"] == 5
+
+
 async def test_limits_on_body_size_and_item_count(start_stack: StackFactory) -> None:
     running = await start_stack(max_body_bytes=4096, max_items_per_request=3)
     async with running.client(KEY_A) as client:
