@@ -110,14 +110,36 @@ def whole_floats_as_ints(node: Any) -> Any:
     an int where a number is expected, but never a float where an integer is: validating this
     copy strictly refuses a string for a number (``"1"``) and accepts ``1.0`` for an integer,
     as the spec does. Only the copy is validated; the value sent stays as it was.
+
+    Copied level by level, not recursively: a body may nest 1,024 levels (orjson's limit),
+    more than Python's recursion allows.
     """
-    if isinstance(node, float):
-        return int(node) if node.is_integer() else node
-    if isinstance(node, dict):
-        return {key: whole_floats_as_ints(value) for key, value in node.items()}
-    if isinstance(node, list):
-        return [whole_floats_as_ints(value) for value in node]
-    return node
+    result = _whole(node)
+    stack: list[tuple[Any, Any]] = [(node, result)] if isinstance(node, dict | list) else []
+    while stack:
+        source, target = stack.pop()
+        if isinstance(source, dict):
+            for key, value in source.items():
+                target[key] = child = _whole(value)
+                if isinstance(value, dict | list):
+                    stack.append((value, child))
+        else:
+            for value in source:
+                target.append(child := _whole(value))
+                if isinstance(value, dict | list):
+                    stack.append((value, child))
+    return result
+
+
+def _whole(value: Any) -> Any:
+    """A whole float as an int; an empty container to fill for a list or an object."""
+    if isinstance(value, float):
+        return int(value) if value.is_integer() else value
+    if isinstance(value, dict):
+        return {}
+    if isinstance(value, list):
+        return []
+    return value
 
 
 MAX_NESTING = 200

@@ -142,6 +142,24 @@ async def test_an_item_nested_too_deeply_to_be_stored_is_reported(api: RunningSt
         assert [r["id"] for r in (await _visible(client, 1))["data"]] == ["cmpl-2"]
 
 
+async def test_an_item_nested_deeper_than_python_recurses_is_reported(api: RunningStack) -> None:
+    # A whole float (1.0 for an integer) has the item copied with whole floats as ints; the
+    # copy recursed, and an item nested 600 levels deep (orjson parses 1,024) was a 500.
+    nested = _item(1)
+    nested["input"]["n"] = 1.0
+    nested["metadata"] = {"deep": json.loads("[" * 600 + "]" * 600)}
+    async with api.client(KEY_A) as client:
+        response = await client.post(
+            "/v1/chat/completions/register",
+            content=json.dumps({"container": "c", "items": [nested, _item(2)]}),
+            headers={"Content-Type": "application/json"},
+        )
+        assert response.status_code == 200, response.text[:500]
+        body = response.json()
+        assert body["summary"] == {"received": 2, "accepted": 1, "rejected": 1}
+        assert body["errors"][0]["message"] == "JSON nested too deeply to be stored"
+
+
 async def test_values_storage_cannot_hold_are_reported_and_later_items_still_stored(
     api: RunningStack,
 ) -> None:

@@ -549,6 +549,22 @@ async def test_a_create_request_too_big_to_be_reasonable_is_refused_cheaply(
     assert len(upstream[0].state.requests) == before  # none of them reached the upstream
 
 
+async def test_a_create_request_nested_deeper_than_python_recurses_is_a_422(
+    api: RunningStack,
+) -> None:
+    # A whole float (1.0 for an integer) has the body copied with whole floats as ints; the
+    # copy recursed, and a body nested 600 levels deep (orjson parses 1,024) was a 500.
+    deep = json.loads("[" * 600 + "]" * 600)
+    tool = {"type": "function", "function": {"name": "f", "parameters": {"a": deep}}}
+    body = json.dumps({"model": "mock/ok", "messages": [], "n": 1.0, "tools": [tool]})
+    async with api.client(KEY_A) as client:
+        response = await client.post(
+            "/v1/chat/completions", content=body, headers={"Content-Type": "application/json"}
+        )
+        assert response.status_code == 422, response.text[:500]
+        assert response.json()["detail"][0]["msg"] == "JSON nested more than 200 levels deep."
+
+
 async def test_create_validates_the_request(api: RunningStack) -> None:
     async with api.client(KEY_A) as client:
         response = await client.post("/v1/chat/completions", json={"model": "mock/ok"})
