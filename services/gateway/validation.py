@@ -19,6 +19,7 @@ from __future__ import annotations
 import copy
 from typing import Any, cast
 
+import orjson
 from pydantic import TypeAdapter, ValidationError
 from pydantic_core import CoreSchema, ErrorDetails, SchemaValidator
 
@@ -147,18 +148,27 @@ MAX_NESTING = 200
 encodes at most 254 levels (it parses up to 1024): deeper, the record could not be written."""
 
 
+_ORJSON_MAX_DEPTH = 254
+"""Deepest nesting of lists and objects orjson writes ("Recursion limit reached" beyond)."""
+
+
 def nesting_exceeds(node: Any, limit: int) -> bool:
-    """Whether ``node`` nests lists and objects more than ``limit`` levels deep."""
-    stack: list[tuple[Any, int]] = [(node, 1)]
-    while stack:
-        value, depth = stack.pop()
-        if isinstance(value, dict):
-            children: Any = value.values()
-        elif isinstance(value, list):
-            children = value
-        else:
-            continue
-        if depth > limit:
+    """Whether ``node`` (JSON as orjson parses it) nests lists and objects more than ``limit``
+    levels deep.
+
+    Asked of orjson, which writes ``node`` inside ``254 - limit`` more levels of lists and
+    gives up past 254: a walk in Python took 21 s for a body of 21,000,000 empty lists
+    (64 MB), blocking every request meanwhile; orjson writes it in 0.2 s.
+    """
+    if not 0 < limit <= _ORJSON_MAX_DEPTH:
+        raise ValueError(f"limit must be 1-{_ORJSON_MAX_DEPTH}")
+    wrapped = node
+    for _ in range(_ORJSON_MAX_DEPTH - limit):
+        wrapped = [wrapped]
+    try:
+        orjson.dumps(wrapped)
+    except orjson.JSONEncodeError as exc:
+        if "Recursion limit" in str(exc):
             return True
-        stack.extend((child, depth + 1) for child in children if isinstance(child, dict | list))
+        raise
     return False

@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import json
 import random
+import time
 from pathlib import Path
 from typing import Any
 
@@ -12,7 +13,7 @@ import pytest
 from pydantic import TypeAdapter, ValidationError
 
 from schemas.api import ChatReq, Item
-from services.gateway.validation import ListValidator, dict_validator
+from services.gateway.validation import ListValidator, dict_validator, nesting_exceeds
 
 EXAMPLES = Path(__file__).parents[4] / "schemas" / "examples"
 
@@ -175,3 +176,29 @@ def test_invalid_items_reports_the_models_own_errors_by_index() -> None:
         assert errors == caught.value.errors(include_url=False)
     assert found[1][0]["type"] == "model_type"
     assert ListValidator(Item).invalid_items([RICH, RICH], strict=True) == {}
+
+
+def _nested(depth: int, leaf: Any) -> Any:
+    for _ in range(depth):
+        leaf = [leaf]
+    return leaf
+
+
+@pytest.mark.parametrize(("leaf", "levels"), [([], 1), ({}, 1), ({"a": [1]}, 2), ("x", 0)], ids=str)
+def test_nesting_is_counted_in_levels_of_lists_and_objects(leaf: Any, levels: int) -> None:
+    assert not nesting_exceeds(_nested(200 - levels, leaf), 200)
+    assert nesting_exceeds(_nested(201 - levels, leaf), 200)
+    assert nesting_exceeds(_nested(1000, leaf), 200)
+    assert not nesting_exceeds({"a": _nested(199 - levels, leaf), "b": [_nested(197, {})]}, 200)
+    assert nesting_exceeds({"a": _nested(199 - levels, leaf), "b": [1, _nested(198, [])]}, 200)
+
+
+def test_a_wide_body_is_measured_in_well_under_a_second() -> None:
+    # a 64 MB body holds 21,000,000 empty lists; walking them in Python took 21 s, during
+    # which the gateway answered nobody
+    wide: Any = {"a": [[] for _ in range(3_000_000)]}
+    started = time.perf_counter()
+    assert not nesting_exceeds(wide, 200)
+    assert time.perf_counter() - started < 0.5
+    wide["a"].append(_nested(300, 1))
+    assert nesting_exceeds(wide, 200)
