@@ -282,7 +282,12 @@ async def _register(
     envelope = (await read_model(request, RegisterEnvelope, settings, lease))[1]
     if len(envelope.items) > settings.max_items_per_request:
         raise too_long(("items",), settings.max_items_per_request, "items per request")
-    validated = build_events(envelope, project=project, received_at_ms=time.time_ns() // 1_000_000)
+    validated = build_events(
+        envelope,
+        project=project,
+        received_at_ms=time.time_ns() // 1_000_000,
+        hold=lease.take_records,  # records held until the broker has them count too
+    )
     container, received = envelope.container, len(envelope.items)
     # The parsed items (some 60 objects each) are done with: let them go before waiting for the
     # broker, so requests waiting their turn hold only their encoded records.

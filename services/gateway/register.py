@@ -5,6 +5,7 @@ Pure functions: the endpoint does the I/O.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -65,7 +66,14 @@ def check_record(raw: dict[str, Any]) -> None:
     parse_spend(output.get("spend"))
 
 
-def build_events(envelope: RegisterEnvelope, *, project: str, received_at_ms: int) -> Validated:
+def build_events(
+    envelope: RegisterEnvelope,
+    *,
+    project: str,
+    received_at_ms: int,
+    hold: Callable[[int], None] | None = None,
+) -> Validated:
+    """``hold``: called with each record's size as it is built (it may raise to stop)."""
     result = Validated()
     invalid = item_errors(envelope.items)
     published: dict[str, int] = {}  # completion id -> its message's position
@@ -97,6 +105,8 @@ def build_events(envelope: RegisterEnvelope, *, project: str, received_at_ms: in
         except TypeError:  # orjson writes at most 254 levels (and parses 1024)
             result.reject(index, (), "JSON nested too deeply to be stored", "value_error")
             continue
+        if hold is not None:
+            hold(len(value))
         record = (message_key(project, completion_id), value)
         result.accepted += 1
         position = published.setdefault(completion_id, len(result.messages))

@@ -552,6 +552,24 @@ async def test_bytes_held_across_requests_are_bounded(start_stack: StackFactory)
         assert "maniac_gateway_inflight_body_bytes 0.0" in metrics
 
 
+async def test_records_that_outgrow_their_body_count_against_the_bytes_held(
+    start_stack: StackFactory,
+) -> None:
+    # each item's record repeats the container: 100 items in a 20 KB container make 2 MB of
+    # records from 22 KB of body (2,000 in 100 KB made 1.2 GB of memory from 170 KB)
+    running = await start_stack(max_inflight_body_bytes=1_000_000)
+    wide = {"container": "c" * 20_000, "items": [_item(n) for n in range(100)]}
+    async with running.client(KEY_A) as client:
+        response = await client.post("/v1/chat/completions/register", json=wide)
+        _error(response, 413, "payload_too_large")
+        metrics = (await client.get("/metrics")).text
+        assert "maniac_gateway_inflight_body_bytes 0.0" in metrics
+        fewer = {**wide, "items": wide["items"][:10]}  # 200 KB of records: they fit
+        response = await client.post("/v1/chat/completions/register", json=fewer)
+        assert response.json()["summary"]["accepted"] == 10
+        assert (await _visible(client, 10))["total"] == 10
+
+
 async def test_a_body_that_does_not_arrive_holds_only_what_came_and_times_out(
     start_stack: StackFactory,
 ) -> None:
