@@ -121,9 +121,25 @@ def partition_for_key(
 MAX_BATCH_BYTES = 1_000_000
 """A record batch's size before compression: under Kafka's default ``message.max.bytes``."""
 
+MAX_RECORD_BYTES = 256 * 1024 * 1024
+"""The largest record the producers send, and the topics take (their ``max.message.bytes``).
+
+A record holds a whole request: a created completion's record its request (up to
+``MANIAC_MAX_BODY_BYTES``, 64 MB by default: images sent inline make requests of megabytes)
+and its response, a registered item's its item. Kafka's default (about 1 MB) would refuse
+them: the record of a completion already served would be lost, and a register request with
+such an item refused every time it is sent again. Records are batched up to
+:data:`MAX_BATCH_BYTES`; a larger one goes in a batch of its own.
+"""
+
 
 def create_producer(
-    bootstrap: str, *, linger_ms: int = 5, compression: str = "zstd", timeout_s: float = 30.0
+    bootstrap: str,
+    *,
+    linger_ms: int = 5,
+    compression: str = "zstd",
+    timeout_s: float = 30.0,
+    max_record_bytes: int = MAX_RECORD_BYTES,
 ) -> Any:
     return AIOKafkaProducer(
         bootstrap_servers=bootstrap,
@@ -133,7 +149,7 @@ def create_producer(
         compression_type=None if compression == "none" else compression,
         linger_ms=linger_ms,
         max_batch_size=MAX_BATCH_BYTES,
-        max_request_size=8 * 1024 * 1024,
+        max_request_size=max_record_bytes,
         request_timeout_ms=int(timeout_s * 1000),
         retry_backoff_ms=100,
     )
@@ -162,15 +178,19 @@ def create_consumer(
 async def ensure_topics(
     bootstrap: str, topics: list[str], partitions: int, replication_factor: int = 1
 ) -> None:
-    """Create the topics that do not exist yet."""
+    """Create the topics that do not exist yet, taking records of :data:`MAX_RECORD_BYTES`."""
     admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
     await admin.start()
     try:
         existing = set(await admin.list_topics())
         missing = [t for t in topics if t not in existing]
         if missing:
+            configs = {"max.message.bytes": str(MAX_RECORD_BYTES)}
             with contextlib.suppress(TopicAlreadyExistsError):
-                new = [NewTopic(t, partitions, replication_factor) for t in missing]
+                new = [
+                    NewTopic(t, partitions, replication_factor, topic_configs=configs)
+                    for t in missing
+                ]
                 await admin.create_topics(new)
             log.info(
                 "topics_created",

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import base64
 import json
+import os
 import time
 from typing import Any
 
@@ -495,6 +497,24 @@ async def test_a_failed_request_through_a_container_is_recorded_in_it(
     [record] = listed["data"]
     assert (record["container"], record["model"]) == ("broken", "mock/fail-500")
     assert record["operation"]["status"] == "error"
+
+
+async def test_a_create_of_megabytes_is_recorded(api: RunningStack) -> None:
+    # an image sent inline (a data URL) makes a request of megabytes: it is served, and its
+    # record must not be dropped for its size
+    image = "data:image/png;base64," + base64.b64encode(os.urandom(9 * 1024 * 1024)).decode()
+    content: Any = [
+        {"type": "text", "text": "what is in it?"},
+        {"type": "image_url", "image_url": {"url": image}},
+    ]
+    before = _dropped()
+    async with _sdk(api) as sdk:
+        completion = await sdk.chat.completions.create(
+            model="mock/ok", messages=[{"role": "user", "content": content}]
+        )
+    record = await _recorded(api, completion.id)
+    assert record["choices"][0]["message"]["content"] == ANSWER
+    assert _dropped() == before
 
 
 def _dropped() -> float:

@@ -9,7 +9,7 @@ from typing import Any
 
 from schemas.events import encode_event, message_key
 from services.common.clickhouse import ClickHouse
-from services.common.kafka import create_producer
+from services.common.kafka import MAX_RECORD_BYTES, create_producer
 from services.common.pricing import PriceCatalog
 from services.common.settings import ServeSettings, WorkerSettings
 from services.worker.pipeline.types import Message, Partition
@@ -47,15 +47,19 @@ class RunningWorker:
         *,
         prices: bool = False,
         assign: bool = False,
+        max_record_bytes: int = MAX_RECORD_BYTES,
     ) -> None:
         self.settings, self.broker, self.ch = settings, broker, ch
         self.prices = PriceCatalog.load() if prices else None
         self.assign = assign
+        self.max_record_bytes = max_record_bytes
 
     async def __aenter__(self) -> Worker:
         s = self.settings
         self.consumer = create_worker_consumer(self.broker.bootstrap, s)
-        self.producer = create_producer(self.broker.bootstrap)
+        self.producer = create_producer(
+            self.broker.bootstrap, max_record_bytes=self.max_record_bytes
+        )
         await self.consumer.start()
         await self.producer.start()
         self.worker = Worker(

@@ -179,20 +179,22 @@ async def _dead_letters(ch: ClickHouse) -> list[tuple[Any, ...]]:
 async def test_a_message_too_large_for_the_dead_letter_topic_is_kept_and_committed(
     settings: ServeSettings, broker: Broker, clickhouse: ClickHouse
 ) -> None:
-    """A record larger than the worker's producer may send (another producer put it there)
-    can never reach the dead-letter topic: it is kept in ``dead_letters``, with its bytes and
-    reason, and the partition moves on instead of retrying the topic for ever."""
+    """A record larger than the worker's producer may send (another producer, with a higher
+    limit, put it there) can never reach the dead-letter topic: it is kept in
+    ``dead_letters``, with its bytes and reason, and the partition moves on instead of
+    retrying the topic for ever."""
     big = AIOKafkaProducer(
         bootstrap_servers=broker.bootstrap, max_request_size=32 * 2**20, enable_idempotence=False
     )
     await big.start()
     try:
-        huge = b"x" * (9 * 2**20)  # over the 8 MB a request of the worker's producer may hold
+        huge = b"x" * (9 * 2**20)  # over the 8 MB the worker's producer may send, below
         await big.send_and_wait(settings.topic, key=b"p/huge", value=huge, partition=0)
         await produce(big, settings.topic, [event("after")])
     finally:
         await big.stop()
-    async with RunningWorker(settings, broker, clickhouse) as worker:
+    running = RunningWorker(settings, broker, clickhouse, max_record_bytes=8 * 2**20)
+    async with running as worker:
         await eventually(lambda: all_committed(worker, 2), timeout_s=20)
     assert await count(clickhouse) == 1
     [(project, completion_id, reason, size)] = await clickhouse.rows(
