@@ -121,15 +121,16 @@ def partition_for_key(
 MAX_BATCH_BYTES = 1_000_000
 """A record batch's size before compression: under Kafka's default ``message.max.bytes``."""
 
-MAX_RECORD_BYTES = 256 * 1024 * 1024
+MAX_RECORD_BYTES = 96 * 1024 * 1024
 """The largest record the producers send, and the topics take (their ``max.message.bytes``).
 
 A record holds a whole request: a created completion's record its request (up to
-``MANIAC_MAX_BODY_BYTES``, 64 MB by default: images sent inline make requests of megabytes)
+``MANIAC_MAX_BODY_BYTES``, 64 MiB by default: images sent inline make requests of megabytes)
 and its response, a registered item's its item. Kafka's default (about 1 MB) would refuse
 them: the record of a completion already served would be lost, and a register request with
-such an item refused every time it is sent again. Records are batched up to
-:data:`MAX_BATCH_BYTES`; a larger one goes in a batch of its own.
+such an item refused every time it is sent again. Below the brokers' default
+``socket.request.max.bytes`` (100 MiB), which bounds a whole produce request. Records are
+batched up to :data:`MAX_BATCH_BYTES`; a larger one goes in a batch of its own.
 """
 
 
