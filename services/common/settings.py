@@ -69,6 +69,12 @@ class GatewaySettings(CommonSettings):
     )
     upstream_max_connections: int = Field(default=1000, ge=1)
     telemetry_queue_size: int = Field(default=10_000, ge=1)
+    telemetry_queue_bytes: int = Field(
+        default=512 * 1024 * 1024,
+        ge=1024,
+        description="Bytes of created completions' records held until the broker acknowledged "
+        "them; beyond: dropped, counted.",
+    )
     max_items_per_request: int = Field(default=10_000, ge=1)
     max_body_bytes: int = Field(default=64 * 1024 * 1024, ge=1024)
     max_inflight_body_bytes: int = Field(

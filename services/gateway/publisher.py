@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 from collections import Counter
 from collections.abc import Callable
 from datetime import UTC, datetime
@@ -45,6 +46,7 @@ class Publisher:
         timeout_s: float,
         queue_size: int = 10_000,
         on_drop: Callable[[Dropped], None] | None = None,
+        queue_bytes: int = 512 * 1024 * 1024,
     ) -> None:
         self._producer = producer
         self._on_drop = on_drop
@@ -53,6 +55,11 @@ class Publisher:
         self.acked: dict[int, int] = {}
         """Highest acknowledged offset per partition (used to drain before shutdown)."""
         self._queue: asyncio.Queue[tuple[bytes, bytes]] = asyncio.Queue(queue_size)
+        self._max_queued_bytes = queue_bytes
+        self._queued_bytes = 0
+        """Bytes of created completions' records queued or handed to the producer, not yet
+        acknowledged: records of requests of megabytes would fill memory while the broker is
+        slow or away, however few of them the queue holds."""
         self._pending: set[asyncio.Future[Any]] = set()
         self._lanes: dict[int, _Lane] = {}
         self._backlog: Callable[[], int] | None = None
@@ -186,12 +193,17 @@ class Publisher:
     # -- fire and forget, for created completions --------------------------------------------
 
     def publish_nowait(self, key: bytes, value: bytes) -> bool:
-        """Queue one record for the background sender; False (counted, logged) if full."""
+        """Queue one record for the background sender; False (counted, logged) if full: its
+        records or their bytes."""
+        if self._queued_bytes + len(value) > self._max_queued_bytes:
+            self._dropped(key, "queue_full", None)
+            return False
         try:
             self._queue.put_nowait((key, value))
         except asyncio.QueueFull:
             self._dropped(key, "queue_full", None)
             return False
+        self._queued_bytes += len(value)
         if self._task is None:
             self._task = detached(self._run(), name="telemetry-publisher")
         return True
@@ -205,16 +217,20 @@ class Publisher:
             try:
                 future = await self._producer.send(self.topic, key=key, value=value)
             except Exception as exc:
+                self._queued_bytes -= len(value)
                 self._dropped(key, "broker_error", exc)
             else:
                 self._pending.add(future)
-                future.add_done_callback(lambda f, k=key: self._delivered(f, k))
+                future.add_done_callback(
+                    functools.partial(self._delivered, key=key, size=len(value))
+                )
             finally:
                 self._handing = False
                 self._queue.task_done()
 
-    def _delivered(self, future: asyncio.Future[Any], key: bytes) -> None:
+    def _delivered(self, future: asyncio.Future[Any], *, key: bytes, size: int) -> None:
         self._pending.discard(future)
+        self._queued_bytes -= size
         if future.cancelled():
             self._dropped(key, "broker_error", asyncio.CancelledError())
         elif future.exception() is not None:
@@ -254,7 +270,8 @@ class Publisher:
             self._task = None
         # Records already handed to the producer are counted by their delivery callback.
         while not self._queue.empty():
-            key, _ = self._queue.get_nowait()
+            key, value = self._queue.get_nowait()
+            self._queued_bytes -= len(value)
             self._dropped(key, "shutdown", None)
 
 

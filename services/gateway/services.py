@@ -48,6 +48,7 @@ class Gateway:
             settings.publish_timeout_s,
             settings.telemetry_queue_size,
             on_drop=drops.add,
+            queue_bytes=settings.telemetry_queue_bytes,
         )
         upstream = UpstreamClient(settings.upstream_max_connections)
         completions = CompletionService(catalog, upstream, publisher)

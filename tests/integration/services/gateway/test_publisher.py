@@ -243,6 +243,30 @@ async def test_a_paused_publisher_holds_requests_until_resumed(
     ]
 
 
+async def test_created_records_are_held_up_to_their_bytes_until_acknowledged(
+    broker: EmbeddedBroker, topics: tuple[str, str], producer: Any
+) -> None:
+    dropped: list[str] = []
+    publisher = Publisher(
+        producer,
+        topics[0],
+        timeout_s=30,
+        on_drop=lambda d: dropped.append(d.completion_id),
+        queue_bytes=10,
+    )
+    publisher.pause()  # the broker slow or away: records wait
+    assert publisher.publish_nowait(b"p/c1", b"123456")
+    assert not publisher.publish_nowait(b"p/c2", b"12345")  # 11 bytes held: over the 10
+    assert publisher.publish_nowait(b"p/c3", b"1234")
+    publisher.resume()
+    await publisher.flush()
+    assert publisher.publish_nowait(b"p/c4", b"1234567890")  # acknowledged: room again
+    await publisher.flush()
+    records = await _read_all(broker.bootstrap, topics[0], 3)
+    assert sorted(r.key for r in records) == [b"p/c1", b"p/c3", b"p/c4"]
+    assert dropped == ["c2"]
+
+
 async def test_settle_waits_for_what_was_handed_over_before_the_pause() -> None:
     async with proxied_broker() as (proxy, bootstrap):
         topic = unique("settle")
