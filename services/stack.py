@@ -158,6 +158,9 @@ class Stack:
         self._watcher: asyncio.Task[None] | None = None
         self._closing = False
         self._reviving: asyncio.Task[None] | None = None
+        self.dead_letter_bytes = 0
+        """Bytes of the dead letters written back to the embedded broker when it last started:
+        no restart gives their memory back, so they count beyond its memory limit."""
 
     async def start(self) -> None:
         s = self.settings
@@ -265,8 +268,16 @@ class Stack:
 
     # -- the embedded broker: it is started again when it exits, or passes its memory -------
 
+    def memory_restart_due(self, used: int | None) -> bool:
+        """Whether the embedded broker, holding ``used`` bytes, is to start afresh: past
+        ``MANIAC_BROKER_MAX_MEMORY_MB`` (``0``: never) beyond the dead letters it was given
+        back when it started, which a restart writes back again: counted in the limit, dead
+        letters of tens of MB past it had the broker started afresh every few seconds, holding
+        publishing each time, for nothing given back."""
+        limit = self.settings.broker_max_memory_mb * 1024 * 1024
+        return bool(limit) and used is not None and used > limit + self.dead_letter_bytes
+
     async def _watch_broker(self, broker: EmbeddedBroker) -> None:
-        limit = self.settings.broker_max_memory_mb * 1024 * 1024 if broker.on_memory else 0
         while True:
             await asyncio.sleep(1.0)
             try:
@@ -274,7 +285,7 @@ class Stack:
                     await self.revive_broker()
                     continue
                 used = broker.memory_bytes()
-                if not limit or used is None or used <= limit:
+                if not broker.on_memory or not self.memory_restart_due(used):
                     continue
                 restarted = await self.restart_broker(reason="memory", memory_bytes=used)
             except Exception as exc:
@@ -405,6 +416,10 @@ class Stack:
     async def _send_dead_letters(self, producer: Any, records: Sequence[DeadLetterRecord]) -> None:
         """Write dead letters to the dead-letter topic as they were (key, value, headers,
         timestamp: their identity); return once the broker acknowledged every one."""
+        self.dead_letter_bytes = sum(
+            len(key or b"") + len(value or b"") + sum(len(n) + len(h) for n, h in headers)
+            for key, value, headers, _ in records
+        )
         sends = [
             await producer.send(
                 self.settings.dead_letter_topic,

@@ -499,6 +499,37 @@ async def test_a_broker_restart_that_fails_after_the_broker_restarted_leaves_no_
     await eventually(lambda: _is_total(url, "key-a", 60))
 
 
+async def test_dead_letters_written_back_count_beyond_the_broker_memory_limit(
+    own_broker: EmbeddedBroker, start_stack: StackFactory
+) -> None:
+    running = await start_stack(  # restarted by hand here: no restart on memory
+        bootstrap=own_broker.bootstrap, own=own_broker, broker_max_memory_mb=0
+    )
+    stack, url = running.stack, running.base_url
+    producer = create_producer(own_broker.bootstrap, linger_ms=0)
+    await producer.start()
+    try:  # records of megabytes the worker refuses, produced by someone else: dead letters
+        for i in range(2):
+            value = b"\xff" + os.urandom(20 * 1024 * 1024)
+            await producer.send_and_wait(stack.settings.topic, key=b"projA/big%d" % i, value=value)
+    finally:
+        await producer.stop()
+
+    async def dead_letters() -> bool:
+        status = await _get(url, "key-a", "/v1/status")
+        return bool(status["dead_lettered"]["total"] == 2)
+
+    await eventually(dead_letters)
+    assert await stack.restart_broker(reason="test") is True  # the dead letters written back
+    used = own_broker.memory_bytes()
+    assert used is not None
+    stack.settings = stack.settings.model_copy(update={"broker_max_memory_mb": 32})
+    # past 32 MB with the dead letters alone: started afresh, it would hold them again at once
+    assert used > 32 * 1024 * 1024
+    assert not stack.memory_restart_due(used)
+    assert stack.memory_restart_due(used + 33 * 1024 * 1024)  # more than them: given back
+
+
 async def test_s3_broker_storage_keeps_acknowledged_items_through_kill_9(
     tmp_path: Path, env: dict[str, str], servers: list[Serve], s3_env: dict[str, str]
 ) -> None:
