@@ -211,11 +211,15 @@ class Publisher:
     async def _run(self) -> None:
         while True:
             key, value = await self._queue.get()
-            if not self._open.is_set():
-                await self._open.wait()
-            self._handing = True
             try:
+                if not self._open.is_set():
+                    await self._open.wait()
+                self._handing = True
                 future = await self._producer.send(self.topic, key=key, value=value)
+            except asyncio.CancelledError:  # flush gave up: the record never reached the producer
+                self._queued_bytes -= len(value)
+                self._dropped(key, "shutdown", None)
+                raise
             except Exception as exc:
                 self._queued_bytes -= len(value)
                 self._dropped(key, "broker_error", exc)

@@ -267,6 +267,28 @@ async def test_created_records_are_held_up_to_their_bytes_until_acknowledged(
     assert dropped == ["c2"]
 
 
+async def test_a_record_taken_for_the_producer_when_flush_gives_up_is_counted_as_dropped(
+    topics: tuple[str, str], producer: Any
+) -> None:
+    dropped: list[tuple[str, str]] = []
+    publisher = Publisher(
+        producer,
+        topics[0],
+        timeout_s=30,
+        on_drop=lambda d: dropped.append((d.completion_id, d.reason)),
+        queue_bytes=100,
+    )
+    publisher.pause()  # the sender takes c1 from the queue and waits with it
+    assert publisher.publish_nowait(b"p/c1", b"x" * 60)
+    assert publisher.publish_nowait(b"p/c2", b"x" * 30)
+    await publisher.flush(timeout_s=0.2)  # gives up: neither is published
+    assert sorted(dropped) == [("c1", "shutdown"), ("c2", "shutdown")]
+    publisher.resume()
+    assert publisher.publish_nowait(b"p/c3", b"x" * 60)  # their bytes are free again
+    await publisher.flush()
+    assert len(dropped) == 2
+
+
 async def test_settle_waits_for_what_was_handed_over_before_the_pause() -> None:
     async with proxied_broker() as (proxy, bootstrap):
         topic = unique("settle")
