@@ -52,3 +52,19 @@ COMPLETIONS_INSERT_COLUMNS = (
 """The columns of a completion row as the worker writes it: one JSON array of these values per
 row (JSONCompactEachRow, which ClickHouse parses faster than objects naming every column). The
 table's other column, ``inserted_at``, takes its default."""
+
+USAGE_DIMENSIONS = ("container", "model", "provider")
+"""What ``usage_hourly`` and ``usage_daily`` group by, beside ``project`` and ``bucket``."""
+
+USAGE_COUNTS = (
+    "requests",
+    "errors",
+    "unpriced",
+    "prompt_tokens",
+    "completion_tokens",
+    "cached_tokens",
+    "reasoning_tokens",
+    "total_tokens",
+)
+"""The counts each group of ``usage_hourly`` and ``usage_daily`` sums (beside ``spend`` and the
+latency quantiles)."""

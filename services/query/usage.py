@@ -13,6 +13,7 @@ from fastapi import APIRouter, Depends, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse
 
+from schemas import USAGE_COUNTS, USAGE_DIMENSIONS
 from services.common.auth import ProjectDep
 from services.common.clickhouse import ClickHouse
 from services.common.records import normalize_slug
@@ -20,17 +21,8 @@ from services.common.responses import JSONResponse
 
 router = APIRouter(tags=["Usage"])
 
-DIMENSIONS = ("container", "model", "provider")
-MEASURES = (
-    "requests",
-    "errors",
-    "unpriced",
-    "prompt_tokens",
-    "completion_tokens",
-    "cached_tokens",
-    "reasoning_tokens",
-    "total_tokens",
-)
+DIMENSIONS = USAGE_DIMENSIONS
+MEASURES = USAGE_COUNTS
 
 
 def parse_time(value: str | None, default: datetime, name: str) -> datetime:

@@ -29,6 +29,7 @@ from functools import partial
 
 import structlog
 
+from schemas import USAGE_COUNTS, USAGE_DIMENSIONS
 from services.common.clickhouse import ClickHouse
 from services.worker.journal import InsertJournal
 from services.worker.runner import insert_rows
@@ -41,18 +42,8 @@ REBUILT = ("completion_listing", "completion_counts", "usage_hourly")
 EMPTIED = ("usage_daily", *REBUILT)
 
 
-USAGE_KEYS = ("project", "bucket", "container", "model", "provider")
-USAGE_MEASURES = (
-    "requests",
-    "errors",
-    "unpriced",
-    "prompt_tokens",
-    "completion_tokens",
-    "cached_tokens",
-    "reasoning_tokens",
-    "total_tokens",
-    "spend",
-)
+USAGE_KEYS = ("project", "bucket", *USAGE_DIMENSIONS)
+USAGE_MEASURES = (*USAGE_COUNTS, "spend")
 GROUPS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
     "completion_listing": (
         ("project", "created", "completion_id", "model", "container"),

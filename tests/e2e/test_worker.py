@@ -48,6 +48,26 @@ async def _answers(
         return False
 
 
+async def _three_stored(
+    bootstrap: str, topic: str, project: str, metrics_port: int, alive: Callable[[], str]
+) -> None:
+    """Three completions of ``project`` produced, and counted stored by the worker's metrics."""
+    producer = create_producer(bootstrap, linger_ms=0)
+    await producer.start()
+    try:
+        await produce(producer, topic, [event(f"c{i}", project) for i in range(3)])
+    finally:
+        await producer.stop()
+    stored = f'maniac_project_records_stored_total{{project="{project}"}} 3.0'
+
+    async def metrics_show_them_stored() -> bool:
+        alive()
+        metrics = f"http://127.0.0.1:{metrics_port}/metrics"
+        return await _answers(metrics, lambda response: stored in response.text)
+
+    await eventually(metrics_show_them_stored, timeout_s=90, interval_s=0.2)
+
+
 async def test_a_worker_process_stores_serves_its_metrics_and_the_query_process_lists(
     broker: Broker, topics: tuple[str, str], env: dict[str, str], tmp_path: Path
 ) -> None:
@@ -65,20 +85,7 @@ async def test_a_worker_process_stores_serves_its_metrics_and_the_query_process_
     }
     subprocess.run([MANIAC, "migrate"], env=env, check=True, capture_output=True, timeout=120)
     with running(["worker"], env, tmp_path / "worker.log") as alive:
-        producer = create_producer(broker.bootstrap, linger_ms=0)
-        await producer.start()
-        try:
-            await produce(producer, topics[0], [event(f"c{i}", project) for i in range(3)])
-        finally:
-            await producer.stop()
-        stored = f'maniac_project_records_stored_total{{project="{project}"}} 3.0'
-
-        async def metrics_show_them_stored() -> bool:
-            alive()
-            metrics = f"http://127.0.0.1:{port}/metrics"
-            return await _answers(metrics, lambda response: stored in response.text)
-
-        await eventually(metrics_show_them_stored, timeout_s=90, interval_s=0.2)
+        await _three_stored(broker.bootstrap, topics[0], project, port, alive)
 
     args = ["query", "--host", "127.0.0.1", "--port", str(query_port)]
     with running(args, env, tmp_path / "query.log") as alive:
@@ -134,20 +141,7 @@ async def test_a_worker_started_before_its_broker_waits_for_it(
                 return await _has_topic(broker.bootstrap, topic)
 
             await eventually(topic_created, timeout_s=60, interval_s=0.5)
-            producer = create_producer(broker.bootstrap, linger_ms=0)
-            await producer.start()
-            try:
-                await produce(producer, topic, [event(f"c{i}", project) for i in range(3)])
-            finally:
-                await producer.stop()
-            stored = f'maniac_project_records_stored_total{{project="{project}"}} 3.0'
-
-            async def stored_all() -> bool:
-                alive()
-                url = f"http://127.0.0.1:{metrics_port}/metrics"
-                return await _answers(url, lambda response: stored in response.text)
-
-            await eventually(stored_all, timeout_s=90, interval_s=0.2)
+            await _three_stored(broker.bootstrap, topic, project, metrics_port, alive)
     finally:
         broker.stop()
 
