@@ -16,6 +16,7 @@ from aiokafka.admin import AIOKafkaAdminClient
 from services.common.kafka import EmbeddedBroker, create_producer, free_port
 from tests.conftest import Broker, eventually, unique
 from tests.support.serve import MANIAC
+from tests.support.servers import port_to_bind_later
 from tests.support.worker import event, produce
 
 
@@ -113,7 +114,8 @@ async def _has_topic(bootstrap: str, topic: str) -> bool:
 async def test_a_worker_started_before_its_broker_waits_for_it(
     env: dict[str, str], tmp_path: Path
 ) -> None:
-    port, metrics_port, project = free_port(), free_port(), unique("p")
+    # both bound only after the worker has waited: ports no client connection takes meanwhile
+    port, metrics_port, project = port_to_bind_later(), port_to_bind_later(), unique("p")
     topic = unique("maniac.completions")
     env = {
         **env,
