@@ -8,7 +8,7 @@ from typing import Any, TypeGuard
 
 from pydantic import ValidationError
 
-from schemas.api import ChatResponseMessage
+from schemas.api import ChatResponseMessage, ChatResponseUsage, RegisterOutputMessage
 from services.common.records import RecordError, usage_counts
 
 FINISH_REASONS = {"stop", "length", "tool_calls", "content_filter", "error"}
@@ -28,16 +28,19 @@ def _is_int(value: Any) -> TypeGuard[int]:
 
 
 def spec_message(message: dict[str, Any]) -> dict[str, Any]:
-    """An upstream's message as the spec's ``ChatResponseMessage``: a field of the wrong type
-    (a numeric ``refusal``, a tool call without an ``id``) is left out, the rest kept as sent;
-    a missing or null role is the assistant's."""
+    """An upstream's message as the spec's ``ChatResponseMessage`` and, since the answer is
+    recorded, as its ``RegisterOutputMessage`` (what list and get return: a content that is
+    text, parts or null): a field of the wrong type (a numeric ``refusal``, a tool call without
+    an ``id``, an object for content) is left out, the rest kept as sent; a missing or null
+    role is the assistant's."""
     role = message.get("role")
     message = {**message, "role": role if isinstance(role, str) else "assistant"}
-    try:
-        ChatResponseMessage.model_validate(message, strict=True)
-    except ValidationError as exc:
-        wrong = {error["loc"][0] for error in exc.errors(include_url=False) if error["loc"]}
-        message = {key: value for key, value in message.items() if key not in wrong}
+    for model in (ChatResponseMessage, RegisterOutputMessage):
+        try:
+            model.model_validate(message, strict=True)
+        except ValidationError as exc:
+            wrong = {error["loc"][0] for error in exc.errors(include_url=False) if error["loc"]}
+            message = {key: value for key, value in message.items() if key not in wrong}
     return message
 
 
@@ -66,14 +69,15 @@ def created_at(value: Any, default: int) -> int | float:
 
 
 def valid_usage(usage: Any) -> dict[str, Any] | None:
-    """``usage`` when it is the spec's ``ChatResponseUsage`` with counts a record can hold;
-    None otherwise (the answer and its record keep everything else)."""
-    required = ("prompt_tokens", "completion_tokens", "total_tokens")
-    if not isinstance(usage, dict) or any(usage.get(name) is None for name in required):
+    """``usage`` when it is the spec's ``ChatResponseUsage`` (counts that are numbers, details
+    that are objects or null) with counts a record can hold; None otherwise (the answer and
+    its record keep everything else)."""
+    if not isinstance(usage, dict):
         return None
-    try:  # what a record needs of them: counts that are numbers, details that are objects
+    try:
+        ChatResponseUsage.model_validate(usage, strict=True)
         usage_counts(usage)
-    except RecordError:
+    except (ValidationError, RecordError):
         return None
     return usage
 

@@ -14,6 +14,7 @@ import pytest
 from fastapi import FastAPI
 from prometheus_client import REGISTRY
 
+from schemas.api import ChatListRes, ChatRes, ChatResRelaxed
 from tests.conftest import eventually
 from tests.e2e.conftest import KEY_A, RunningStack
 from tests.support.upstream import ANSWER
@@ -475,16 +476,44 @@ async def test_the_upstreams_retry_after_is_passed_on(api: RunningStack) -> None
     assert response.headers["retry-after"] == "30"
 
 
+@pytest.mark.parametrize(
+    "model",
+    [
+        pytest.param("mock/badusage", id="counts-as-strings"),
+        pytest.param("mock/baddetails", id="details-not-objects"),
+    ],
+)
 async def test_usage_a_record_cannot_hold_is_dropped_not_the_completion(
-    api: RunningStack,
+    api: RunningStack, model: str
 ) -> None:
-    response = await _create(api, "mock/badusage")
+    response = await _create(api, model)
     assert response.status_code == 200
     answer = response.json()
     assert answer["usage"] is None
+    ChatRes.model_validate(answer)
     record = await _recorded(api, answer["id"])
     assert record["usage"] is None
     assert record["choices"][0]["message"]["content"] == ANSWER
+    ChatResRelaxed.model_validate(record)
+
+
+async def test_content_a_record_cannot_hold_is_left_out_of_answer_and_record(
+    api: RunningStack,
+) -> None:
+    """A recorded message's content is text, parts or null (the spec's RegisterOutputMessage):
+    an upstream's content that is none of them was stored, and every list or get returning it
+    broke the spec."""
+    response = await _create(api, "mock/objectcontent")
+    assert response.status_code == 200
+    answer = response.json()
+    assert answer["choices"][0]["message"] == {"role": "assistant"}
+    ChatRes.model_validate(answer)
+    record = await _recorded(api, answer["id"])
+    assert record["choices"] == answer["choices"]
+    ChatResRelaxed.model_validate(record)
+    async with api.client(KEY_A) as client:
+        listed = await client.get("/v1/chat/completions", params={"model": "mock/objectcontent"})
+    assert [r.id for r in ChatListRes.model_validate(listed.json()).data] == [answer["id"]]
 
 
 async def test_a_failed_request_through_a_container_is_recorded_in_it(

@@ -11,7 +11,8 @@ choices, ``rl-<s>`` a 429 with ``Retry-After: <s>``, ``trickle-<s>`` sends a spa
 ``errfirst`` and ``errmid`` send an error event first and after one chunk
 (``errmid-openrouter`` as OpenRouter does), ``rich`` streams
 ``reasoning_content`` and logprobs, ``badusage`` reports token counts as strings,
-``deepchunk`` streams a chunk nested 300 levels deep.
+``baddetails`` its token details as lists, ``objectcontent`` answers with content that is an
+object (neither text nor a list of parts), ``deepchunk`` streams a chunk nested 300 levels deep.
 Every request body is kept in ``requests`` for the tests to inspect.
 """
 
@@ -90,6 +91,8 @@ def create_upstream() -> FastAPI:
                 media_type="text/event-stream",
             )
         message: dict[str, Any] = {"role": "assistant", "content": ANSWER}
+        if model == "objectcontent":
+            message["content"] = {"type": "text", "text": ANSWER}
         finish = "stop"
         if wants_tool:
             message = {"role": "assistant", "content": None, "tool_calls": [_tool_call(body)]}
@@ -97,6 +100,8 @@ def create_upstream() -> FastAPI:
         usage: dict[str, Any] = _usage(prompt_tokens, len(ANSWER.split()))
         if model == "badusage":
             usage = {k: str(v) if isinstance(v, int) else v for k, v in usage.items()}
+        if model == "baddetails":
+            usage = {**usage, "prompt_tokens_details": [], "completion_tokens_details": []}
         return _json(
             {
                 "id": "chatcmpl-upstream",

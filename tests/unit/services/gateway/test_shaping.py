@@ -5,7 +5,7 @@ from typing import Any
 import pytest
 from openai.types.chat import ChatCompletionChunk
 
-from schemas.api import ChatRes
+from schemas.api import ChatRes, RegisterOutputMessage
 from services.gateway.shaping import (
     StreamAccumulator,
     chat_res,
@@ -126,6 +126,9 @@ USAGE = {"prompt_tokens": 3, "completion_tokens": 2, "total_tokens": 5}
         ({**USAGE, "prompt_tokens_details": {"cached_tokens": "1"}}, False),
         ({**USAGE, "prompt_tokens_details": "x"}, False),
         ({**USAGE, "completion_tokens_details": [1]}, False),
+        ({**USAGE, "prompt_tokens_details": []}, False),  # empty, but no object either
+        ({**USAGE, "completion_tokens_details": ""}, False),
+        ({**USAGE, "prompt_tokens_details": 0}, False),
         ({**USAGE, "completion_tokens_details": None}, True),
         ([3, 2, 5], False),
     ],
@@ -276,3 +279,21 @@ def test_message_fields_of_the_wrong_type_are_left_out() -> None:
         "content": "hi",
         "annotations": [{"type": "url_citation"}],
     }
+
+
+@pytest.mark.parametrize(
+    ("content", "kept"),
+    [
+        ("hi", True),
+        ([{"type": "text", "text": "hi"}], True),
+        (None, True),
+        ({"type": "text", "text": "hi"}, False),
+        (5, False),
+        (True, False),
+    ],
+)
+def test_content_the_record_cannot_hold_is_left_out(content: Any, kept: bool) -> None:
+    """The record's message (the spec's RegisterOutputMessage) holds text, parts or null."""
+    message = spec_message({"role": "assistant", "content": content})
+    assert message == ({"role": "assistant", "content": content} if kept else {"role": "assistant"})
+    RegisterOutputMessage.model_validate(message, strict=True)
