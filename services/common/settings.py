@@ -82,6 +82,14 @@ class GatewaySettings(CommonSettings):
         ge=1024,
         description="Request-body bytes held at once across requests; beyond: 503 Retry-After.",
     )
+    project_budget_share: float = Field(
+        default=0.5,
+        gt=0,
+        le=1,
+        description="Share of max_inflight_body_bytes one project may hold while another "
+        "project is active (a project alone may hold all of it); beyond: 503 Retry-After. "
+        "1: no share.",
+    )
     max_messages_per_request: int = Field(
         default=10_000, ge=1, description="Most `messages` in one create request."
     )

@@ -248,7 +248,7 @@ async def create_completion(
         "messages": (settings.max_messages_per_request, "messages"),
         "models": (settings.max_models_per_request, "fallback models"),
     }
-    with budget.lease() as lease:  # parsing a body costs memory: it counts while it is read
+    with budget.lease(project) as lease:  # parsing a body costs memory: it counts while it is read
         body, chat = await read_model(request, ChatReq, settings, lease, lists=lists)
     if nesting_exceeds(body, MAX_NESTING):
         raise RequestValidationError(
@@ -272,7 +272,7 @@ async def register(
     budget: BudgetDep,
 ) -> JSONResponse:
     """Register completed chat examples for evaluation and analytics."""
-    with budget.lease() as lease:  # the body's bytes count until the broker has its items
+    with budget.lease(project) as lease:  # the body's bytes count until the broker has its items
         return await _register(request, project, publisher, settings, lease)
 
 

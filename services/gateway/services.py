@@ -53,7 +53,7 @@ class Gateway:
         upstream = UpstreamClient(settings.upstream_max_connections)
         completions = CompletionService(catalog, upstream, publisher)
         replayer = DeadLetterReplayer(settings, bootstrap, publisher, losses)
-        budget = BodyBudget(settings.max_inflight_body_bytes)
+        budget = BodyBudget(settings.max_inflight_body_bytes, settings.project_budget_share)
         return cls(producer, publisher, upstream, completions, drops, replayer, budget)
 
     def state(self) -> dict[str, Any]:

@@ -552,6 +552,106 @@ async def test_bytes_held_across_requests_are_bounded(start_stack: StackFactory)
         assert "maniac_gateway_inflight_body_bytes 0.0" in metrics
 
 
+async def _holding(
+    client: httpx.AsyncClient, body: bytes, sent: int, release: asyncio.Event
+) -> asyncio.Task[httpx.Response]:
+    """A register whose first ``sent`` bytes arrive, and the rest once ``release`` is set: it
+    holds those bytes meanwhile (the gateway's metric shows them)."""
+
+    async def slow_upload() -> AsyncIterator[bytes]:  # chunked: no length declared
+        yield body[:sent]
+        await release.wait()
+        yield body[sent:]
+
+    held = asyncio.create_task(client.post("/v1/chat/completions/register", content=slow_upload()))
+
+    async def holding() -> bool:
+        metrics = (await client.get("/metrics")).text
+        return f"maniac_gateway_inflight_body_bytes {float(sent)}" in metrics
+
+    await eventually(holding)
+    return held
+
+
+def _register_body(n: int, size: int) -> bytes:
+    body = json.dumps({"container": "c", "items": [_item(n, filler="")]}).encode()
+    padded = json.dumps({"container": "c", "items": [_item(n, filler="x" * (size - len(body)))]})
+    assert len(padded) == size
+    return padded.encode()
+
+
+async def test_a_project_over_its_share_leaves_the_rest_to_the_others(
+    start_stack: StackFactory,
+) -> None:
+    running = await start_stack(
+        max_body_bytes=4096, max_inflight_body_bytes=4096, project_budget_share=0.5
+    )
+    release = asyncio.Event()
+    async with running.client(KEY_A) as a, running.client(KEY_B) as b:
+        # project A alone holds 3000 of 4096 bytes, more than its half
+        held = await _holding(a, _register_body(1, 3600), 3000, release)
+        small = await b.post("/v1/chat/completions/register", content=_register_body(2, 300))
+        assert small.status_code == 200, small.text
+
+        # with B active, more of A's bytes are refused, on A's first bytes
+        url = httpx.URL(running.base_url)
+        reader, writer = await asyncio.open_connection(url.host, url.port)
+        writer.write(
+            b"POST /v1/chat/completions/register HTTP/1.1\r\nHost: x\r\n"
+            b"Authorization: Bearer key-a\r\nContent-Type: application/json\r\n"
+            b"Content-Length: 1000\r\n\r\n" + _register_body(3, 1000)[:900]
+        )
+        await writer.drain()
+        answer = asyncio.create_task(reader.read(65536))
+        try:
+
+            async def taken_or_answered() -> bool:
+                metrics = (await a.get("/metrics")).text
+                return answer.done() or "maniac_gateway_inflight_body_bytes 3900.0" in metrics
+
+            await eventually(taken_or_answered)
+            # so what A does not hold is B's: its next register fits
+            served = await b.post("/v1/chat/completions/register", content=_register_body(4, 600))
+            assert served.status_code == 200, served.text
+            refused = await asyncio.wait_for(answer, 10)
+        finally:
+            writer.close()
+        assert refused.startswith(b"HTTP/1.1 503 "), refused
+        assert b"retry-after: 1\r\n" in refused.lower()
+        error = json.loads(refused.partition(b"\r\n\r\n")[2])["error"]
+        assert error["code"] == "service_unavailable"
+        assert error["details"] == {
+            "reason": "project_share",
+            "max_inflight_bytes": 4096,
+            "project_share_bytes": 2048,
+        }
+        assert "'projA' holds its share" in error["message"]
+
+        release.set()  # A's first register, past its share, is refused its next bytes too
+        rest_refused = await held
+        _error(rest_refused, 503, "service_unavailable")
+        assert rest_refused.json()["error"]["details"]["reason"] == "project_share"
+        assert (await _visible(b, 2))["total"] == 2
+        metrics = (await a.get("/metrics")).text
+        assert "maniac_gateway_inflight_body_bytes 0.0" in metrics
+
+
+async def test_a_project_alone_may_hold_the_whole_in_flight_budget(
+    start_stack: StackFactory,
+) -> None:
+    running = await start_stack(
+        max_body_bytes=4096, max_inflight_body_bytes=4096, project_budget_share=0.5
+    )
+    release = asyncio.Event()
+    async with running.client(KEY_A) as a:
+        held = await _holding(a, _register_body(1, 3600), 3000, release)
+        more = await a.post("/v1/chat/completions/register", content=_register_body(2, 900))
+        assert more.status_code == 200, more.text  # 3900 of 4096 bytes, past its share
+        release.set()
+        assert (await held).json()["summary"]["accepted"] == 1
+        assert (await _visible(a, 2))["total"] == 2
+
+
 async def test_records_that_outgrow_their_body_count_against_the_bytes_held(
     start_stack: StackFactory,
 ) -> None:
