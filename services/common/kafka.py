@@ -156,13 +156,24 @@ def create_producer(
     )
 
 
+FETCH_MAX_BYTES = 64 * 1024 * 1024
+"""Record bytes one fetch returns at most (a broker returns a record larger than this anyway)."""
+
+PARTITION_FETCH_BYTES = 8 * 1024 * 1024
+"""Of a fetch, record bytes of one partition at most."""
+
+
 def create_consumer(
     bootstrap: str,
     *,
     group_id: str,
     session_timeout_ms: int = 6_000,
     heartbeat_interval_ms: int = 1_000,
+    fetch_max_bytes: int = FETCH_MAX_BYTES,
 ) -> Any:
+    """A consumer that commits by hand. It holds at most about ``fetch_max_bytes`` of fetched
+    records (per partition at most :data:`PARTITION_FETCH_BYTES` of them, or the one record
+    batch past it), and the records handed out by the last ``getmany``."""
     return AIOKafkaConsumer(
         bootstrap_servers=bootstrap,
         group_id=group_id,
@@ -171,8 +182,8 @@ def create_consumer(
         session_timeout_ms=session_timeout_ms,
         heartbeat_interval_ms=heartbeat_interval_ms,
         max_poll_interval_ms=600_000,
-        max_partition_fetch_bytes=8 * 1024 * 1024,
-        fetch_max_bytes=64 * 1024 * 1024,
+        max_partition_fetch_bytes=min(PARTITION_FETCH_BYTES, fetch_max_bytes),
+        fetch_max_bytes=fetch_max_bytes,
     )
 
 

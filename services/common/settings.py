@@ -114,6 +114,13 @@ class WorkerSettings(CommonSettings):
     consumer_group: str = "maniac-workers"
     batch_max_rows: int = Field(default=5_000, ge=1)
     batch_max_ms: int = Field(default=250, ge=1)
+    batch_max_bytes: int = Field(
+        default=64 * 1024 * 1024,
+        ge=1,
+        description="Most bytes of records per ClickHouse insert (a batch is held twice, as "
+        "records and as rows, and written while the next one is filled); a record larger than "
+        "this makes a batch of its own. The consumer fetches at most this much at a time.",
+    )
     fetch_max_records: int = Field(default=5_000, ge=1)
     worker_processes: int = Field(
         default=0,

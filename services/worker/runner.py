@@ -75,12 +75,17 @@ class _FlushOnRevoke(ConsumerRebalanceListener):  # type: ignore[misc]
 
 
 def create_worker_consumer(bootstrap: str, settings: WorkerSettings) -> Any:
-    """The consumer a worker reads with: the workers' group and its timeouts, from settings."""
+    """The consumer a worker reads with: the workers' group and its timeouts, from settings.
+
+    It fetches at most a batch's bytes at a time: the worker holds the batch in flight, the
+    one it fills, the rest of the last fetch, and the next fetch (which the consumer makes in
+    the background), so each of them stays within ``MANIAC_BATCH_MAX_BYTES``."""
     return create_consumer(
         bootstrap,
         group_id=settings.consumer_group,
         session_timeout_ms=settings.session_timeout_ms,
         heartbeat_interval_ms=settings.heartbeat_interval_ms,
+        fetch_max_bytes=settings.batch_max_bytes,
     )
 
 
@@ -209,6 +214,7 @@ class Worker:
             prices=prices,
             max_rows=settings.batch_max_rows,
             max_ms=settings.batch_max_ms,
+            max_bytes=settings.batch_max_bytes,
             retry_initial_s=settings.insert_retry_initial_s,
             retry_max_s=settings.insert_retry_max_s,
             stopping=self._stopping,

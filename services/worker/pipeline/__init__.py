@@ -124,6 +124,7 @@ def build_pipeline(
     prices: PriceCatalog | None,
     max_rows: int,
     max_ms: int,
+    max_bytes: int,
     retry_initial_s: float,
     retry_max_s: float,
     stopping: asyncio.Event,
@@ -139,6 +140,7 @@ def build_pipeline(
         next_step=dedup_step,
         max_rows=max_rows,
         max_ms=max_ms,
+        max_bytes=max_bytes,
         offload=offload,
     )
     return Pipeline(first=first, write=write_step, commit=commit_step)

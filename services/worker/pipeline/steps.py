@@ -78,8 +78,12 @@ def process_safely(
 class ProcessAndBatch:
     """Runs the pure per-message function and gathers results into batches.
 
-    A batch is handed on when it holds ``max_rows`` messages or its first message is
-    ``max_ms`` old. It is then written while the next one is fetched and processed (so the
+    A batch is handed on when it holds ``max_rows`` messages or ``max_bytes`` of them (their
+    values), or its first message is ``max_ms`` old; a message that would take it past
+    ``max_bytes`` goes into the next one (so one larger than that makes a batch of its own).
+    Records may be of megabytes each (a registered item with images inline): counted in rows
+    only, a batch of them held gigabytes, twice over (its records and its rows), and once more
+    as the insert's body. It is then written while the next one is fetched and processed (so the
     insert, which ClickHouse runs outside the GIL, overlaps with building the next batch's
     rows), but at most one batch is in flight: the next hand-over waits for it, and raises
     what writing it raised (as does the first ``poll`` after it ended). That wait is the
@@ -97,27 +101,33 @@ class ProcessAndBatch:
         *,
         max_rows: int,
         max_ms: int,
+        max_bytes: int,
         offload: Callable[[list[bytes | None]], Awaitable[list[Row | Invalid]]] | None = None,
     ) -> None:
         self._process = process
         self._offload = offload
         self._next = next_step
         self._max_rows = max_rows
+        self._max_bytes = max_bytes
         self._max_s = max_ms / 1000.0
         self._batch = Batch()
         self._held: list[Message] = []
         self._writing: asyncio.Future[None] | None = None
 
     async def submit(self, message: Message) -> None:
+        size = len(message.value or b"")
+        if self._batch.offsets and self._batch.bytes + size > self._max_bytes:
+            await self._flush()
         batch = self._batch
         if not batch.offsets:
             batch.first_ms = time.monotonic()
+        batch.bytes += size
         if self._offload is not None:
             self._held.append(message)
         else:
             self._add(batch, message, process_safely(self._process, message.value))
         batch.offsets[message.partition] = message.offset + 1
-        if len(batch) + len(self._held) >= self._max_rows:
+        if len(batch) + len(self._held) >= self._max_rows or batch.bytes >= self._max_bytes:
             await self._flush()
 
     @staticmethod

@@ -66,6 +66,8 @@ class Batch:
     goes to the dead-letter topic as that message."""
     offsets: dict[Partition, int] = field(default_factory=dict)
     first_ms: float = 0.0
+    bytes: int = 0
+    """The bytes of its messages' values (what bounds a batch besides its rows)."""
     salvage: bool = False
     """Written after the batch before it failed on the way out: its rows and its dead letters'
     records are stored (storing twice counts once), nothing of it is committed."""

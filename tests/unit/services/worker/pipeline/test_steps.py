@@ -78,6 +78,7 @@ def _pipeline(
     max_rows: int = 3,
     max_ms: int = 10_000,
     *,
+    max_bytes: int = 1 << 30,
     offload: Offload | None = None,
     stopping: asyncio.Event | None = None,
     retry_s: float = 0.001,
@@ -93,6 +94,7 @@ def _pipeline(
         prices=None,
         max_rows=max_rows,
         max_ms=max_ms,
+        max_bytes=max_bytes,
         retry_initial_s=retry_s,
         retry_max_s=2 * retry_s,
         stopping=stopping or asyncio.Event(),
@@ -206,7 +208,7 @@ async def test_a_message_the_process_step_fails_on_is_dead_lettered_not_raised()
     retrying = Retrying(0.001, 0.002, asyncio.Event())
     commit = CommitOffsets(rec.commit, retrying)
     write = WriteBatch(rec.insert, dead_letter, rec.record_dead, retrying, next_step=commit)
-    first = ProcessAndBatch(process, next_step=write, max_rows=3, max_ms=10_000)
+    first = ProcessAndBatch(process, next_step=write, max_rows=3, max_ms=10_000, max_bytes=1 << 30)
     for offset, value in enumerate([b"{}", b"boom", b"{}"]):
         await first.submit(Message(P0, offset, b"k", value))
     await first.join()
@@ -437,3 +439,34 @@ async def test_a_retraction_is_never_split_from_its_new_version() -> None:
     assert len(rec.inserted) == 1
     assert rec.inserted[0].startswith(b'["p","ok",')
     assert rec.calls[-3:] == [("record_dead", [0]), ("dead_letter", [0]), ("commit", {P0: 2})]
+
+
+def _sized(offset: int, size: int) -> Message:
+    """A valid message of ``size`` bytes (its item's text makes up the rest)."""
+    head = (
+        b'{"v":1,"kind":"register","project":"p","container":"c","completion_id":"id%d",'
+        b'"received_at_ms":1,"item":{"input":{"messages":[]},"tags":["' % offset
+    )
+    tail = b'"]}}'
+    return Message(P0, offset, b"k", head + b"x" * (size - len(head) - len(tail)) + tail)
+
+
+@pytest.mark.parametrize("offload", [None, _offloaded], ids=["in_process", "offloaded"])
+async def test_a_batch_is_bounded_in_bytes_and_a_larger_record_is_a_batch_of_its_own(
+    offload: Offload | None,
+) -> None:
+    rec = Recorder()
+    pipeline = _pipeline(rec, max_rows=100, max_bytes=10_000, offload=offload)
+    # 3 + 3 fill 6 KB; the next would pass 10 KB: a new batch. 12 KB alone is one batch.
+    sizes = [3_000, 3_000, 3_000, 3_000, 3_000, 12_000, 1_000, 9_000, 500]
+    for offset, size in enumerate(sizes):
+        await pipeline.first.submit(_sized(offset, size))
+    await pipeline.first.join()
+    assert [c for c in rec.calls if c[0] == "insert"] == [
+        ("insert", 3),  # 9,000 bytes: a fourth would make 12,000
+        ("insert", 2),  # 6,000: the next is larger than the bound alone
+        ("insert", 1),  # 12,000: a batch of its own
+        ("insert", 2),  # 1,000 + 9,000: exactly the bound, handed on at once
+        ("insert", 1),  # what is left, at join
+    ]
+    assert pipeline.commit.committed == {P0: len(sizes)}
