@@ -17,7 +17,14 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable, Iterator, Mapping, Sequence
+from collections.abc import (
+    AsyncIterable,
+    AsyncIterator,
+    Awaitable,
+    Iterator,
+    Mapping,
+    Sequence,
+)
 from typing import Any
 
 import structlog
@@ -57,6 +64,18 @@ RESTART_RETRY_S = 60.0
 
 DeadLetterRecord = tuple[bytes | None, bytes | None, list[tuple[str, bytes]], int]
 """A dead-letter topic record: key, value, headers, timestamp (ms)."""
+
+DEAD_LETTER_PAGE_ROWS = 1_000
+DEAD_LETTER_PAGE_BYTES = 16 * 1024 * 1024
+"""Dead letters written back to the embedded broker from ClickHouse are read in pages of at
+most this many, and this many bytes of payloads (one larger is a page of its own)."""
+
+
+async def _one_page(
+    records: Sequence[DeadLetterRecord],
+) -> AsyncIterator[Sequence[DeadLetterRecord]]:
+    yield records
+
 
 WORKER_REVIVE_S = 1.0
 """Wait before starting the worker again after it stopped on an error (and between tries)."""
@@ -397,41 +416,54 @@ class Stack:
         """The embedded broker on memory storage starts empty, after a restart of `maniac
         serve` or a crash of its own: the dead letters not replayed yet are written back to its
         dead-letter topic from ClickHouse, which keeps each one's payload, key and identity, so
-        that they can still be replayed. How many."""
+        that they can still be replayed. Read and written a page at a time: however many the
+        table holds, at most :data:`DEAD_LETTER_PAGE_BYTES` of them are held at once. How many."""
         assert self.gateway is not None
-        letters = await LossRepository(self.clickhouse).unreplayed_dead_letters()
-        records = [
-            (
-                letter.message_key or None,
-                letter.payload,
-                letter_headers(letter),
-                int(letter.dead_at.timestamp() * 1000),
-            )
-            for letter in letters
-        ]
-        await self._send_dead_letters(self.gateway.producer, records)
-        if letters:
-            log.info("dead_letters_restored", count=len(letters))
-        return len(letters)
+        pages = LossRepository(self.clickhouse).unreplayed_dead_letters(
+            max_rows=DEAD_LETTER_PAGE_ROWS, max_bytes=DEAD_LETTER_PAGE_BYTES
+        )
+        records = (
+            [
+                (
+                    letter.message_key or None,
+                    letter.payload,
+                    letter_headers(letter),
+                    int(letter.dead_at.timestamp() * 1000),
+                )
+                for letter in page
+            ]
+            async for page in pages
+        )
+        count = await self._send_dead_letters(self.gateway.producer, records)
+        if count:
+            log.info("dead_letters_restored", count=count)
+        return count
 
-    async def _send_dead_letters(self, producer: Any, records: Sequence[DeadLetterRecord]) -> None:
+    async def _send_dead_letters(
+        self, producer: Any, pages: AsyncIterable[Sequence[DeadLetterRecord]]
+    ) -> int:
         """Write dead letters to the dead-letter topic as they were (key, value, headers,
-        timestamp: their identity); return once the broker acknowledged every one."""
+        timestamp: their identity), a page at a time; return how many, once the broker
+        acknowledged every one."""
         before = self.broker.memory_bytes() if self.broker is not None else None
-        sends = [
-            await producer.send(
-                self.settings.dead_letter_topic,
-                key=key,
-                value=value,
-                headers=headers,
-                timestamp_ms=timestamp_ms,
-            )
-            for key, value, headers, timestamp_ms in records
-        ]
-        await asyncio.gather(*sends)
+        count = 0
+        async for records in pages:
+            sends = [
+                await producer.send(
+                    self.settings.dead_letter_topic,
+                    key=key,
+                    value=value,
+                    headers=headers,
+                    timestamp_ms=timestamp_ms,
+                )
+                for key, value, headers, timestamp_ms in records
+            ]
+            await asyncio.gather(*sends)
+            count += len(records)
         after = self.broker.memory_bytes() if self.broker is not None else None
         # measured: the broker holds more than their bytes, by an amount of its own
         self.dead_letter_bytes = max(0, after - before) if after and before else 0
+        return count
 
     async def _replace_broker(
         self, broker: EmbeddedBroker, publisher: Publisher, producer: Any
@@ -442,8 +474,7 @@ class Stack:
         publisher.restart_offsets()  # a new log from offset 0, whatever fails from here
         await prepare_topics(self.bootstrap, self.settings, partitions=SERVE_PARTITIONS)
         records = [(r.key, r.value, list(r.headers or ()), r.timestamp) for r in dead]
-        await self._send_dead_letters(producer, records)
-        return len(dead)
+        return await self._send_dead_letters(producer, _one_page(records))
 
     async def stop(self) -> None:
         """Drain what the gateway acknowledged into ClickHouse, then stop everything."""

@@ -8,7 +8,7 @@ lists and marks replays, and ``GET /v1/status`` reads the counts.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -85,6 +85,19 @@ def _iso(moment: datetime | None) -> str | None:
     return _utc(moment).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
+_UNREPLAYED_ORDER = (
+    "ORDER BY dead_at, source_topic, source_partition, source_offset, source_timestamp, project"
+)
+"""Oldest first; the identity last, so that the order is total and pages follow on."""
+
+
+def _after_parameters(after: tuple[int, str, int, int, int, str] | None) -> dict[str, Any]:
+    if after is None:
+        return {}
+    names = ("at", "topic", "partition", "offset", "timestamp", "project")
+    return dict(zip(names, after, strict=True))
+
+
 class LossRepository:
     def __init__(self, clickhouse: ClickHouse) -> None:
         self._ch = clickhouse
@@ -135,13 +148,62 @@ class LossRepository:
         )
         return {(str(r[0]), int(r[1]), int(r[2]), int(r[3])) for r in rows}
 
-    async def unreplayed_dead_letters(self) -> list[DeadLetter]:
-        """Every dead letter not replayed yet, oldest first, payload and key included."""
+    async def unreplayed_dead_letters(
+        self, *, max_rows: int = 1_000, max_bytes: int = 16 * 1024 * 1024
+    ) -> AsyncIterator[list[DeadLetter]]:
+        """Every dead letter not replayed yet, oldest first, payload and key included, in
+        pages of at most ``max_rows`` and ``max_bytes`` of payloads (one larger than that is
+        a page of its own), so what is held does not grow with the table.
+
+        Each page is chosen by its letters' identities and sizes first (ordered, after the
+        last one of the page before), then read whole.
+        """
+        after: tuple[int, str, int, int, int, str] | None = None
+        while True:
+            where = (
+                ""
+                if after is None
+                else "AND (toUnixTimestamp64Milli(dead_at), source_topic, source_partition, "
+                "source_offset, source_timestamp, project) > ({at:Int64}, {topic:String}, "
+                "{partition:UInt32}, {offset:UInt64}, {timestamp:Int64}, {project:String}) "
+            )
+            keys = await self._ch.rows(
+                "SELECT toUnixTimestamp64Milli(dead_at), source_topic, source_partition, "
+                "source_offset, source_timestamp, project, length(payload) "
+                "FROM {database}.dead_letters FINAL WHERE toUnixTimestamp64Milli(replayed_at) = 0 "
+                f"{where}{_UNREPLAYED_ORDER} LIMIT {{rows:UInt32}}",
+                {**_after_parameters(after), "rows": max_rows},
+            )
+            if not keys:
+                return
+            size, page = 0, list[Sequence[Any]]()
+            for key in keys:
+                size += int(key[6])
+                if page and size > max_bytes:
+                    break
+                page.append(key)
+            yield await self._dead_letters_of(page)
+            last = page[-1]
+            after = (
+                int(last[0]),
+                str(last[1]),
+                int(last[2]),
+                int(last[3]),
+                int(last[4]),
+                str(last[5]),
+            )
+
+    async def _dead_letters_of(self, keys: Sequence[Sequence[Any]]) -> list[DeadLetter]:
+        """The dead letters of these identities (as the page query gives them), in order."""
+        identities = [(str(k[5]), str(k[1]), int(k[2]), int(k[3]), int(k[4])) for k in keys]
         rows = await self._ch.rows(
             "SELECT project, source_topic, source_partition, source_offset, source_timestamp, "
             "completion_id, hex(message_key), reason, dead_at, hex(payload) "
             "FROM {database}.dead_letters FINAL WHERE toUnixTimestamp64Milli(replayed_at) = 0 "
-            "ORDER BY dead_at, source_topic, source_partition, source_offset"
+            "AND (project, source_topic, source_partition, source_offset, source_timestamp) "
+            "IN {identities:Array(Tuple(String, String, UInt32, UInt64, Int64))} "
+            f"{_UNREPLAYED_ORDER}",
+            {"identities": identities},
         )
         return [
             DeadLetter(

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import tracemalloc
 from dataclasses import replace
 from datetime import UTC, datetime
 
@@ -69,3 +71,40 @@ async def test_dead_letters_stored_before_0012_keep_matching_their_records(
         await losses.record_dead_letters([_dead(41, 1_764_118_923_000, b"new")])
         listed = await losses.list_dead_letters("p", 10)
         assert sorted(d["completion_id"] for d in listed) == ["new", "old"]
+
+
+async def test_unreplayed_dead_letters_are_read_in_pages_bounded_in_rows_and_bytes(
+    clickhouse: ClickHouse,
+) -> None:
+    losses = LossRepository(clickhouse)
+    big = [
+        replace(_dead(offset, 1, b"b%d" % offset), payload=os.urandom(2**20 + 1))
+        for offset in range(24)
+    ]
+    # a dead letter with the same time, partition and offset as another: ordered by identity
+    small = [_dead(100 + n, 1, b"s%d" % n) for n in range(5)] + [_dead(100, 2, b"twin")]
+    later = [
+        replace(_dead(200, 1, b"l%d" % n), dead_at=LATER, source_offset=200 + n) for n in range(3)
+    ]
+    replayed = _dead(300, 1, b"replayed")
+    await losses.record_dead_letters(big + small + later + [replayed])
+    await losses.record_dead_letters([replace(replayed, replayed_at=LATER)])
+
+    sizes = [len(d.payload) for d in big]
+    tracemalloc.start()
+    try:
+        pages = [
+            [(d.source, len(d.payload)) for d in page]
+            async for page in losses.unreplayed_dead_letters(max_rows=4, max_bytes=2 * 2**20)
+        ]
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    # what one page holds (a letter of 1 MB, read as hex), not all 24 MB of them
+    assert peak < 12 * 2**20
+
+    expected = sorted(big + small, key=lambda d: (d.source, d.project)) + later
+    assert [source for page in pages for source, _ in page] == [d.source for d in expected]
+    # 2 MB: one letter of more than 1 MB, with the small ones after it; 4 rows at most
+    assert [len(page) for page in pages] == [1] * 23 + [4, 4, 2]
+    assert [size for page in pages for _, size in page][:24] == sizes
