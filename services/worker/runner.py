@@ -27,6 +27,7 @@ from aiokafka.errors import (
 from schemas import COMPLETIONS_INSERT_COLUMNS, COMPLETIONS_INSERT_TABLE
 from services.common.clickhouse import ClickHouse, StringArray, rejects_data
 from services.common.kafka import create_consumer
+from services.common.logging import first_line
 from services.common.losses import LossRepository
 from services.common.metrics import (
     CONSUMER_LAG,
@@ -520,27 +521,15 @@ class Worker:
             await self.pipeline.first.join()
 
     async def run(self) -> None:
-        """Consume until :meth:`stop`; then flush and commit what was fetched."""
-        await self.finish_inserts()
-        if self._assign:
-            await self._consumer.topics()  # the topic's partitions, fresh
-            partitions = sorted(self._consumer.partitions_for_topic(self.topic) or ())
-            self._consumer.assign([TopicPartition(self.topic, p) for p in partitions])
-            await self._position()
-            if self._known is None:
-                await self.load_known()
-        else:
-            self._consumer.subscribe([self.topic], listener=_FlushOnRevoke(self))
-        if self._pool is not None:
-            await self._pool.start()
-        log.info(
-            "worker_started",
-            topic=self.topic,
-            group=self.settings.consumer_group,
-            processes=self.settings.worker_processes,
-        )
+        """Consume until :meth:`stop`; then flush and commit what was fetched.
+
+        What cannot be stored as it stops (ClickHouse failing: a step retried until then is
+        tried once more) is not committed, and is fetched again by the next worker: said once,
+        as ``worker_stopped_unstored``. A failure while it is not stopping is raised."""
+        unstored: Exception | None = None
         stopping = asyncio.create_task(self._stopping.wait())
         try:
+            await self._start()
             while not self._stopping.is_set():
                 fetch = asyncio.ensure_future(self._fetch())
                 # a fetch can hang while the broker is gone: stopping must not wait for it
@@ -561,15 +550,47 @@ class Worker:
                         await self._submit(fetched)
                     except GivenUp as exc:
                         await self._given_up(exc)
+        except Exception as exc:
+            if not self._stopping.is_set():
+                raise
+            unstored = exc
         finally:
             try:
                 await self.flush()
-            except Exception:  # held back, uncommitted: fetched again by the next worker
-                log.exception("final_flush_failed")
+            except Exception as exc:  # held back, uncommitted: fetched again by the next worker
+                if not self._stopping.is_set():
+                    log.exception("final_flush_failed")
+                unstored = unstored or exc
             stopping.cancel()
             if self._pool is not None:
                 await asyncio.to_thread(self._pool.close)
+            if unstored is not None and self._stopping.is_set():
+                log.warning(
+                    "worker_stopped_unstored",
+                    committed=self.committed_offsets(),
+                    error=first_line(unstored)[:300],
+                )
             log.info("worker_stopped", committed=self.committed_offsets())
+
+    async def _start(self) -> None:
+        await self.finish_inserts()
+        if self._assign:
+            await self._consumer.topics()  # the topic's partitions, fresh
+            partitions = sorted(self._consumer.partitions_for_topic(self.topic) or ())
+            self._consumer.assign([TopicPartition(self.topic, p) for p in partitions])
+            await self._position()
+            if self._known is None:
+                await self.load_known()
+        else:
+            self._consumer.subscribe([self.topic], listener=_FlushOnRevoke(self))
+        if self._pool is not None:
+            await self._pool.start()
+        log.info(
+            "worker_started",
+            topic=self.topic,
+            group=self.settings.consumer_group,
+            processes=self.settings.worker_processes,
+        )
 
     async def _fetch(self) -> tuple[dict[Any, list[Any]], int]:
         """The next records, with the number of revocations when they came.

@@ -234,8 +234,7 @@ class Retrying:
             except Exception as exc:
                 if permanent is not None and permanent(exc):
                     raise
-                if self.stopping.is_set():
-                    log.error("gave_up_on_shutdown", what=what, attempts=attempt, error=repr(exc))
+                if self.stopping.is_set():  # said by the worker as it stops
                     raise
                 if (reason := self.give_up()) is None:
                     log.warning(

@@ -7,6 +7,7 @@ import time
 from typing import Any
 
 import pytest
+import structlog.testing
 from aiokafka import AIOKafkaProducer, TopicPartition
 from aiokafka.errors import KafkaConnectionError
 from prometheus_client import REGISTRY
@@ -746,3 +747,36 @@ async def test_records_fetched_before_a_rebalance_are_not_written_after_it(
             await eventually(all_in_the_group, timeout_s=30)
             await asyncio.sleep(0.5)  # any insert still under way
     assert await counted(clickhouse) == (80, 80, 80)
+
+
+@pytest.mark.parametrize(
+    "more", [0, 5], ids=["idle_with_a_batch_in_flight", "held_behind_the_batch_in_flight"]
+)
+async def test_a_worker_stopped_while_clickhouse_fails_stops_cleanly_and_loses_nothing(
+    settings: ServeSettings, broker: Broker, clickhouse: ClickHouse, producer: Any, more: int
+) -> None:
+    """`maniac worker` on SIGTERM with ClickHouse away: it stops, says so once (no traceback),
+    commits nothing, and the next worker reads the records again and stores them."""
+    async with completions_away(clickhouse) as back:
+        await produce(producer, settings.topic, [event(f"id-{i}") for i in range(5)])
+        retries = _store_retries()
+        running = RunningWorker(settings, broker, clickhouse)
+        worker = await running.__aenter__()
+
+        async def retrying() -> bool:
+            return _store_retries() >= retries + 2
+
+        await eventually(retrying)
+        if more:  # fetched while the first batch is retried: the runner waits behind it
+            await produce(producer, settings.topic, [event(f"id-{i}") for i in range(5, 10)])
+            await asyncio.sleep(0.5)
+        with structlog.testing.capture_logs() as logs:
+            await running.__aexit__()  # what SIGTERM does: stop
+        assert worker.committed_offsets() == {}
+        failures = [e for e in logs if e["log_level"] in ("warning", "error")]
+        assert [e["event"] for e in failures] == ["worker_stopped_unstored"], logs
+        assert not [e for e in logs if e.get("exc_info")]
+        await back()
+    async with RunningWorker(settings, broker, clickhouse) as again:
+        await eventually(lambda: count_is(clickhouse, 5 + more))
+        await eventually(lambda: all_committed(again, 5 + more))
