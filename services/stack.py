@@ -202,6 +202,7 @@ class Stack:
         self._prices = PriceCatalog.load(s.pricing_file)
         await self._start_worker()
         self.publisher.limit_backlog(self.pending, s.max_backlog)
+        self.publisher.limit_backlog_bytes(self.pending_bytes, s.max_backlog_bytes)
         if self.broker is not None:
             self._watcher = asyncio.create_task(self._watch_broker(self.broker), name="broker")
 
@@ -509,6 +510,12 @@ class Stack:
             return 0
         acked = dict(self.publisher.acked) if self.publisher is not None else {}
         return self.worker.pending(acked)
+
+    def pending_bytes(self) -> int:
+        """Bytes of the records acknowledged and not yet stored (keys and values)."""
+        if self.worker is None or self.publisher is None:
+            return 0
+        return self.publisher.pending_bytes(self.worker.reached())
 
     def create_app(self) -> FastAPI:
         @contextlib.asynccontextmanager

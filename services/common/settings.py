@@ -187,5 +187,12 @@ class ServeSettings(GatewaySettings, WorkerSettings, QuerySettings):
         "not yet stored: the gateway and the worker share the machine, and a gateway running "
         "ahead only builds a backlog (and delays visibility). 0: no limit.",
     )
+    max_backlog_bytes: int = Field(
+        default=256 * 1024 * 1024,
+        ge=0,
+        description="Register requests wait as well while the acknowledged records not yet "
+        "stored hold more bytes than this: records of megabytes (images inline) would "
+        "otherwise pile up in the embedded broker's memory. 0: no limit.",
+    )
     host: str = "127.0.0.1"
     port: int = Field(default=8000, ge=0, le=65535)

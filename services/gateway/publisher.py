@@ -11,6 +11,7 @@ ClickHouse, best-effort).
 from __future__ import annotations
 
 import asyncio
+import bisect
 import contextlib
 import functools
 from collections import Counter
@@ -64,6 +65,10 @@ class Publisher:
         self._lanes: dict[int, _Lane] = {}
         self._backlog: Callable[[], int] | None = None
         self._max_backlog = 0
+        self._backlog_bytes: Callable[[], int] | None = None
+        self._max_backlog_bytes = 0
+        self._acked_bytes: dict[int, _AckedBytes] = {}
+        """Per partition, the bytes of acknowledged records by offset (for the byte bound)."""
         self._task: asyncio.Task[None] | None = None
         self._open = asyncio.Event()
         self._open.set()
@@ -86,12 +91,33 @@ class Publisher:
         self._backlog = backlog if max_records > 0 else None
         self._max_backlog = max_records
 
+    def limit_backlog_bytes(self, backlog_bytes: Callable[[], int], max_bytes: int) -> None:
+        """Hold register requests as well while ``backlog_bytes()`` (the bytes of the
+        acknowledged records not yet stored, see :meth:`pending_bytes`) is over ``max_bytes``.
+        Counted in records only, a backlog of items of megabytes (images inline) was
+        gigabytes, held in the embedded broker's memory."""
+        self._backlog_bytes = backlog_bytes if max_bytes > 0 else None
+        self._max_backlog_bytes = max_bytes
+
+    def pending_bytes(self, reached: dict[int, int]) -> int:
+        """Bytes of the records acknowledged here at or past ``reached`` (per partition,
+        the next offset to store; a partition missing: none of it is stored)."""
+        return sum(
+            acked.pending(reached.get(partition, 0))
+            for partition, acked in self._acked_bytes.items()
+        )
+
+    def _behind(self) -> bool:
+        if self._backlog is not None and self._backlog() > self._max_backlog:
+            return True
+        backlog_bytes = self._backlog_bytes
+        return backlog_bytes is not None and backlog_bytes() > self._max_backlog_bytes
+
     async def _room(self) -> None:
-        backlog = self._backlog
         while True:
             if not self._open.is_set():
                 await self._open.wait()
-            elif backlog is not None and backlog() > self._max_backlog:
+            elif self._behind():
                 await asyncio.sleep(0.02)
             else:
                 return
@@ -115,13 +141,20 @@ class Publisher:
     def restart_offsets(self) -> None:
         """Forget the acknowledged offsets: the log behind the producer starts again at 0."""
         self.acked.clear()
+        self._acked_bytes.clear()
 
-    def _ack(self, meta: Any) -> None:
-        self._ack_offset(meta.partition, meta.offset)
+    def _ack(self, meta: Any, size: int) -> None:
+        self._ack_offset(meta.partition, meta.offset, size)
 
-    def _ack_offset(self, partition: int, offset: int) -> None:
+    def _ack_offset(self, partition: int, offset: int, size: int) -> None:
+        """Records up to ``offset`` of ``partition`` are acknowledged, the last ones (from
+        the previous acknowledgement) holding ``size`` bytes."""
         if offset > self.acked.get(partition, -1):
             self.acked[partition] = offset
+        acked = self._acked_bytes.get(partition)
+        if acked is None:
+            acked = self._acked_bytes[partition] = _AckedBytes()
+        acked.add(offset, size)
 
     async def publish(self, messages: list[tuple[bytes, bytes]]) -> None:
         """Send ``(key, value)`` pairs; return once the broker acknowledged every one.
@@ -155,7 +188,8 @@ class Publisher:
             if held:
                 raise ServiceUnavailable(
                     "Ingestion is behind: more acknowledged records than "
-                    f"{self._max_backlog} are waiting to be stored. Retry the request later.",
+                    f"{self._max_backlog} (or {self._max_backlog_bytes} bytes of them) are "
+                    "waiting to be stored. Retry the request later.",
                     details={"reason": "backlog"},
                     headers={"Retry-After": "1"},
                 ) from exc
@@ -165,8 +199,8 @@ class Publisher:
                 "stored. Retry the request: completions are deduplicated by id.",
                 details={"reason": type(exc).__name__},
             ) from exc
-        for meta, (_, records) in zip(metadata, batches, strict=True):
-            self._ack_offset(meta.partition, meta.offset + records - 1)
+        for meta, (_, records, size) in zip(metadata, batches, strict=True):
+            self._ack_offset(meta.partition, meta.offset + records - 1, size)
         TELEMETRY_PUBLISHED.inc(len(messages))
         by_project = Counter(split_key(key)[0] for key, _ in messages)
         for project, n in by_project.items():
@@ -182,7 +216,7 @@ class Publisher:
             by_partition.setdefault(partition, []).append(message)
         handed = [self._lane(p).add(records) for p, records in by_partition.items()]
         batches = [b for found in await _shielded(handed) for b in found]
-        return await _shielded([delivery for delivery, _ in batches]), batches
+        return await _shielded([delivery for delivery, _, _ in batches]), batches
 
     def _lane(self, partition: int) -> _Lane:
         lane = self._lanes.get(partition)
@@ -240,7 +274,7 @@ class Publisher:
         elif future.exception() is not None:
             self._dropped(key, "broker_error", future.exception())
         else:
-            self._ack(future.result())
+            self._ack(future.result(), len(key) + size)
             TELEMETRY_PUBLISHED.inc()
             PROJECT_ACKNOWLEDGED.labels(project_label(split_key(key)[0])).inc()
 
@@ -279,9 +313,35 @@ class Publisher:
             self._dropped(key, "shutdown", None)
 
 
-Delivery = tuple["asyncio.Future[Any]", int]
-"""A batch handed to the producer: its delivery (record metadata of its first record) and how
-many records it holds."""
+Delivery = tuple["asyncio.Future[Any]", int, int]
+"""A batch handed to the producer: its delivery (record metadata of its first record), how
+many records it holds, and their bytes (keys and values)."""
+
+
+class _AckedBytes:
+    """One partition's acknowledged records, as the bytes of each acknowledgement by the
+    offset of its last record; those before where storing reached are let go."""
+
+    def __init__(self) -> None:
+        self._ends: list[int] = []
+        self._sizes: list[int] = []
+        self._total = 0
+
+    def add(self, end: int, size: int) -> None:
+        at = bisect.bisect_left(self._ends, end)
+        if at < len(self._ends) and self._ends[at] == end:
+            return  # a batch other requests shared, acknowledged already
+        self._ends.insert(at, end)
+        self._sizes.insert(at, size)
+        self._total += size
+
+    def pending(self, reached: int) -> int:
+        """Bytes acknowledged at or past ``reached`` (a batch partly stored counts whole)."""
+        stored = bisect.bisect_left(self._ends, reached)
+        if stored:
+            self._total -= sum(self._sizes[:stored])
+            del self._ends[:stored], self._sizes[:stored]
+        return self._total
 
 
 async def _shielded(futures: list[asyncio.Future[T]]) -> list[T]:
@@ -362,18 +422,19 @@ class _Lane:
 
     async def _hand_over(self, records: list[tuple[bytes, bytes]]) -> list[Delivery]:
         sent: list[Delivery] = []
-        batch = self._producer.create_batch()
+        batch, size = self._producer.create_batch(), 0
         for key, value in records:
             if batch.append(key=key, value=value, timestamp=None) is None:  # full
-                sent.append(await self._send_batch(batch))
-                batch = self._producer.create_batch()
+                sent.append(await self._send_batch(batch, size))
+                batch, size = self._producer.create_batch(), 0
                 batch.append(key=key, value=value, timestamp=None)  # an empty batch takes any
-        sent.append(await self._send_batch(batch))
+            size += len(key) + len(value)
+        sent.append(await self._send_batch(batch, size))
         return sent
 
-    async def _send_batch(self, batch: Any) -> Delivery:
+    async def _send_batch(self, batch: Any, size: int) -> Delivery:
         batch.close()  # a closed batch is sent without lingering, and no other record joins it
         await asyncio.to_thread(_build, batch)
         future = await self._producer.send_batch(batch, self._topic, partition=self._partition)
         future.add_done_callback(_take_exception)
-        return future, batch.record_count()
+        return future, batch.record_count(), size

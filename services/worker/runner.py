@@ -641,8 +641,13 @@ class Worker:
         """
         return sum(self._pending_by_partition(acked).values())
 
-    def _pending_by_partition(self, acked: dict[int, int] | None = None) -> dict[int, int]:
+    def reached(self) -> dict[int, int]:
+        """Per partition of the topic, the next offset to store: committed, or stored since."""
         reached = {**self.pipeline.commit.committed, **self.pipeline.write.stored}
+        return {p.partition: offset for p, offset in reached.items() if p.topic == self.topic}
+
+    def _pending_by_partition(self, acked: dict[int, int] | None = None) -> dict[int, int]:
+        reached = self.reached()
         highwaters: dict[int, int] = {}
         for tp in self._consumer.assignment():
             highwater = self._consumer.highwater(tp) if tp.topic == self.topic else None
@@ -653,7 +658,7 @@ class Worker:
             ends[p] = max(ends.get(p, 0), offset + 1)
         pending = {}
         for p, end in ends.items():
-            done = reached.get(Partition(self.topic, p))
+            done = reached.get(p)
             if done is None:
                 # nothing stored by this worker yet: it started at its first fetched offset,
                 # or, having fetched nothing from the partition, at its high watermark

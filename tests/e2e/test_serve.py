@@ -471,6 +471,51 @@ async def test_a_broker_restart_waits_until_everything_acknowledged_is_stored(
     await eventually(lambda: _is_total(url, "key-a", 80))
 
 
+async def test_registers_wait_while_the_records_not_yet_stored_hold_more_than_the_byte_limit(
+    own_broker: EmbeddedBroker, start_stack: StackFactory, clickhouse: ClickHouse
+) -> None:
+    running = await start_stack(
+        bootstrap=own_broker.bootstrap,
+        own=own_broker,
+        broker_max_memory_mb=0,
+        insert_retry_max_s=0.2,
+        max_backlog_bytes=200_000,
+        publish_timeout_s=1.0,
+    )
+    stack, url = running.stack, running.base_url
+    headers = {"Authorization": "Bearer key-a"}
+
+    def items(first: int) -> list[dict[str, Any]]:  # 5 items of about 50 KB
+        return [
+            {
+                "input": {"messages": [{"role": "user", "content": "x" * 50_000}]},
+                "output": {"id": f"big-{i}", "choices": [], "created": 1_700_000_000},
+            }
+            for i in range(first, first + 5)
+        ]
+
+    # ClickHouse refuses the worker's inserts: what is acknowledged stays in the broker
+    await clickhouse.command("RENAME TABLE {database}.completions TO {database}.away")
+    async with httpx.AsyncClient(base_url=url, headers=headers, timeout=30) as client:
+        register = "/v1/chat/completions/register"
+        first = await client.post(register, json={"container": "c", "items": items(0)})
+        assert first.json()["summary"]["accepted"] == 5  # the backlog was empty
+        assert stack.pending_bytes() > 250_000  # 5 records of 50 KB, not stored
+        assert stack.pending() == 5  # far under the record limit (10,000)
+
+        held = await client.post(register, json={"container": "c", "items": items(5)})
+        assert held.status_code == 503
+        assert held.json()["error"]["details"] == {"reason": "backlog"}
+        assert held.headers["Retry-After"] == "1"
+
+        await clickhouse.command("RENAME TABLE {database}.away TO {database}.completions")
+        await eventually(lambda: _is_total(url, "key-a", 5))
+        assert stack.pending_bytes() == 0
+        again = await client.post(register, json={"container": "c", "items": items(5)})
+        assert again.json()["summary"]["accepted"] == 5
+    await eventually(lambda: _is_total(url, "key-a", 10))
+
+
 async def test_a_broker_restart_that_fails_after_the_broker_restarted_leaves_no_stale_backlog(
     own_broker: EmbeddedBroker, start_stack: StackFactory, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -202,6 +202,22 @@ async def test_requests_wait_while_more_acknowledged_records_than_the_limit_are_
     assert [(r.key, r.value) for r in records] == [(b"p/c1", b"one")]
 
 
+async def test_the_bytes_acknowledged_and_not_stored_count_each_record_once(
+    topics: tuple[str, str], producer: Any
+) -> None:
+    publisher = Publisher(producer, topics[0], timeout_s=30)
+    requests = [
+        [(f"p/r{r}-c{i}".encode(), b"v" * (100 + i % 7)) for i in range(1_000)] for r in range(8)
+    ]
+    # concurrent requests share record batches, each acknowledged to every one of them
+    await asyncio.gather(*(publisher.publish(messages) for messages in requests))
+    sent = sum(len(key) + len(value) for messages in requests for key, value in messages)
+    assert publisher.pending_bytes({}) == sent
+    stored = {p: last + 1 for p, last in publisher.acked.items()}
+    assert publisher.pending_bytes(stored) == 0
+    assert publisher.pending_bytes({}) == 0  # what was stored is let go
+
+
 async def test_a_request_held_past_the_publish_timeout_gets_503_and_publishes_nothing(
     topics: tuple[str, str], producer: Any
 ) -> None:
