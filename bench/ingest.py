@@ -44,6 +44,7 @@ import httpx
 import orjson
 
 from bench.common import MANIAC, child, load_average, percentile, write_result
+from services.cli.importer import register_body
 from services.common.kafka import free_port, resident_bytes
 
 KEY = "bench-key"
@@ -178,14 +179,14 @@ def completion_id(run: str, batch: int, index: int) -> bytes:
 
 
 def request_body(
-    parts: list[Template], run: str, batch: int, size: int, container: bytes = b"bench"
+    parts: list[Template], run: str, batch: int, size: int, container: str = "bench"
 ) -> bytes:
     created = str(1_767_225_600 + batch).encode()
     items = [
         parts[(batch * size + i) % len(parts)].render(completion_id(run, batch, i), created)
         for i in range(size)
     ]
-    return b'{"container":"' + container + b'","items":[' + b",".join(items) + b"]}"
+    return register_body(container, items)
 
 
 # -- resident memory -------------------------------------------------------------------------

@@ -8,6 +8,7 @@ maniac keys list | revoke KEY_ID
 maniac reprice --from T --to T   re-price history after a price correction
 maniac rebuild [--check]         the list's index and the aggregates, again from completions
 maniac dlq list | replay         dead letters: list them, replay them once fixed
+maniac import FILE --container C register a JSONL file of examples through the API
 """
 
 from __future__ import annotations
@@ -286,6 +287,137 @@ async def _replay(args: argparse.Namespace, settings: CommonSettings, clickhouse
     return 0
 
 
+def cmd_import(args: argparse.Namespace) -> int:
+    import json
+    import os
+
+    from services.cli.importer import LineError, Options, open_lines, run_import
+
+    key = args.key or os.environ.get("MANIAC_API_KEY")
+    if not key:
+        print("maniac import: no API key: set MANIAC_API_KEY or pass --key", file=sys.stderr)  # noqa: T201
+        return 2
+    try:
+        source = open_lines(args.file, sys.stdin.buffer)
+    except OSError as exc:
+        print(f"maniac import: cannot read {args.file}: {exc.strerror}", file=sys.stderr)  # noqa: T201
+        return 2
+    options = Options(
+        url=args.url,
+        key=key,
+        container=args.container,
+        batch=args.batch,
+        batch_bytes=args.batch_bytes,
+        concurrency=args.concurrency,
+        resume_from=args.resume_from,
+        retry_for_s=args.retry_for,
+    )
+    with contextlib.ExitStack() as closing:
+        if source is not sys.stdin.buffer:
+            closing.enter_context(source)
+        out = closing.enter_context(args.errors.open("w")) if args.errors else sys.stderr
+
+        def report(error: LineError) -> None:
+            out.write(json.dumps(error.record()) + "\n")
+
+        summary, failure = asyncio.run(run_import(source, options, report))
+    print(json.dumps(summary.line()))  # noqa: T201
+    if failure is not None:
+        print(  # noqa: T201
+            f"maniac import: {failure}; resume with --resume-from {summary.resume_from}",
+            file=sys.stderr,
+        )
+        return 2
+    return 0 if summary.rejected == 0 and summary.bad_json == 0 else 1
+
+
+def _bounded(low: int, high: int) -> Any:
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
+        if not low <= value <= high:
+            raise argparse.ArgumentTypeError(f"{value} is not between {low} and {high}")
+        return value
+
+    return parse
+
+
+def _import_parser(sub: Any) -> None:
+    from services.cli import importer
+
+    p = sub.add_parser(
+        "import",
+        help="register a JSONL file of completed examples through the API",
+        description=(
+            "Register a JSONL file of completed examples through POST "
+            '/v1/chat/completions/register. Each line is a register item ({"input": ..., '
+            '"output": ...}) or an OpenAI chat fine-tuning line ({"messages": [...]} ending '
+            "with the assistant's message). Rejected items and lines that are not JSON objects "
+            "are reported as JSON lines with their line number; a one-line JSON summary ends "
+            "on stdout. Exit status: 0 all accepted, 1 some lines rejected, 2 stopped (a refused "
+            "key, a server that does not answer, an unreadable file, an interruption)."
+        ),
+        epilog=(
+            "Resuming: an import that stops says which line to resume from (every line before "
+            "it was answered) and puts it in the summary as resume_from; run the same command "
+            "again with --resume-from LINE. Lines sent twice are stored once: register is "
+            "idempotent by the output's id, or by the item's content when it has none."
+        ),
+    )
+    p.set_defaults(func=cmd_import)
+    p.add_argument("file", help="JSONL file, or - for standard input")
+    p.add_argument("--container", required=True, help="container label for every item")
+    p.add_argument(
+        "--url", default="http://127.0.0.1:8000", help="the gateway (default: %(default)s)"
+    )
+    p.add_argument("--key", default=None, help="API key (default: $MANIAC_API_KEY)")
+    p.add_argument(
+        "--batch",
+        type=_bounded(1, importer.MAX_ITEMS_PER_REQUEST),
+        default=importer.DEFAULT_BATCH,
+        help=f"items per request (default: %(default)s, at most {importer.MAX_ITEMS_PER_REQUEST})",
+    )
+    p.add_argument(
+        "--batch-bytes",
+        dest="batch_bytes",
+        type=_bounded(1024, importer.MAX_BODY_BYTES),
+        default=importer.DEFAULT_BATCH_BYTES,
+        help="most bytes per request (default: %(default)s)",
+    )
+    p.add_argument(
+        "--concurrency",
+        type=_bounded(1, 64),
+        default=importer.DEFAULT_CONCURRENCY,
+        help="requests at a time (default: %(default)s)",
+    )
+    p.add_argument(
+        "--resume-from",
+        dest="resume_from",
+        type=_bounded(1, 2**63),
+        default=1,
+        metavar="LINE",
+        help="skip the lines before LINE (numbered from 1)",
+    )
+    p.add_argument(
+        "--errors",
+        type=Path,
+        default=None,
+        metavar="FILE",
+        help="write the rejected lines there as JSON lines (default: stderr)",
+    )
+    p.add_argument(
+        "--retry-for",
+        dest="retry_for",
+        type=float,
+        default=importer.DEFAULT_RETRY_FOR_S,
+        metavar="SECONDS",
+        help="how long a batch is retried after 429, 503, other 5xx and connection errors "
+        "before the import stops (default: %(default)s)",
+    )
+
+
 def utc_time(text: str) -> datetime:
     """An ISO-8601 date or time; without an offset, it is UTC (not this machine's zone)."""
     try:
@@ -366,6 +498,7 @@ def build_parser() -> argparse.ArgumentParser:
     leaf(keys, "list", "list key ids and their projects", admin("list"))
     revoke = leaf(keys, "revoke", "revoke a key by its id", admin("revoke"))
     revoke.add_argument("key_id")
+    _import_parser(sub)
     return parser
 
 
