@@ -310,9 +310,14 @@ class Importer:
                 raise ImportFailed(
                     f"the gateway answered {response.status_code} {_envelope_message(response)}"
                 )
-            answer = response.json()
-            errors = answer["errors"]
-            rejected = int(answer["summary"]["rejected"])
+            try:
+                answer = response.json()
+                errors = answer["errors"]
+                rejected = int(answer["summary"]["rejected"])
+            except (ValueError, KeyError, TypeError):
+                raise ImportFailed(
+                    f"the gateway answered 200 with no register response: {response.text[:200]}"
+                ) from None
             self.reject(rejected_lines(lines, errors))
             if rejected == len(errors):
                 self.summary.accepted += len(items) - rejected
@@ -338,7 +343,10 @@ class Importer:
 
         async def take() -> Batch | None:
             async with reading:  # one reader at a time, off the event loop
-                batch = await asyncio.to_thread(next, batches, None)
+                try:
+                    batch = await asyncio.to_thread(next, batches, None)
+                except OSError as exc:
+                    raise ImportFailed(f"the file cannot be read: {exc}") from None
             if batch is not None:
                 self.pending.add(batch.first)
                 self.read_to = batch.end

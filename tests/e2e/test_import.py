@@ -291,3 +291,16 @@ async def test_a_missing_file_is_one_line_and_status_2(tmp_path: Path) -> None:
     assert err.decode().splitlines() == [
         f"maniac import: cannot read {tmp_path / 'nothing.jsonl'}: No such file or directory"
     ]
+
+
+async def test_a_200_that_is_no_register_response_stops_the_import(
+    api: RunningStack, tmp_path: Path
+) -> None:
+    app, _ = _flaky_front(api.base_url, [200])  # a proxy's page, say
+    source = _write(tmp_path / "items.jsonl", [orjson.dumps(_item(1))])
+    async with serving(app) as front:
+        code, summary, stderr = await _import(front, str(source), "--container", "c")
+    assert code == 2
+    [line] = stderr.splitlines()
+    assert "the gateway answered 200 with no register response: {}" in line
+    assert summary["resume_from"] == 1
