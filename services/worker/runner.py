@@ -170,7 +170,8 @@ class Worker:
         loads them (see :mod:`services.worker.known`).
 
         ``start_at``: with ``assign``, where to start reading partitions (partition -> offset)
-        instead of at the group's committed offsets; committed at once."""
+        instead of at the group's committed offsets; committed at once, and counted as
+        committed before that (see :meth:`stored_offsets`)."""
         self.settings = settings
         self._assign = assign
         self.topic = settings.topic
@@ -221,6 +222,11 @@ class Worker:
             stopping=self._stopping,
             give_up=self._give_up,
             offload=self._pool,
+        )
+        # counted as committed from now, not once positioned: if the broker dies before, the
+        # revival that replaces this worker resumes there, not at the group's older offsets
+        self.pipeline.commit.committed.update(
+            {Partition(self.topic, p): o for p, o in self._start_at.items()}
         )
 
     # -- I/O the pipeline calls ------------------------------------------------------------
@@ -489,10 +495,10 @@ class Worker:
             offsets = {TopicPartition(self.topic, p): o for p, o in start_at.items()}
             for tp, offset in offsets.items():
                 self._consumer.seek(tp, offset)
-            await self._consumer.commit(offsets)
             self.pipeline.commit.committed.update(
                 {Partition(self.topic, p): o for p, o in start_at.items()}
             )
+            await self._consumer.commit(offsets)
             log.warning("worker_positioned", offsets=start_at)
 
     async def rewind_if_given_up(self) -> None:

@@ -18,11 +18,15 @@ from typing import Any
 
 import httpx
 import pytest
+import structlog
 
 from schemas.events import COMPLETIONS_TOPIC
 from services import stack as stack_module
 from services.common.clickhouse import ClickHouse
 from services.common.kafka import EmbeddedBroker, create_consumer, create_producer
+from services.common.settings import ServeSettings
+from services.stack import Stack
+from services.worker.runner import Worker
 from tests.conftest import Broker, eventually, unique
 from tests.e2e.conftest import StackFactory
 from tests.support.serve import MANIAC, Serve, start_serve
@@ -616,9 +620,14 @@ async def test_s3_broker_storage_keeps_what_was_acknowledged_across_restarts(
 
 
 _CLUSTER = Path("tansu", "clusters", "tansu_cluster")
-_WATERMARK = (
-    _CLUSTER / "topics" / COMPLETIONS_TOPIC / "partitions" / "0000000000" / "watermark.json"
-)
+
+
+def _watermark_of(topic: str) -> Path:
+    """The S3 key of the high watermark of a topic's partition 0."""
+    return _CLUSTER / "topics" / topic / "partitions" / "0000000000" / "watermark.json"
+
+
+_WATERMARK = _watermark_of(COMPLETIONS_TOPIC)
 _OFFSETS = (
     _CLUSTER
     / "groups"
@@ -709,6 +718,86 @@ async def test_an_s3_broker_that_comes_back_behind_twice_in_a_row_is_resumed_bot
     await eventually(lambda: _is_total(server.url, "key-a", 80), timeout_s=60)
     assert '"resumed_at": {"0": 10}' in server.output()
     assert server.stop() == 0
+
+
+@pytest.fixture
+def own_s3_broker(
+    s3_env: dict[str, str], monkeypatch: pytest.MonkeyPatch
+) -> Iterator[EmbeddedBroker]:
+    """A broker for one stack's own on S3 storage (requested before the stack: stopped after
+    it)."""
+    for name, value in s3_env.items():
+        monkeypatch.setenv(name, value)
+    own = EmbeddedBroker(storage=s3_env["MANIAC_BROKER_STORAGE"])
+    own.start()
+    yield own
+    own.stop()
+
+
+async def test_an_s3_broker_that_dies_again_before_the_revived_worker_is_positioned(
+    own_s3_broker: EmbeddedBroker,
+    start_stack: StackFactory,
+    settings: ServeSettings,
+    tmp_path: Path,
+) -> None:
+    """A revival starts the worker where the broker came back behind (20), and the broker dies
+    again, behind again (10), before that worker got there: frozen before it could answer the
+    worker anything. The next revival still starts its worker where storing reached, not at
+    the group's offset (20), past where the broker numbers the next records."""
+    stack, url, watermark = await _fifty_stored_on_own_s3(
+        own_s3_broker, start_stack, settings, tmp_path
+    )
+    positioning = await _revived_behind(stack, own_s3_broker, watermark, 20)
+    os.kill(_pid(own_s3_broker), signal.SIGSTOP)  # before its worker is positioned
+    watermark.write_text('{"low":null,"high":10,"timestamps":null}')
+    with structlog.testing.capture_logs() as logged:
+        os.kill(_pid(own_s3_broker), signal.SIGKILL)
+        await eventually(lambda: _replaced(stack, positioning), timeout_s=60)
+    [revival] = [e for e in logged if e["event"] == "broker_revived"]
+    assert revival["resumed_at"] == {0: 10}
+
+    # numbered from 10 by the broker: stored all the same
+    await eventually(lambda: _registers(url, 30, first=50), timeout_s=60, interval_s=0.5)
+    await eventually(lambda: _is_total(url, "key-a", 80), timeout_s=60)
+
+
+async def _fifty_stored_on_own_s3(
+    broker: EmbeddedBroker, start_stack: StackFactory, settings: ServeSettings, tmp_path: Path
+) -> tuple[Stack, str, Path]:
+    """The stack on its own broker on S3 storage, with 50 items stored and committed; where
+    s3rver keeps the high watermark of the partition."""
+    running = await start_stack(bootstrap=broker.bootstrap, own=broker, broker_max_memory_mb=0)
+    stack, url = running.stack, running.base_url
+    await _register(url, "key-a", 50, batch=10)
+    await eventually(lambda: _is_total(url, "key-a", 50), timeout_s=60)
+    await eventually(lambda: _committed(stack, {0: 50}))
+    return stack, url, _s3_object(tmp_path / "s3", _watermark_of(settings.topic))
+
+
+async def _revived_behind(
+    stack: Stack, broker: EmbeddedBroker, watermark: Path, behind: int
+) -> Worker | None:
+    """Kill the broker, its high watermark set back to ``behind``; the worker the revival
+    starts, as soon as it exists."""
+    replaced = stack.worker
+    os.kill(_pid(broker), signal.SIGSTOP)
+    watermark.write_text(f'{{"low":null,"high":{behind},"timestamps":null}}')
+    os.kill(_pid(broker), signal.SIGKILL)
+    await eventually(lambda: _replaced(stack, replaced), timeout_s=60, interval_s=0)
+    return stack.worker
+
+
+def _pid(broker: EmbeddedBroker) -> int:
+    assert broker.pid is not None
+    return broker.pid
+
+
+async def _committed(stack: Stack, offsets: dict[int, int]) -> bool:
+    return stack.worker is not None and stack.worker.committed_offsets() == offsets
+
+
+async def _replaced(stack: Stack, worker: Worker | None) -> bool:
+    return stack.worker is not worker
 
 
 async def _logged(server: Serve, event: str, times: int) -> bool:
