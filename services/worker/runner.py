@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import Iterable
+from collections.abc import Coroutine, Iterable
 from datetime import UTC, datetime
 from functools import partial
 from pathlib import Path
@@ -581,10 +581,8 @@ class Worker:
     async def _start(self) -> None:
         await self.finish_inserts()
         if self._assign:
-            await self._consumer.topics()  # the topic's partitions, fresh
-            partitions = sorted(self._consumer.partitions_for_topic(self.topic) or ())
-            self._consumer.assign([TopicPartition(self.topic, p) for p in partitions])
-            await self._position()
+            if not await self._unless_detached(self._take_every_partition()):
+                return  # its broker is gone: it was stopped too
             if self._known is None:
                 await self.load_known()
         else:
@@ -597,6 +595,31 @@ class Worker:
             group=self.settings.consumer_group,
             processes=self.settings.worker_processes,
         )
+
+    async def _take_every_partition(self) -> None:
+        await self._consumer.topics()  # the topic's partitions, fresh
+        partitions = sorted(self._consumer.partitions_for_topic(self.topic) or ())
+        self._consumer.assign([TopicPartition(self.topic, p) for p in partitions])
+        await self._position()
+
+    async def _unless_detached(self, step: Coroutine[Any, Any, None]) -> bool:
+        """Await a step that waits on the broker; False, the step cancelled, if the worker is
+        detached first. Its broker is gone then: aiokafka waits for it to be back (a commit
+        for its coordinator), which the revival detaching the worker does only after it."""
+        task = asyncio.ensure_future(step)
+        detaching = asyncio.ensure_future(self._detaching.wait())
+        try:
+            await asyncio.wait({task, detaching}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            detaching.cancel()
+            if not task.done():
+                task.cancel()  # a commit must not land later, on a broker started in its place
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+        if task.cancelled():
+            return False
+        task.result()  # raises what the step raised
+        return True
 
     async def _fetch(self) -> tuple[dict[Any, list[Any]], int]:
         """The next records, with the number of revocations when they came.

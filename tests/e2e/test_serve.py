@@ -761,6 +761,53 @@ async def test_an_s3_broker_that_dies_again_before_the_revived_worker_is_positio
     await eventually(lambda: _is_total(url, "key-a", 80), timeout_s=60)
 
 
+async def test_an_s3_broker_that_dies_as_the_revived_worker_commits_its_start(
+    own_s3_broker: EmbeddedBroker,
+    start_stack: StackFactory,
+    settings: ServeSettings,
+    tmp_path: Path,
+) -> None:
+    """As above, the broker dying while the revived worker's commit of where it starts is
+    under way: the broker answers it once written to S3, which does not answer here. That
+    worker is detached at once (the revival waited 10 s on its commit, holding publishing),
+    and the next one starts where storing reached."""
+    stack, url, watermark = await _fifty_stored_on_own_s3(
+        own_s3_broker, start_stack, settings, tmp_path
+    )
+    positioning = await _revived_behind(stack, own_s3_broker, watermark, 20)
+    s3rver = _s3rver_pid(tmp_path / "s3")
+    os.kill(s3rver, signal.SIGSTOP)
+    try:
+        await asyncio.sleep(0.5)  # its commit waits on S3
+        with structlog.testing.capture_logs() as logged:
+            os.kill(_pid(own_s3_broker), signal.SIGKILL)
+            watermark.write_text('{"low":null,"high":10,"timestamps":null}')
+            os.kill(s3rver, signal.SIGCONT)
+            await eventually(lambda: _replaced(stack, positioning), timeout_s=60)
+    finally:
+        os.kill(s3rver, signal.SIGCONT)
+    assert "worker_detach_timed_out" not in [e["event"] for e in logged]
+    [revival] = [e for e in logged if e["event"] == "broker_revived"]
+    assert revival["resumed_at"] == {0: 10}
+
+    await eventually(lambda: _registers(url, 30, first=50), timeout_s=60, interval_s=0.5)
+    await eventually(lambda: _is_total(url, "key-a", 80), timeout_s=60)
+
+
+def _s3rver_pid(directory: Path) -> int:
+    """The pid of the s3rver keeping its objects in ``directory``."""
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            args = (entry / "cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if str(directory).encode() in args and any(a.endswith(b"s3rver") for a in args):
+            return int(entry.name)
+    raise AssertionError(f"no s3rver on {directory}")
+
+
 async def _fifty_stored_on_own_s3(
     broker: EmbeddedBroker, start_stack: StackFactory, settings: ServeSettings, tmp_path: Path
 ) -> tuple[Stack, str, Path]:

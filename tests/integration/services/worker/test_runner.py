@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import os
+import signal
 import time
 from typing import Any
 
@@ -14,12 +17,12 @@ from prometheus_client import REGISTRY
 
 from schemas.events import encode_event, message_key
 from services.common.clickhouse import ClickHouse
-from services.common.kafka import create_consumer, partitions_of
+from services.common.kafka import EmbeddedBroker, create_consumer, ensure_topics, partitions_of
 from services.common.settings import ServeSettings, WorkerSettings
 from services.worker import runner
 from services.worker.known import STORED_HASHES, Scope, load_known
 from services.worker.pipeline.types import Message, Partition
-from services.worker.runner import Worker, stored_versions
+from services.worker.runner import Worker, create_worker_consumer, stored_versions
 from tests.conftest import Broker, eventually
 from tests.support.worker import (
     RunningWorker,
@@ -670,6 +673,34 @@ async def test_a_worker_stopping_with_its_broker_gone_stores_everything_it_fetch
     assert sorted(r[0] for r in stored) == ["a1", "a2", "b1", "b2"]
     assert len(await _dead_letters(clickhouse)) == 1  # kept in ClickHouse before the topic
     assert worker.committed_offsets() == {}
+
+
+async def test_a_worker_detached_while_it_starts_on_a_broker_that_does_not_answer_stops(
+    settings: ServeSettings, clickhouse: ClickHouse
+) -> None:
+    """A worker a revival started asks its broker for its partitions and commits where it
+    starts: the broker dies first (frozen here: it never answers), and the next revival
+    detaches that worker. It stops then, as it would fetching, instead of waiting on the
+    broker: aiokafka's commit waits for it to be back, which the revival does only after
+    the worker stopped (it waited 10 s for it, holding publishing)."""
+    own = EmbeddedBroker()
+    own.start()
+    consumer = create_worker_consumer(own.bootstrap, settings)
+    try:
+        await ensure_topics(own.bootstrap, [settings.topic], partitions=1)
+        await consumer.start()
+        worker = Worker(settings, consumer, _BrokerGone(), clickhouse, assign=True, start_at={0: 5})
+        assert own.pid is not None
+        os.kill(own.pid, signal.SIGSTOP)
+        running = asyncio.create_task(worker.run())
+        await asyncio.sleep(0.5)  # it waits on the broker
+        worker.detach()
+        await asyncio.wait_for(running, 30)  # it waited on for as long as the broker was frozen
+        assert worker.committed_offsets() == {0: 5}  # where the next worker resumes
+    finally:
+        own.kill()
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(consumer.stop(), 10)
 
 
 async def _group_committed(bootstrap: str, settings: ServeSettings, partitions: list[int]) -> int:
