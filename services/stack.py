@@ -200,19 +200,25 @@ class Stack:
         if self.broker is not None and self.broker.on_memory:
             await self._restore_dead_letters()
         self._prices = PriceCatalog.load(s.pricing_file)
-        await self._start_worker()
+        # the group's offsets were committed to the broker before it last stopped
+        await self._start_worker(highwaters=self._kept())
         self.publisher.limit_backlog(self.pending, s.max_backlog)
         self.publisher.limit_backlog_bytes(self.pending_bytes, s.max_backlog_bytes)
         if self.broker is not None:
             self._watcher = asyncio.create_task(self._watch_broker(self.broker), name="broker")
 
     async def _start_worker(
-        self, *, resuming: Worker | None = None, start_at: dict[int, int] | None = None
+        self,
+        *,
+        resuming: Worker | None = None,
+        start_at: dict[int, int] | None = None,
+        highwaters: dict[int, int] | None = None,
     ) -> None:
         """``resuming``: a worker on the same broker that stopped on an error; what it
         committed is where this one starts (not where the group's offsets may say, after a
         revival positioned it), and counts as stored (the drain, the backlog).
-        ``start_at``: where to start otherwise (see :class:`Worker`)."""
+        ``start_at``: where to start otherwise; ``highwaters``: where the broker numbers the
+        next records as it started, for the first worker on it (see :class:`Worker`)."""
         assert self.gateway is not None
         if resuming is not None:
             start_at = resuming.committed_offsets()
@@ -229,6 +235,7 @@ class Stack:
             # every id it asked about, even those of an insert still running when it stopped
             known=self.worker.known if self.worker is not None and self.broker else None,
             start_at=start_at,
+            highwaters=highwaters,
         )
         if resuming is not None:
             self.worker.pipeline.commit.committed.update(resuming.pipeline.commit.committed)
@@ -298,6 +305,20 @@ class Stack:
         limit = self.settings.broker_max_memory_mb * 1024 * 1024
         return bool(limit) and used is not None and used > limit + self.dead_letter_bytes
 
+    def _kept(self) -> dict[int, int]:
+        """Of the topic, each partition's high watermark as the stack's own broker on
+        durable storage last started: what it kept of what it had acknowledged. Empty on
+        memory storage (it starts empty) and on a broker of others' (an external Kafka
+        answers an offset past a partition's end as out of range, and the consumer reads the
+        partition again from its beginning: ``auto_offset_reset``)."""
+        if self.broker is None or self.broker.on_memory:
+            return {}
+        return {
+            tp.partition: end
+            for tp, end in self.broker.highwaters.items()
+            if tp.topic == self.settings.topic
+        }
+
     async def _watch_broker(self, broker: EmbeddedBroker) -> None:
         while True:
             await asyncio.sleep(1.0)
@@ -333,6 +354,7 @@ class Stack:
             code = broker.exit_code
             publisher.pause()
             start_at: dict[int, int] | None = None
+            kept: dict[int, int] | None = None
             try:
                 acked = dict(publisher.acked)
                 await self._detach_worker()  # it stores what it had fetched
@@ -346,14 +368,11 @@ class Stack:
                     if broker.on_memory:
                         await self._restore_dead_letters()
                     else:
-                        kept = {
-                            tp.partition: end
-                            for tp, end in broker.highwaters.items()
-                            if tp.topic == self.settings.topic
-                        }
+                        kept = self._kept()
                         start_at, lost = resume_after_crash(stored, acked, kept)
                 finally:
-                    await self._start_worker(start_at=start_at)
+                    # kept: where the group's offsets are of records it no longer has too
+                    await self._start_worker(start_at=start_at, highwaters=kept)
             finally:
                 publisher.resume()
             BROKER_RESTARTS.labels("exited").inc()

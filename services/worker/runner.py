@@ -160,6 +160,7 @@ class Worker:
         assign: bool = False,
         known: KnownIds | None = None,
         start_at: dict[int, int] | None = None,
+        highwaters: dict[int, int] | None = None,
     ) -> None:
         """``assign``: read every partition of the topic without joining the group (offsets
         are still committed to it), for a worker that is the topic's only consumer, as in
@@ -171,7 +172,14 @@ class Worker:
 
         ``start_at``: with ``assign``, where to start reading partitions (partition -> offset)
         instead of at the group's committed offsets; committed at once, and counted as
-        committed before that (see :meth:`stored_offsets`)."""
+        committed before that (see :meth:`stored_offsets`).
+
+        ``highwaters``: with ``assign``, the high watermark of each partition (partition ->
+        offset) as its broker, on durable storage, started. The broker numbers the next
+        records from there: a committed offset of the group past it is of records the broker
+        no longer has (it came back behind what it had acknowledged, an S3 write cut short
+        by a crash), and the worker would wait past the new ones. It starts at the high
+        watermark instead, committed at once (``committed_past_high_watermark``)."""
         self.settings = settings
         self._assign = assign
         self.topic = settings.topic
@@ -186,6 +194,7 @@ class Worker:
         self._lock = asyncio.Lock()
         self._first_offsets: dict[int, int] = {}
         self._start_at = dict(start_at or {})
+        self._highwaters = dict(highwaters or {})
         self._known = known if settings.known_ids else None
         self._letting_go = False
         """Set while partitions are revoked: a failing step gives up instead of retrying."""
@@ -461,8 +470,9 @@ class Worker:
 
     async def _position(self) -> None:
         """Where a worker given every partition starts: at ``start_at`` (committed at once),
-        else at the group's committed offsets, else at the beginning. Either way it counts as
-        committed by this worker (what is pending, and where a revival resumes, start there).
+        else at the group's committed offsets (at ``highwaters`` where one is past it,
+        committed at once), else at the beginning. Either way it counts as committed by this
+        worker (what is pending, and where a revival resumes, start there).
 
         The beginning too when the committed offsets cannot be read in
         :data:`OFFSETS_WAIT_S`: Tansu on S3 storage fails every OffsetFetch for good once the
@@ -485,12 +495,25 @@ class Worker:
                 start_at |= {tp.partition: 0 for tp in unread}
                 unread, found = [], []
                 log.error("committed_offset_unreadable", partitions=sorted(start_at))
+        past: dict[int, int] = {}
         for tp, offset in zip(unread, found, strict=True):
+            highwater = self._highwaters.get(tp.partition)
             if offset is None:
                 await self._consumer.seek_to_beginning(tp)
+            elif highwater is not None and offset > highwater:
+                past[tp.partition] = offset
+                start_at[tp.partition] = highwater
             else:
                 self._consumer.seek(tp, offset)
                 self.pipeline.commit.committed[Partition(self.topic, tp.partition)] = offset
+        if past:
+            # committed, so stored (or dead-lettered) before the broker lost them: not lost
+            log.error(
+                "committed_past_high_watermark",
+                committed=past,
+                resumed_at={p: start_at[p] for p in past},
+                stored_not_kept=sum(offset - start_at[p] for p, offset in past.items()),
+            )
         if start_at:
             offsets = {TopicPartition(self.topic, p): o for p, o in start_at.items()}
             for tp, offset in offsets.items():

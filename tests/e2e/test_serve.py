@@ -720,6 +720,43 @@ async def test_an_s3_broker_that_comes_back_behind_twice_in_a_row_is_resumed_bot
     assert server.stop() == 0
 
 
+async def test_an_s3_broker_left_behind_by_a_kill_9_of_serve_is_resumed_where_it_numbers_records(
+    tmp_path: Path, env: dict[str, str], servers: list[Serve], s3_env: dict[str, str]
+) -> None:
+    """As above, `maniac serve` itself killed with its broker: the next start finds the
+    partition's high watermark (20) behind the group's committed offset (50). The worker
+    starts at the high watermark, where the broker numbers the next records; records 20-49
+    the broker no longer has were stored before they were committed: none is lost."""
+    env = {**env, **s3_env, "MANIAC_API_KEYS": "projA:key-a"}
+    first, offsets = await _fifty_stored_on_s3(tmp_path, env, servers)
+
+    broker = _broker_pid(first)
+    os.kill(broker, signal.SIGSTOP)
+    _s3_object(tmp_path / "s3", _WATERMARK).write_text('{"low":null,"high":20,"timestamps":null}')
+    assert first.stop(signal.SIGKILL) == -signal.SIGKILL
+    os.kill(broker, signal.SIGKILL)  # stopped, it would not act on its parent's death
+    await eventually(lambda: _gone(broker))
+
+    second = await start_serve(servers, tmp_path / "data", env)
+    await _register(second.url, "key-a", 30, batch=30, first=50)  # numbered 20-49
+    await eventually(lambda: _is_total(second.url, "key-a", 80), timeout_s=60)
+    await eventually(functools.partial(_is_offset, offsets, 50), timeout_s=30)
+    [line] = [
+        line for line in second.output().splitlines() if '"committed_past_high_watermark"' in line
+    ]
+    assert '"resumed_at": {"0": 20}' in line
+    assert '"stored_not_kept": 30' in line
+    assert second.stop() == 0
+
+
+async def _gone(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return True
+    return state == "Z"
+
+
 @pytest.fixture
 def own_s3_broker(
     s3_env: dict[str, str], monkeypatch: pytest.MonkeyPatch
