@@ -68,7 +68,10 @@ class Publisher:
         self._backlog_bytes: Callable[[], int] | None = None
         self._max_backlog_bytes = 0
         self._acked_bytes: dict[int, _AckedBytes] = {}
-        """Per partition, the bytes of acknowledged records by offset (for the byte bound)."""
+        """Per partition, the bytes of acknowledged records by offset (for the byte bound
+        only: kept while it is set)."""
+        self._acks_unchecked = 0
+        """Acknowledgements since the byte backlog was last read (which lets go the stored)."""
         self._task: asyncio.Task[None] | None = None
         self._open = asyncio.Event()
         self._open.set()
@@ -101,7 +104,8 @@ class Publisher:
 
     def pending_bytes(self, reached: dict[int, int]) -> int:
         """Bytes of the records acknowledged here at or past ``reached`` (per partition,
-        the next offset to store; a partition missing: none of it is stored)."""
+        the next offset to store; a partition missing: none of it is stored), counted while
+        :meth:`limit_backlog_bytes` is set."""
         return sum(
             acked.pending(reached.get(partition, 0))
             for partition, acked in self._acked_bytes.items()
@@ -151,10 +155,18 @@ class Publisher:
         the previous acknowledgement) holding ``size`` bytes."""
         if offset > self.acked.get(partition, -1):
             self.acked[partition] = offset
+        if self._backlog_bytes is None:
+            return  # no byte bound: a gateway of its own would keep them forever
         acked = self._acked_bytes.get(partition)
         if acked is None:
             acked = self._acked_bytes[partition] = _AckedBytes()
         acked.add(offset, size)
+        self._acks_unchecked += 1
+        if self._acks_unchecked >= ACKS_UNCHECKED:
+            # created completions only: no register request reads the backlog, which lets
+            # go of what was stored
+            self._acks_unchecked = 0
+            self._backlog_bytes()
 
     async def publish(self, messages: list[tuple[bytes, bytes]]) -> None:
         """Send ``(key, value)`` pairs; return once the broker acknowledged every one.
@@ -312,6 +324,10 @@ class Publisher:
             self._queued_bytes -= len(value)
             self._dropped(key, "shutdown", None)
 
+
+ACKS_UNCHECKED = 1_000
+"""Acknowledgements after which the byte backlog is read (letting go of what was stored) even
+when no register request came to read it."""
 
 Delivery = tuple["asyncio.Future[Any]", int, int]
 """A batch handed to the producer: its delivery (record metadata of its first record), how

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import tracemalloc
 from typing import Any
 
 import pytest
@@ -206,6 +207,7 @@ async def test_the_bytes_acknowledged_and_not_stored_count_each_record_once(
     topics: tuple[str, str], producer: Any
 ) -> None:
     publisher = Publisher(producer, topics[0], timeout_s=30)
+    publisher.limit_backlog_bytes(lambda: publisher.pending_bytes({}), 1 << 30)
     requests = [
         [(f"p/r{r}-c{i}".encode(), b"v" * (100 + i % 7)) for i in range(1_000)] for r in range(8)
     ]
@@ -216,6 +218,43 @@ async def test_the_bytes_acknowledged_and_not_stored_count_each_record_once(
     stored = {p: last + 1 for p, last in publisher.acked.items()}
     assert publisher.pending_bytes(stored) == 0
     assert publisher.pending_bytes({}) == 0  # what was stored is let go
+
+
+def _publisher_snapshot() -> tracemalloc.Snapshot:
+    """What is held of the allocations made in the publisher's module."""
+    module = "*/" + Publisher.__module__.replace(".", "/") + ".py"
+    return tracemalloc.take_snapshot().filter_traces([tracemalloc.Filter(True, module)])
+
+
+@pytest.mark.parametrize("byte_limit", [False, True], ids=["no-byte-limit", "byte-limit"])
+async def test_acknowledgements_are_not_kept_once_stored_or_when_no_byte_limit_needs_them(
+    topics: tuple[str, str], producer: Any, byte_limit: bool
+) -> None:
+    """A gateway runs for months: what it keeps per acknowledged record must be let go. Alone
+    (no byte limit) it keeps nothing; in `maniac serve`, what was stored is let go even when
+    no register request comes to look (created completions only)."""
+    publisher = Publisher(producer, topics[0], timeout_s=30)
+    stored: dict[int, int] = {}
+    if byte_limit:
+        publisher.limit_backlog_bytes(lambda: publisher.pending_bytes(stored), 1 << 30)
+
+    async def created(round_: int) -> None:
+        for i in range(2_000):
+            assert publisher.publish_nowait(f"p/r{round_}-c{i}".encode(), b"v" * 1_000)
+        await publisher.flush()
+        stored.update({p: last + 1 for p, last in publisher.acked.items()})
+
+    tracemalloc.start()
+    try:
+        await created(0)  # what a round needs at most (its futures, ...) is there before
+        before = _publisher_snapshot()
+        for round_ in range(1, 26):
+            await created(round_)
+        # 50,000 acknowledgements: some 3 MB when each one is kept
+        grown = sum(s.size_diff for s in _publisher_snapshot().compare_to(before, "filename"))
+        assert grown < 1_000_000
+    finally:
+        tracemalloc.stop()
 
 
 async def test_a_request_held_past_the_publish_timeout_gets_503_and_publishes_nothing(
