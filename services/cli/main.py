@@ -315,7 +315,11 @@ def cmd_import(args: argparse.Namespace) -> int:
     with contextlib.ExitStack() as closing:
         if source is not sys.stdin.buffer:
             closing.enter_context(source)
-        out = closing.enter_context(args.errors.open("w")) if args.errors else sys.stderr
+        try:
+            out = closing.enter_context(args.errors.open("w")) if args.errors else sys.stderr
+        except OSError as exc:
+            print(f"maniac import: cannot write {args.errors}: {exc.strerror}", file=sys.stderr)  # noqa: T201
+            return 2
 
         def report(error: LineError) -> None:
             out.write(json.dumps(error.record()) + "\n")

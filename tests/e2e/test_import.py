@@ -293,6 +293,31 @@ async def test_a_missing_file_is_one_line_and_status_2(tmp_path: Path) -> None:
     ]
 
 
+async def test_an_errors_file_that_cannot_be_written_is_one_line_and_status_2(
+    tmp_path: Path,
+) -> None:
+    source = _write(tmp_path / "items.jsonl", [orjson.dumps(_item(1))])
+    errors = tmp_path / "missing" / "rejected.jsonl"
+    proc = await asyncio.create_subprocess_exec(
+        MANIAC,
+        "import",
+        str(source),
+        "--container",
+        "c",
+        "--errors",
+        str(errors),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env={**os.environ, "MANIAC_API_KEY": "k"},
+    )
+    out, err = await proc.communicate()
+    assert proc.returncode == 2  # stopped before sending anything, not "some lines rejected"
+    assert out == b""
+    assert err.decode().splitlines() == [
+        f"maniac import: cannot write {errors}: No such file or directory"
+    ]
+
+
 async def test_a_200_that_is_no_register_response_stops_the_import(
     api: RunningStack, tmp_path: Path
 ) -> None:
