@@ -23,6 +23,8 @@ from typing import Any, BinaryIO
 import httpx
 import orjson
 
+from services.gateway.upstream import retry_after_s as header_retry_after_s
+
 MAX_ITEMS_PER_REQUEST = 10_000
 """The gateway's default ``MANIAC_MAX_ITEMS_PER_REQUEST``; a gateway set lower answers 422 and
 the batch is split."""
@@ -219,10 +221,8 @@ class Summary:
 
 def retry_after_s(response: httpx.Response, default: float) -> float:
     """The response's ``Retry-After`` in seconds (at most a minute), else ``default``."""
-    try:
-        return min(max(float(response.headers["Retry-After"]), 0.0), 60.0)
-    except (KeyError, ValueError):
-        return default
+    seconds = header_retry_after_s(response.headers.get("Retry-After"))
+    return default if seconds is None else min(seconds, 60.0)
 
 
 def _envelope_message(response: httpx.Response) -> str:

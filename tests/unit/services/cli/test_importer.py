@@ -1,7 +1,10 @@
 from __future__ import annotations
 
+from datetime import UTC, datetime, timedelta
+from email.utils import format_datetime
 from typing import Any
 
+import httpx
 import orjson
 import pytest
 
@@ -13,6 +16,7 @@ from services.cli.importer import (
     make_batches,
     register_body,
     rejected_lines,
+    retry_after_s,
 )
 
 ITEM = b'{"input":{"messages":[{"role":"user","content":"hi"}]}}'
@@ -171,3 +175,25 @@ def test_a_response_error_is_mapped_to_the_line_of_its_item() -> None:
         {"line": 10, "loc": ["input"], "message": "Field required", "type": "missing"},
         {"line": 15, "loc": [], "message": "too deep", "type": "value_error"},
     ]
+
+
+IN_30_S = "in 30 s"
+
+
+@pytest.mark.parametrize(
+    ("header", "low", "high"),
+    [
+        pytest.param("3", 3, 3, id="seconds"),
+        pytest.param("600", 60, 60, id="at-most-a-minute"),
+        # what a proxy or load balancer in front of the gateway may send with its 503
+        pytest.param(IN_30_S, 28, 30, id="http-date"),
+        pytest.param("nan", 0.5, 0.5, id="not-a-number"),
+        pytest.param("soon", 0.5, 0.5, id="neither"),
+        pytest.param(None, 0.5, 0.5, id="none"),
+    ],
+)
+def test_retry_after_in_seconds_or_as_a_date(header: str | None, low: float, high: float) -> None:
+    if header == IN_30_S:
+        header = format_datetime(datetime.now(UTC) + timedelta(seconds=30), usegmt=True)
+    headers = {} if header is None else {"Retry-After": header}
+    assert low <= retry_after_s(httpx.Response(503, headers=headers), 0.5) <= high
