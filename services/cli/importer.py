@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import signal
+import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -344,7 +345,7 @@ class Importer:
         async def take() -> Batch | None:
             async with reading:  # one reader at a time, off the event loop
                 try:
-                    batch = await asyncio.to_thread(next, batches, None)
+                    batch = await _next_in_daemon(batches)
                 except OSError as exc:
                     raise ImportFailed(f"the file cannot be read: {exc}") from None
             if batch is not None:
@@ -366,6 +367,43 @@ class Importer:
         async with asyncio.TaskGroup() as group:
             for _ in range(self.options.concurrency):
                 group.create_task(sender())
+
+
+READER = "maniac-import-reader"
+
+
+async def _next_in_daemon(batches: Iterator[Batch]) -> Batch | None:
+    """The next batch, read in a daemon thread: a read from standard input may never end (its
+    producer stalled), and an import that stops must not wait for it, as it would for a thread
+    of the loop's executor. See :func:`reading`."""
+    loop = asyncio.get_running_loop()
+    done: asyncio.Future[Batch | None] = loop.create_future()
+
+    def settle(batch: Batch | None, exc: BaseException | None) -> None:
+        if done.done():  # the import stopped meanwhile
+            return
+        if exc is None:
+            done.set_result(batch)
+        else:
+            done.set_exception(exc)
+
+    def read() -> None:
+        batch, failure = None, None
+        try:
+            batch = next(batches, None)
+        except BaseException as exc:  # handed to the task that waits for it
+            failure = exc
+        with contextlib.suppress(RuntimeError):  # the loop is closed: nobody waits
+            loop.call_soon_threadsafe(settle, batch, failure)
+
+    threading.Thread(target=read, name=READER, daemon=True).start()
+    return await done
+
+
+def reading() -> bool:
+    """Whether a read is still under way: the process must then end without the interpreter's
+    shutdown, which would wait for the file's lock the reader holds (and abort for stdin)."""
+    return any(thread.name == READER for thread in threading.enumerate())
 
 
 def open_lines(path: str, stdin: BinaryIO) -> BinaryIO:

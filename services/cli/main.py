@@ -291,7 +291,7 @@ def cmd_import(args: argparse.Namespace) -> int:
     import json
     import os
 
-    from services.cli.importer import LineError, Options, open_lines, run_import
+    from services.cli.importer import LineError, Options, open_lines, reading, run_import
 
     key = args.key or os.environ.get("MANIAC_API_KEY")
     if not key:
@@ -331,6 +331,10 @@ def cmd_import(args: argparse.Namespace) -> int:
             f"maniac import: {failure}; resume with --resume-from {summary.resume_from}",
             file=sys.stderr,
         )
+        if reading():  # its input stalled: the interpreter's shutdown would wait for the read
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(2)
         return 2
     return 0 if summary.rejected == 0 and summary.bad_json == 0 else 1
 

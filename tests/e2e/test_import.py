@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import signal
 import subprocess
 from collections.abc import Callable
 from pathlib import Path
@@ -166,6 +167,41 @@ async def test_resuming_from_a_line_registers_only_the_lines_from_there(
     assert (summary["received"], summary["accepted"]) == (100, 100)
     listed = await _listed(api, "resumed", 100)
     assert sorted(r["id"] for r in listed) == sorted(f"imp-{n}" for n in range(201, 301))
+
+
+async def test_sigterm_stops_an_import_whose_standard_input_stalls(api: RunningStack) -> None:
+    """`producer | maniac import -` where the producer stops sending (a stalled download, a
+    tail): SIGTERM stops the import at once, without waiting for the input to end."""
+    proc = await asyncio.create_subprocess_exec(
+        MANIAC,
+        "import",
+        "-",
+        "--container",
+        "stalled",
+        "--batch",
+        "2",
+        "--url",
+        api.base_url,
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env={**os.environ, "MANIAC_API_KEY": "key-a"},
+    )
+    assert proc.stdin is not None
+    try:
+        proc.stdin.write(b"\n".join(orjson.dumps(_item(n)) for n in (1, 2, 3)) + b"\n")
+        await proc.stdin.drain()
+        await _listed(api, "stalled", 2)  # the first batch is in; the importer reads on
+        proc.send_signal(signal.SIGTERM)
+        out, err = await asyncio.wait_for(proc.communicate(), timeout=30)
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+    assert proc.returncode == 2, err
+    summary = orjson.loads(out)
+    assert (summary["accepted"], summary["resume_from"]) == (2, 3)
+    assert err.decode().splitlines() == ["maniac import: interrupted; resume with --resume-from 3"]
 
 
 async def test_fine_tuning_lines_are_registered_as_input_and_output(
