@@ -65,7 +65,7 @@ RESTART_RETRY_S = 60.0
 DeadLetterRecord = tuple[bytes | None, bytes | None, list[tuple[str, bytes]], int]
 """A dead-letter topic record: key, value, headers, timestamp (ms)."""
 
-DEAD_LETTER_PAGE_ROWS = 1_000
+DEAD_LETTER_PAGE_ROWS = 10_000
 DEAD_LETTER_PAGE_BYTES = 16 * 1024 * 1024
 """Dead letters written back to the embedded broker from ClickHouse are read in pages of at
 most this many, and this many bytes of payloads (one larger is a page of its own)."""

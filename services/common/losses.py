@@ -85,17 +85,33 @@ def _iso(moment: datetime | None) -> str | None:
     return _utc(moment).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
-_UNREPLAYED_ORDER = (
-    "ORDER BY dead_at, source_topic, source_partition, source_offset, source_timestamp, project"
+_DEAD_LETTER_KEY = (
+    ("project", "String"),
+    ("source_topic", "String"),
+    ("source_partition", "UInt32"),
+    ("source_offset", "UInt64"),
+    ("source_timestamp", "Int64"),
 )
-"""Oldest first; the identity last, so that the order is total and pages follow on."""
+"""The dead-letter table's sorting key: its pages follow it, so that each reads a range."""
+
+_KEY_COLUMNS = ", ".join(column for column, _ in _DEAD_LETTER_KEY)
 
 
-def _after_parameters(after: tuple[int, str, int, int, int, str] | None) -> dict[str, Any]:
-    if after is None:
-        return {}
-    names = ("at", "topic", "partition", "offset", "timestamp", "project")
-    return dict(zip(names, after, strict=True))
+def _key_compared(op: str, name: str, at: int = 0) -> str:
+    """The sorting key ``op`` (``>`` or ``<=``) the parameters ``name0``.. as SQL, spelled out
+    column by column: a comparison of tuples is not one the primary index reads a range for,
+    and every page then read the whole table (100,000 dead letters in pages of 1,000: 8.5 s)."""
+    column, kind = _DEAD_LETTER_KEY[at]
+    value = f"{{{name}{at}:{kind}}}"
+    if at == len(_DEAD_LETTER_KEY) - 1:
+        return f"{column} {op} {value}"
+    return (
+        f"({column} {op[0]} {value} OR ({column} = {value} AND {_key_compared(op, name, at + 1)}))"
+    )
+
+
+def _key_parameters(name: str, key: Sequence[Any]) -> dict[str, Any]:
+    return {f"{name}{at}": value for at, value in enumerate(key)}
 
 
 class LossRepository:
@@ -149,62 +165,49 @@ class LossRepository:
         return {(str(r[0]), int(r[1]), int(r[2]), int(r[3])) for r in rows}
 
     async def unreplayed_dead_letters(
-        self, *, max_rows: int = 1_000, max_bytes: int = 16 * 1024 * 1024
+        self, *, max_rows: int = 10_000, max_bytes: int = 16 * 1024 * 1024
     ) -> AsyncIterator[list[DeadLetter]]:
-        """Every dead letter not replayed yet, oldest first, payload and key included, in
-        pages of at most ``max_rows`` and ``max_bytes`` of payloads (one larger than that is
-        a page of its own), so what is held does not grow with the table.
+        """Every dead letter not replayed yet, payload and key included, in pages of at most
+        ``max_rows`` and ``max_bytes`` of payloads (one larger than that is a page of its
+        own), so what is held does not grow with the table.
 
-        Each page is chosen by its letters' identities and sizes first (ordered, after the
-        last one of the page before), then read whole.
+        Pages follow the table's sorting key (project, then where each came from): each is
+        chosen by its letters' keys and sizes first (after the last one of the page before),
+        then read whole, both a range of the primary index. Each query costs tens of ms
+        whatever it reads (FINAL): 100,000 letters take 1.8 s in pages of 10,000, 9 in pages of
+        1,000, against 1.0 for all in one query, which held them all.
         """
-        after: tuple[int, str, int, int, int, str] | None = None
+        after: Sequence[Any] | None = None
         while True:
-            where = (
-                ""
-                if after is None
-                else "AND (toUnixTimestamp64Milli(dead_at), source_topic, source_partition, "
-                "source_offset, source_timestamp, project) > ({at:Int64}, {topic:String}, "
-                "{partition:UInt32}, {offset:UInt64}, {timestamp:Int64}, {project:String}) "
-            )
+            past = "" if after is None else f"AND {_key_compared('>', 'after')} "
+            known = {} if after is None else _key_parameters("after", after)
             keys = await self._ch.rows(
-                "SELECT toUnixTimestamp64Milli(dead_at), source_topic, source_partition, "
-                "source_offset, source_timestamp, project, length(payload) "
+                f"SELECT {_KEY_COLUMNS}, length(payload) "
                 "FROM {database}.dead_letters FINAL WHERE toUnixTimestamp64Milli(replayed_at) = 0 "
-                f"{where}{_UNREPLAYED_ORDER} LIMIT {{rows:UInt32}}",
-                {**_after_parameters(after), "rows": max_rows},
+                f"{past}ORDER BY {_KEY_COLUMNS} LIMIT {{rows:UInt32}}",
+                {**known, "rows": max_rows},
             )
             if not keys:
                 return
-            size, page = 0, list[Sequence[Any]]()
+            size, page = 0, 0
             for key in keys:
-                size += int(key[6])
+                size += int(key[-1])
                 if page and size > max_bytes:
                     break
-                page.append(key)
-            yield await self._dead_letters_of(page)
-            last = page[-1]
-            after = (
-                int(last[0]),
-                str(last[1]),
-                int(last[2]),
-                int(last[3]),
-                int(last[4]),
-                str(last[5]),
+                page += 1
+            last = keys[page - 1][:-1]
+            rows = await self._ch.rows(
+                "SELECT project, source_topic, source_partition, source_offset, source_timestamp, "
+                "completion_id, hex(message_key), reason, dead_at, hex(payload) "
+                "FROM {database}.dead_letters FINAL WHERE toUnixTimestamp64Milli(replayed_at) = 0 "
+                f"{past}AND {_key_compared('<=', 'last')} ORDER BY {_KEY_COLUMNS}",
+                {**known, **_key_parameters("last", last)},
             )
+            yield self._dead_letters(rows)
+            after = last
 
-    async def _dead_letters_of(self, keys: Sequence[Sequence[Any]]) -> list[DeadLetter]:
-        """The dead letters of these identities (as the page query gives them), in order."""
-        identities = [(str(k[5]), str(k[1]), int(k[2]), int(k[3]), int(k[4])) for k in keys]
-        rows = await self._ch.rows(
-            "SELECT project, source_topic, source_partition, source_offset, source_timestamp, "
-            "completion_id, hex(message_key), reason, dead_at, hex(payload) "
-            "FROM {database}.dead_letters FINAL WHERE toUnixTimestamp64Milli(replayed_at) = 0 "
-            "AND (project, source_topic, source_partition, source_offset, source_timestamp) "
-            "IN {identities:Array(Tuple(String, String, UInt32, UInt64, Int64))} "
-            f"{_UNREPLAYED_ORDER}",
-            {"identities": identities},
-        )
+    @staticmethod
+    def _dead_letters(rows: Sequence[Sequence[Any]]) -> list[DeadLetter]:
         return [
             DeadLetter(
                 project=str(project),

@@ -7,6 +7,8 @@ import tracemalloc
 from dataclasses import replace
 from datetime import UTC, datetime
 
+import pytest
+
 from services.common.clickhouse import ClickHouse
 from services.common.losses import DeadLetter, LossRepository
 from tests.support.migrations import apply_migrations, database_before
@@ -108,3 +110,29 @@ async def test_unreplayed_dead_letters_are_read_in_pages_bounded_in_rows_and_byt
     # 2 MB: one letter of more than 1 MB, with the small ones after it; 4 rows at most
     assert [len(page) for page in pages] == [1] * 23 + [4, 4, 2]
     assert [size for page in pages for _, size in page][:24] == sizes
+
+
+@pytest.mark.parametrize("max_rows", [1, 2, 3, 7, 100])
+async def test_pages_of_dead_letters_follow_on_across_every_column_of_the_key(
+    clickhouse: ClickHouse, max_rows: int
+) -> None:
+    losses = LossRepository(clickhouse)
+    letters = [
+        replace(
+            _dead(offset, timestamp, f"{project}{topic}{partition}{offset}{timestamp}".encode()),
+            project=project,
+            source_topic=topic,
+            source_partition=partition,
+        )
+        for project in ("a", "b")
+        for topic in ("t1", "t2")
+        for partition in (0, 1)
+        for offset in (0, 9)
+        for timestamp in (-1, 5)
+    ]
+    await losses.record_dead_letters(letters[::-1])
+
+    pages = [page async for page in losses.unreplayed_dead_letters(max_rows=max_rows)]
+    assert all(len(page) <= max_rows for page in pages)
+    read = [(d.project, *d.source) for page in pages for d in page]
+    assert read == sorted((d.project, *d.source) for d in letters)  # each once, in key order
