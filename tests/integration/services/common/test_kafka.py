@@ -171,16 +171,42 @@ async def test_a_restarted_broker_on_s3_numbers_on_from_what_it_stored(
         second.stop()
 
 
-async def _produce(bootstrap: str, topic: str, values: range) -> list[int]:
-    """Send ``v<i>`` for each value, 10 to a batch; their offsets."""
+async def test_a_restarted_broker_on_s3_reads_a_partition_of_more_than_a_thousand_batches(
+    s3_env: dict[str, str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Tansu lists a partition's batches, an S3 object each, as it is first fetched; past 1,000
+    objects the listing takes a second page, which s3rver on Node 17+ answers with a 500
+    unless given OpenSSL's legacy provider (its page tokens use DES): the restarted broker
+    then failed every fetch of the partition, and did not start."""
+    for name, value in s3_env.items():
+        monkeypatch.setenv(name, value)
+    topic = unique("durable")
+    first = EmbeddedBroker(storage=s3_env["MANIAC_BROKER_STORAGE"])
+    await asyncio.to_thread(first.start)
+    try:
+        await ensure_topics(first.bootstrap, [topic], partitions=1)
+        await _produce(first.bootstrap, topic, range(1_005), per_batch=1)
+    finally:
+        first.stop()
+
+    second = EmbeddedBroker(port=first.port, storage=s3_env["MANIAC_BROKER_STORAGE"])
+    await asyncio.to_thread(second.start)
+    try:
+        assert await _read(second.bootstrap, topic, 1_005) == [b"v%d" % i for i in range(1_005)]
+    finally:
+        second.stop()
+
+
+async def _produce(bootstrap: str, topic: str, values: range, per_batch: int = 10) -> list[int]:
+    """Send ``v<i>`` for each value, ``per_batch`` to a batch; their offsets."""
     producer = create_producer(bootstrap)
     await producer.start()
     try:
         offsets = []
-        for start in range(values.start, values.stop, 10):
+        for start in range(values.start, values.stop, per_batch):
             sent = [
                 await producer.send(topic, b"v%d" % i, partition=0)
-                for i in range(start, min(start + 10, values.stop))
+                for i in range(start, min(start + per_batch, values.stop))
             ]
             offsets += [(await future).offset for future in sent]
         return offsets
