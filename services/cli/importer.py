@@ -315,11 +315,14 @@ class Importer:
                 answer = response.json()
                 errors = answer["errors"]
                 rejected = int(answer["summary"]["rejected"])
-            except (ValueError, KeyError, TypeError):
+                found = rejected_lines(lines, errors)
+                if any(int(e["index"]) < 0 for e in errors):
+                    raise IndexError("a negative index")
+            except (ValueError, KeyError, TypeError, IndexError):
                 raise ImportFailed(
                     f"the gateway answered 200 with no register response: {response.text[:200]}"
                 ) from None
-            self.reject(rejected_lines(lines, errors))
+            self.reject(found)
             if rejected == len(errors):
                 self.summary.accepted += len(items) - rejected
                 return

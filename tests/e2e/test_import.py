@@ -12,6 +12,7 @@ from typing import Any
 
 import httpx
 import orjson
+import pytest
 from fastapi import FastAPI, Request, Response
 
 from services.common.clickhouse import ClickHouse
@@ -364,4 +365,33 @@ async def test_a_200_that_is_no_register_response_stops_the_import(
     assert code == 2
     [line] = stderr.splitlines()
     assert "the gateway answered 200 with no register response: {}" in line
+    assert summary["resume_from"] == 1
+
+
+@pytest.mark.parametrize(
+    "errors",
+    [
+        [{"index": 5, "loc": ["items", 5], "message": "m", "type": "t"}],
+        [{"index": -1, "loc": [], "message": "m", "type": "t"}],
+        [{"loc": [], "message": "m", "type": "t"}],
+        [{"index": "first", "message": "m", "type": "t"}],
+    ],
+    ids=["index-out-of-range", "negative-index", "no-index", "index-not-a-number"],
+)
+async def test_a_200_whose_errors_name_no_item_sent_stops_the_import(
+    tmp_path: Path, errors: list[dict[str, Any]]
+) -> None:
+    app = FastAPI()
+
+    @app.post("/v1/chat/completions/register")
+    async def register() -> dict[str, Any]:
+        summary = {"received": 1, "accepted": 0, "rejected": 1}
+        return {"ok": False, "container": "c", "summary": summary, "errors": errors}
+
+    source = _write(tmp_path / "items.jsonl", [orjson.dumps(_item(1))])
+    async with serving(app) as front:
+        code, summary, stderr = await _import(front, str(source), "--container", "c")
+    assert code == 2
+    [line] = stderr.splitlines()  # one line, no traceback
+    assert "the gateway answered 200 with no register response" in line
     assert summary["resume_from"] == 1
