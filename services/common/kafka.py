@@ -10,7 +10,8 @@ Settings chosen for any Kafka-protocol broker *and* for Tansu, the embedded one:
 * ``end_offsets()`` is never used for lag or "caught up" (Tansu returns wrong values); the
   consumer's ``highwater()`` after a fetch is used instead;
 * the embedded broker on durable (S3) storage fetches every partition once when it starts,
-  before any client may produce (see :func:`load_watermarks`).
+  before any client may produce (see :func:`load_watermarks`), and what a crash left in its
+  storage is repaired before it starts (see :mod:`services.common.broker_storage`).
 """
 
 from __future__ import annotations
@@ -37,6 +38,8 @@ import structlog
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.errors import TopicAlreadyExistsError
+
+from services.common.broker_storage import repair_storage
 
 log = structlog.get_logger(__name__)
 
@@ -384,6 +387,8 @@ class EmbeddedBroker:
 
     def start(self, timeout_s: float = 10.0) -> None:
         self._wanted = True
+        if self.storage.startswith("s3://"):  # at each start and revival, before it reads S3
+            repair_storage(self.storage)
         url = f"tcp://127.0.0.1:{self.port}"
         out: Any = subprocess.DEVNULL
         if self.log_file is not None:

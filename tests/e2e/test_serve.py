@@ -658,6 +658,16 @@ def _s3_object(s3: Path, key: Path) -> Path:
     return s3 / key.parent / f"{key.name}._S3rver_object"
 
 
+def _set_back(watermark: Path, behind: int) -> None:
+    """A partition's high watermark (where s3rver keeps it) set back to ``behind``, and the
+    batches from there on gone: what the broker kept is less than it acknowledged. (With the
+    batches still stored, the watermark is moved up to them before the broker starts.)"""
+    watermark.write_text(f'{{"low":null,"high":{behind},"timestamps":null}}')
+    for stored in (watermark.parent / "records").glob("*.batch._S3rver_*"):
+        if int(stored.name.partition(".")[0]) >= behind:
+            stored.unlink()
+
+
 async def test_an_s3_broker_that_crashed_mid_write_is_resumed_where_it_numbers_records(
     tmp_path: Path, env: dict[str, str], servers: list[Serve], s3_env: dict[str, str]
 ) -> None:
@@ -672,7 +682,7 @@ async def test_an_s3_broker_that_crashed_mid_write_is_resumed_where_it_numbers_r
 
     broker = _broker_pid(server)
     os.kill(broker, signal.SIGSTOP)  # it writes nothing more while its objects are changed
-    _s3_object(tmp_path / "s3", _WATERMARK).write_text('{"low":null,"high":20,"timestamps":null}')
+    _set_back(_s3_object(tmp_path / "s3", _WATERMARK), 20)
     offsets.write_bytes(b"")
     os.kill(broker, signal.SIGKILL)
 
@@ -708,7 +718,7 @@ async def test_an_s3_broker_that_comes_back_behind_twice_in_a_row_is_resumed_bot
         broker = _broker_pid(server)
         os.kill(broker, signal.SIGSTOP)
         watermark = _s3_object(tmp_path / "s3", _WATERMARK)
-        watermark.write_text(f'{{"low":null,"high":{behind},"timestamps":null}}')
+        _set_back(watermark, behind)
         os.kill(broker, signal.SIGKILL)
         revived = functools.partial(_logged, server, "broker_revived", times)
         await eventually(revived, timeout_s=60)
@@ -732,7 +742,7 @@ async def test_an_s3_broker_left_behind_by_a_kill_9_of_serve_is_resumed_where_it
 
     broker = _broker_pid(first)
     os.kill(broker, signal.SIGSTOP)
-    _s3_object(tmp_path / "s3", _WATERMARK).write_text('{"low":null,"high":20,"timestamps":null}')
+    _set_back(_s3_object(tmp_path / "s3", _WATERMARK), 20)
     assert first.stop(signal.SIGKILL) == -signal.SIGKILL
     os.kill(broker, signal.SIGKILL)  # stopped, it would not act on its parent's death
     await eventually(lambda: _gone(broker))
@@ -786,7 +796,7 @@ async def test_an_s3_broker_that_dies_again_before_the_revived_worker_is_positio
     )
     positioning = await _revived_behind(stack, own_s3_broker, watermark, 20)
     os.kill(_pid(own_s3_broker), signal.SIGSTOP)  # before its worker is positioned
-    watermark.write_text('{"low":null,"high":10,"timestamps":null}')
+    _set_back(watermark, 10)
     with structlog.testing.capture_logs() as logged:
         os.kill(_pid(own_s3_broker), signal.SIGKILL)
         await eventually(lambda: _replaced(stack, positioning), timeout_s=60)
@@ -818,7 +828,7 @@ async def test_an_s3_broker_that_dies_as_the_revived_worker_commits_its_start(
         await asyncio.sleep(0.5)  # its commit waits on S3
         with structlog.testing.capture_logs() as logged:
             os.kill(_pid(own_s3_broker), signal.SIGKILL)
-            watermark.write_text('{"low":null,"high":10,"timestamps":null}')
+            _set_back(watermark, 10)
             os.kill(s3rver, signal.SIGCONT)
             await eventually(lambda: _replaced(stack, positioning), timeout_s=60)
     finally:
@@ -829,6 +839,29 @@ async def test_an_s3_broker_that_dies_as_the_revived_worker_commits_its_start(
 
     await eventually(lambda: _registers(url, 30, first=50), timeout_s=60, interval_s=0.5)
     await eventually(lambda: _is_total(url, "key-a", 80), timeout_s=60)
+
+
+async def test_an_s3_broker_revived_behind_the_batches_it_stored_loses_none_of_them(
+    own_s3_broker: EmbeddedBroker,
+    start_stack: StackFactory,
+    settings: ServeSettings,
+    tmp_path: Path,
+) -> None:
+    """Killed after writing batches and before their watermark (set back to 20 here, the
+    batches 20-49 still stored): the revived broker numbered new records from 20 in batches
+    of other sizes, batches of the earlier life stayed among them, and the worker read those
+    again and skipped new ones. The watermark is moved up to the batches stored first."""
+    stack, url, watermark = await _fifty_stored_on_own_s3(
+        own_s3_broker, start_stack, settings, tmp_path
+    )
+    with structlog.testing.capture_logs() as logged:
+        await _revived_behind(stack, own_s3_broker, watermark, 20, keep_batches=True)
+        for first in range(50, 85, 7):  # batches of 7 over the stored batches of 10
+            registers = functools.partial(_registers, url, 7, first=first)
+            await eventually(registers, timeout_s=60, interval_s=0.5)
+        await eventually(lambda: _is_total(url, "key-a", 85), timeout_s=60)
+    [repaired] = [e for e in logged if e["event"] == "broker_storage_repaired"]
+    assert (repaired["watermark_was"], repaired["watermark"]) == (20, 50)
 
 
 def _s3rver_pid(directory: Path) -> int:
@@ -859,13 +892,16 @@ async def _fifty_stored_on_own_s3(
 
 
 async def _revived_behind(
-    stack: Stack, broker: EmbeddedBroker, watermark: Path, behind: int
+    stack: Stack, broker: EmbeddedBroker, watermark: Path, behind: int, keep_batches: bool = False
 ) -> Worker | None:
-    """Kill the broker, its high watermark set back to ``behind``; the worker the revival
-    starts, as soon as it exists."""
+    """Kill the broker, its high watermark set back to ``behind`` (and the batches from there
+    on gone, unless ``keep_batches``); the worker the revival starts, as soon as it exists."""
     replaced = stack.worker
     os.kill(_pid(broker), signal.SIGSTOP)
-    watermark.write_text(f'{{"low":null,"high":{behind},"timestamps":null}}')
+    if keep_batches:
+        watermark.write_text(f'{{"low":null,"high":{behind},"timestamps":null}}')
+    else:
+        _set_back(watermark, behind)
     os.kill(_pid(broker), signal.SIGKILL)
     await eventually(lambda: _replaced(stack, replaced), timeout_s=60, interval_s=0)
     return stack.worker
