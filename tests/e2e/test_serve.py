@@ -864,6 +864,35 @@ async def test_an_s3_broker_revived_behind_the_batches_it_stored_loses_none_of_t
     assert (repaired["watermark_was"], repaired["watermark"]) == (20, 50)
 
 
+async def test_an_s3_broker_on_an_empty_batch_under_its_watermark_reads_on_past_it(
+    tmp_path: Path, env: dict[str, str], servers: list[Serve], s3_env: dict[str, str]
+) -> None:
+    """An S3 write cut short by a crash left a batch the watermark covers empty, among
+    records acknowledged and not yet stored: Tansu failed every fetch that reached it, and
+    the worker never got past it (all pending for good, across restarts). The empty object
+    is deleted before the broker starts: its 10 records are gone, the rest is stored."""
+    env = {**env, **s3_env, "MANIAC_API_KEYS": "projA:key-a"}
+    first = await start_serve(servers, tmp_path / "data", env)
+    await _register(first.url, "key-a", 50, batch=10)
+    assert first.stop() == 0  # all 50 stored, the group's offset committed at 50
+
+    second = await start_serve(servers, tmp_path / "data", {**env, **HOLDING})
+    await _register(second.url, "key-a", 30, batch=10, first=50)  # acknowledged, not stored
+    assert second.stop(signal.SIGKILL) == -signal.SIGKILL
+    records = _s3_object(tmp_path / "s3", _WATERMARK).parent / "records"
+    cut = sorted(records.glob("*.batch._S3rver_object"))[-2]  # of the 30: its second batch
+    cut.write_bytes(b"")
+
+    third = await start_serve(servers, tmp_path / "data", env)
+    await _register(third.url, "key-a", 10, batch=10, first=80)
+    await eventually(lambda: _is_total(third.url, "key-a", 80), timeout_s=60)
+    [repaired] = [
+        line for line in third.output().splitlines() if '"broker_storage_repaired"' in line
+    ]
+    assert f'"broken_deleted": [{int(cut.name.partition(".")[0])}]' in repaired
+    assert third.stop() == 0
+
+
 def _s3rver_pid(directory: Path) -> int:
     """The pid of the s3rver keeping its objects in ``directory``."""
     for entry in Path("/proc").iterdir():
