@@ -26,10 +26,11 @@ past a missing object, but not past a broken one.
 
 from __future__ import annotations
 
+import bisect
 import contextlib
 import json
 import struct
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from urllib.parse import urlsplit
 
@@ -80,6 +81,13 @@ def follow_chain(start: int, end_of: Callable[[int], int | None]) -> list[int]:
     return chain
 
 
+def offsets_held(offset: int, names: Sequence[int], watermark: int) -> int:
+    """How many offsets the batch at ``offset`` held, below the watermark: up to the next
+    object's name (``names``: every batch object's, in order), or the watermark."""
+    following = names[bisect.bisect_right(names, offset) :]
+    return min([*following, watermark]) - offset
+
+
 def read_high_watermark(body: bytes | None) -> int | None:
     """The high watermark in a ``watermark.json`` (0 for ``null``: nothing stored yet);
     None when missing or unreadable."""
@@ -103,6 +111,8 @@ class PartitionRepair:
     """Objects deleted from past the watermark (base offset: records, 0 when unreadable)."""
     broken: list[int] = field(default_factory=list)
     """Objects deleted from below the watermark, too short to hold a batch."""
+    broken_records: int = 0
+    """The offsets those held, up to the next object's (their records are gone)."""
     rewrote_watermark: bool = False
 
     @property
@@ -118,9 +128,11 @@ def repair_partition(s3: S3, prefix: str) -> PartitionRepair:
     watermark = watermark_was or 0
     objects: dict[int, S3Object] = {}
     broken: list[int] = []
+    names: list[int] = []
     for item in s3.list(records):
         if not isinstance(item, S3Object) or (offset := batch_offset(item.key)) is None:
             continue
+        names.append(offset)
         if offset >= watermark:
             objects[offset] = item
         elif item.size < BATCH_HEADER:
@@ -149,6 +161,7 @@ def repair_partition(s3: S3, prefix: str) -> PartitionRepair:
         stale[offset] = max(0, records_in)
     for offset in broken:
         s3.delete(f"{records}{batch_name(offset)}")
+    broken_records = sum(offsets_held(offset, names, watermark) for offset in broken)
     # last: a repair cut short is done again from the same watermark at the next start
     rewrite = end != watermark_was and (end > 0 or raw is not None)
     if rewrite:
@@ -156,7 +169,9 @@ def repair_partition(s3: S3, prefix: str) -> PartitionRepair:
         with contextlib.suppress(ValueError, TypeError):
             state = {**json.loads(raw or b""), "high": end}
         s3.put(f"{prefix}watermark.json", json.dumps(state, separators=(",", ":")).encode())
-    return PartitionRepair(prefix, watermark_was, end, chain, stale, broken, rewrite)
+    return PartitionRepair(
+        prefix, watermark_was, end, chain, stale, broken, broken_records, rewrite
+    )
 
 
 CLUSTER = "tansu_cluster"
@@ -196,6 +211,7 @@ def repair_storage(storage: str, env: Mapping[str, str] | None = None) -> list[P
             stale_records=sum(repair.stale.values()),
             stale_first=min(repair.stale, default=None),
             broken_deleted=repair.broken,
+            broken_records=repair.broken_records,
         )
     log.info("broker_storage_checked", storage=storage, partitions=len(repairs))
     return repairs

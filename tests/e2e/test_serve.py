@@ -890,6 +890,7 @@ async def test_an_s3_broker_on_an_empty_batch_under_its_watermark_reads_on_past_
         line for line in third.output().splitlines() if '"broker_storage_repaired"' in line
     ]
     assert f'"broken_deleted": [{int(cut.name.partition(".")[0])}]' in repaired
+    assert '"broken_records": 10' in repaired
     assert third.stop() == 0
 
 

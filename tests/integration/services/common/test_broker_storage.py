@@ -109,4 +109,4 @@ async def test_an_empty_batch_below_the_watermark_no_longer_stops_every_read(s3:
     finally:
         second.stop()
     [repaired] = [e for e in logged if e["event"] == "broker_storage_repaired"]
-    assert repaired["broken_deleted"] == [10]
+    assert (repaired["broken_deleted"], repaired["broken_records"]) == ([10], 10)

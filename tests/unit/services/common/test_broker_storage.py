@@ -9,6 +9,7 @@ from services.common.broker_storage import (
     batch_name,
     batch_offset,
     follow_chain,
+    offsets_held,
     read_high_watermark,
 )
 
@@ -69,3 +70,14 @@ def test_follow_chain(ends: dict[int, int | None], start: int, chain: list[int])
 )
 def test_read_high_watermark(body: bytes | None, high: int | None) -> None:
     assert read_high_watermark(body) == high
+
+
+@pytest.mark.parametrize(
+    ("offset", "held"),
+    [
+        pytest.param(10, 10, id="up-to-the-next-batch"),
+        pytest.param(30, 5, id="the-last-up-to-the-watermark"),
+    ],
+)
+def test_offsets_held_by_a_broken_batch(offset: int, held: int) -> None:
+    assert offsets_held(offset, [0, 10, 20, 30], watermark=35) == held
