@@ -130,7 +130,7 @@ def repair_partition(s3: S3, prefix: str) -> PartitionRepair:
     broken: list[int] = []
     names: list[int] = []
     for item in s3.list(records):
-        if not isinstance(item, S3Object) or (offset := batch_offset(item.key)) is None:
+        if (offset := batch_offset(item.key)) is None:
             continue
         names.append(offset)
         if offset >= watermark:
@@ -180,7 +180,7 @@ CLUSTER = "tansu_cluster"
 
 def _partitions(s3: S3) -> list[str]:
     """Every partition's prefix, from the topics in the cluster's ``meta.json`` (s3rver's
-    listings by delimiter leave common prefixes out)."""
+    listings by delimiter leave most common prefixes out)."""
     meta = s3.get(f"clusters/{CLUSTER}/meta.json")
     if not meta:
         return []

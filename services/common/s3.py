@@ -172,25 +172,18 @@ class S3:
             response.raise_for_status()
         return response
 
-    def list(
-        self, prefix: str, *, start_after: str = "", delimiter: str = ""
-    ) -> Iterator[S3Object | str]:
-        """ListObjectsV2, every page: objects (in key order), and with ``delimiter`` the
-        common prefixes too (as strings)."""
+    def list(self, prefix: str, *, start_after: str = "") -> Iterator[S3Object]:
+        """ListObjectsV2, every page: the objects under ``prefix``, in key order."""
         token = ""
         while True:
             query = {"list-type": "2", "prefix": prefix}
             if start_after:
                 query["start-after"] = start_after
-            if delimiter:
-                query["delimiter"] = delimiter
             if token:
                 query["continuation-token"] = token
             root = _without_namespace(ET.fromstring(self._request("GET", query=query).content))
             for item in root.iter("Contents"):
                 yield S3Object(item.findtext("Key", ""), int(item.findtext("Size", "0")))
-            for common in root.iter("CommonPrefixes"):
-                yield common.findtext("Prefix", "")
             token = root.findtext("NextContinuationToken", "")
             if root.findtext("IsTruncated") != "true" or not token:
                 return
