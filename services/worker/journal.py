@@ -12,7 +12,9 @@ So each insert's body is written here before the insert starts and removed once 
 (or was given up: its records are fetched again). A worker starting on the same ClickHouse
 inserts what it finds here again, before anything else: the same body carries the same
 deduplication token (migration 0015), so every table that holds it already drops it, and those
-the process did not reach get it. Only the embedded engine needs this; a ClickHouse server
+the process did not reach get it (and ``completions``, should it have kept the token of a part
+it lost, gets the rows again: see :func:`services.worker.runner.insert_unfinished`). Only the
+embedded engine needs this; a ClickHouse server
 goes on with an insert whose body it received, whatever becomes of the worker.
 """
 

@@ -32,7 +32,7 @@ import structlog
 from schemas import USAGE_COUNTS, USAGE_DIMENSIONS
 from services.common.clickhouse import ClickHouse
 from services.worker.journal import InsertJournal
-from services.worker.runner import insert_rows
+from services.worker.runner import insert_unfinished
 
 log = structlog.get_logger(__name__)
 
@@ -132,7 +132,7 @@ async def rebuild(clickhouse: ClickHouse) -> list[Count]:
         inserts[table] = f"INSERT INTO {{database}}.{table} ({', '.join(columns)}) {views[table]}"
     journal = InsertJournal.of(clickhouse)
     if journal is not None:  # before emptying: see the module
-        await journal.finish(partial(insert_rows, clickhouse))
+        await journal.finish(partial(insert_unfinished, clickhouse))
     for table in EMPTIED:
         await clickhouse.command(f"TRUNCATE TABLE {{database}}.{table}")
     for table, insert in inserts.items():

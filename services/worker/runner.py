@@ -15,6 +15,7 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
+import orjson
 import structlog
 from aiokafka import ConsumerRebalanceListener, TopicPartition
 from aiokafka.errors import (
@@ -127,6 +128,52 @@ async def retractions(clickhouse: ClickHouse, project: str, ids: list[str]) -> l
     return [line for line in body.split(b"\n") if line.strip()]
 
 
+_PROJECT, _ID, _RECEIVED, _SIGN = (
+    COMPLETIONS_INSERT_COLUMNS.index(column)
+    for column in ("project", "completion_id", "received_at", "agg_sign")
+)
+
+
+def _received_ms(text: str) -> int:
+    return round(datetime.fromisoformat(text).replace(tzinfo=UTC).timestamp() * 1000)
+
+
+def _received_text(ms: int) -> str:
+    return (
+        datetime.fromtimestamp(ms / 1000, UTC).replace(tzinfo=None).isoformat(" ", "milliseconds")
+    )
+
+
+async def unheld_rows(clickhouse: ClickHouse, body: bytes) -> list[bytes]:
+    """Completion rows of ``body`` (not its retractions) that ``completions`` does not hold at
+    their version or a newer one."""
+    by_project: dict[str, list[tuple[str, int, bytes]]] = {}
+    for line in body.split(b"\n"):
+        if line.strip():
+            values = orjson.loads(line)
+            if values[_SIGN] == 1:
+                found = (str(values[_ID]), _received_ms(values[_RECEIVED]), line)
+                by_project.setdefault(str(values[_PROJECT]), []).append(found)
+    unheld: list[bytes] = []
+    for project, rows in by_project.items():
+        stored = await stored_versions(clickhouse, project, [row[0] for row in rows])
+        unheld += [line for completion_id, ms, line in rows if stored.get(completion_id, -1) < ms]
+    return unheld
+
+
+def restored_rows(lines: list[bytes]) -> bytes:
+    """An insert that gives ``completions`` these rows and leaves every table its views fill as
+    it is: each row after a retraction of itself, one millisecond older (so that the row is the
+    version ``FINAL`` keeps)."""
+    body: list[bytes] = []
+    for line in lines:
+        values = orjson.loads(line)
+        values[_SIGN] = -1
+        values[_RECEIVED] = _received_text(_received_ms(values[_RECEIVED]) - 1)
+        body += [orjson.dumps(values), line]
+    return b"\n".join(body)
+
+
 async def insert_rows(
     clickhouse: ClickHouse, body: bytes, *, table: str = COMPLETIONS_INSERT_TABLE
 ) -> None:
@@ -134,6 +181,22 @@ async def insert_rows(
     the same body inserted again (a retry after a failure halfway, or an answer lost) is not
     written again anywhere it reached."""
     await clickhouse.insert_json_compact(table, COMPLETIONS_INSERT_COLUMNS, body, deduplicate=True)
+
+
+async def insert_unfinished(clickhouse: ClickHouse, body: bytes) -> None:
+    """Insert again ``body``, an insert a process killed on the embedded ClickHouse did not see
+    through: the tables it reached drop it (the same body carries the same deduplication token),
+    the others get it.
+
+    A process killed as ``completions`` took the insert's part may have noted its token and
+    lost the part: the insert again is then dropped there, while the other tables count it.
+    Those rows are written again after retractions of themselves, which ``completions`` keeps
+    and the other tables net to nothing (``unfinished_insert_restored``)."""
+    await insert_rows(clickhouse, body)
+    unheld = await unheld_rows(clickhouse, body)
+    if unheld:
+        log.warning("unfinished_insert_restored", rows=len(unheld))
+        await insert_rows(clickhouse, restored_rows(unheld))
 
 
 def _too_large(item: Processed, exc: Exception) -> None:
@@ -280,7 +343,7 @@ class Worker:
         async def insert(body: bytes) -> None:
             await retrying.run(
                 "insert_unfinished",
-                partial(insert_rows, self._clickhouse, body),
+                partial(insert_unfinished, self._clickhouse, body),
                 permanent=rejects_data,
             )
 

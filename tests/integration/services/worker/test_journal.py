@@ -122,3 +122,48 @@ async def test_an_insert_that_failed_as_the_worker_stopped_is_finished_by_the_ne
     assert await counted(clickhouse) == (5, 5, 5)
     assert await _daily(clickhouse) == 5
     assert journal.unfinished() == []
+
+
+async def test_an_insert_whose_part_in_completions_was_lost_with_its_token_kept_is_stored_once(
+    settings: ServeSettings, broker: Broker, clickhouse: ClickHouse
+) -> None:
+    """A process killed as ``completions`` took the insert's part can leave its deduplication
+    token noted and the part gone: the insert again is dropped there but counted by the other
+    tables. (Seen after a kill -9 of ``maniac serve``: completions of the list and the usage
+    missing from ``completions``, then counted twice once their records came again.)"""
+    journal = _journal(clickhouse)
+    # the insert reaches completions; the process dies before the list's index has it
+    await clickhouse.command(
+        "ALTER TABLE {database}.completion_listing ADD CONSTRAINT refusing CHECK sign < -5"
+    )
+    storing = asyncio.create_task(store(clickhouse, [event(f"c{i}")[1] for i in range(3)]))
+    try:
+        await eventually(lambda: count_is(clickhouse, 3))
+        await asyncio.sleep(0.2)
+    finally:
+        storing.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await storing
+        await clickhouse.command(
+            "ALTER TABLE {database}.completion_listing DROP CONSTRAINT refusing"
+        )
+    # ... and its part in completions never made it, though its token did
+    await clickhouse.command("DELETE FROM {database}.completions WHERE 1")
+    assert (await counted(clickhouse))[2] == 0
+
+    async with RunningWorker(settings, broker, clickhouse):
+        await eventually(lambda: _empty(journal))
+        assert await counted(clickhouse) == (3, 3, 3)
+        assert await _daily(clickhouse) == 3
+        [(listed, ids)] = await clickhouse.rows(
+            "SELECT sum(sign), uniqExact(completion_id) FROM {database}.completion_listing"
+        )
+        assert (listed, ids) == (3, 3)
+        [(kept,)] = await clickhouse.rows(
+            "SELECT countIf(agg_sign = 1) FROM {database}.completions FINAL"
+        )
+        assert kept == 3  # the rows, not their retractions, are the versions kept
+        # the same records delivered again are found stored, not counted a second time
+        await store(clickhouse, [event(f"c{i}")[1] for i in range(3)])
+    assert await counted(clickhouse) == (3, 3, 3)
+    assert await _daily(clickhouse) == 3
