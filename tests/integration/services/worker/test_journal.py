@@ -36,14 +36,12 @@ async def _daily(clickhouse: ClickHouse) -> int:
     return int(daily)
 
 
-async def test_an_insert_cut_short_by_the_process_dying_is_finished_by_the_next_worker(
-    settings: ServeSettings, broker: Broker, clickhouse: ClickHouse
-) -> None:
-    journal = _journal(clickhouse)
-    # the insert reaches completions, the list and usage_hourly; the process dies before
-    # usage_daily has the batch (its table refuses blocks until then, so the moment is sure)
+async def _killed_before(clickhouse: ClickHouse, table: str, refusing: str) -> None:
+    """Store 3 completions as a worker does, and kill it once ``completions`` has them, before
+    ``table`` does (it refuses blocks until then through the check ``refusing``, so the moment
+    is sure)."""
     await clickhouse.command(
-        "ALTER TABLE {database}.usage_daily ADD CONSTRAINT refusing CHECK requests < 0"
+        f"ALTER TABLE {{database}}.{table} ADD CONSTRAINT refusing CHECK {refusing}"
     )
     storing = asyncio.create_task(store(clickhouse, [event(f"c{i}")[1] for i in range(3)]))
     try:
@@ -53,7 +51,16 @@ async def test_an_insert_cut_short_by_the_process_dying_is_finished_by_the_next_
         storing.cancel()  # killed: nothing after this point runs in that worker
         with contextlib.suppress(asyncio.CancelledError):
             await storing
-        await clickhouse.command("ALTER TABLE {database}.usage_daily DROP CONSTRAINT refusing")
+        await clickhouse.command(f"ALTER TABLE {{database}}.{table} DROP CONSTRAINT refusing")
+
+
+async def test_an_insert_cut_short_by_the_process_dying_is_finished_by_the_next_worker(
+    settings: ServeSettings, broker: Broker, clickhouse: ClickHouse
+) -> None:
+    journal = _journal(clickhouse)
+    # the insert reaches completions, the list and usage_hourly; the process dies before
+    # usage_daily has the batch
+    await _killed_before(clickhouse, "usage_daily", "requests < 0")
     assert await counted(clickhouse) == (3, 3, 3)
     assert await _daily(clickhouse) == 0  # the aggregates disagree with completions
 
@@ -133,20 +140,7 @@ async def test_an_insert_whose_part_in_completions_was_lost_with_its_token_kept_
     missing from ``completions``, then counted twice once their records came again.)"""
     journal = _journal(clickhouse)
     # the insert reaches completions; the process dies before the list's index has it
-    await clickhouse.command(
-        "ALTER TABLE {database}.completion_listing ADD CONSTRAINT refusing CHECK sign < -5"
-    )
-    storing = asyncio.create_task(store(clickhouse, [event(f"c{i}")[1] for i in range(3)]))
-    try:
-        await eventually(lambda: count_is(clickhouse, 3))
-        await asyncio.sleep(0.2)
-    finally:
-        storing.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await storing
-        await clickhouse.command(
-            "ALTER TABLE {database}.completion_listing DROP CONSTRAINT refusing"
-        )
+    await _killed_before(clickhouse, "completion_listing", "sign < -5")
     # ... and its part in completions never made it, though its token did
     await clickhouse.command("DELETE FROM {database}.completions WHERE 1")
     assert (await counted(clickhouse))[2] == 0
