@@ -44,6 +44,7 @@ from services.worker.known import KnownIds, Scope, hashes, load_known
 from services.worker.pipeline import Pipeline, ProcessPool, build_pipeline
 from services.worker.pipeline.dead import dead_letter_headers, dead_letter_record
 from services.worker.pipeline.steps import GivenUp, Retrying
+from services.worker.pipeline.transform import datetime64
 from services.worker.pipeline.types import Message, Partition, Processed
 
 log = structlog.get_logger(__name__)
@@ -138,12 +139,6 @@ def _received_ms(text: str) -> int:
     return round(datetime.fromisoformat(text).replace(tzinfo=UTC).timestamp() * 1000)
 
 
-def _received_text(ms: int) -> str:
-    return (
-        datetime.fromtimestamp(ms / 1000, UTC).replace(tzinfo=None).isoformat(" ", "milliseconds")
-    )
-
-
 async def unheld_rows(clickhouse: ClickHouse, body: bytes) -> list[bytes]:
     """Completion rows of ``body`` (not its retractions) that ``completions`` does not hold at
     their version or a newer one."""
@@ -169,7 +164,7 @@ def restored_rows(lines: list[bytes]) -> bytes:
     for line in lines:
         values = orjson.loads(line)
         values[_SIGN] = -1
-        values[_RECEIVED] = _received_text(_received_ms(values[_RECEIVED]) - 1)
+        values[_RECEIVED] = datetime64((_received_ms(values[_RECEIVED]) - 1) / 1000)
         body += [orjson.dumps(values), line]
     return b"\n".join(body)
 
@@ -802,8 +797,7 @@ class Worker:
     def stored_offsets(self) -> dict[int, int]:
         """Per partition, where storing has reached: the offset after the last record stored
         (committed or not), else the first offset fetched (nothing stored since then)."""
-        stored = {p.partition: o for p, o in self.pipeline.write.stored.items()}
-        return {**self._first_offsets, **self.committed_offsets(), **stored}
+        return {**self._first_offsets, **self.reached()}
 
     def _own(self, acked: dict[int, int]) -> dict[int, int]:
         """Of the acknowledged offsets, those of this worker's partitions: in a group, the

@@ -51,7 +51,7 @@ def _merge_metadata(*parts: Any) -> dict[str, Any] | None:
 
 
 @lru_cache(maxsize=4096)  # a request's items share received_at, often created too
-def _datetime64(seconds: float) -> str:
+def datetime64(seconds: float) -> str:
     """ClickHouse DateTime64(3) text; bare numbers are ambiguous to its parser."""
     moment = datetime.fromtimestamp(round(seconds, 3), UTC).replace(tzinfo=None)
     return moment.isoformat(" ", "milliseconds")
@@ -157,8 +157,8 @@ def to_row(event: CompletionEvent, prices: PriceCatalog | None = None) -> Row | 
     values = [  # COMPLETIONS_INSERT_COLUMNS
         event.project,
         event.completion_id,
-        _datetime64(created),
-        _datetime64(event.received_at_ms / 1000.0),
+        datetime64(created),
+        datetime64(event.received_at_ms / 1000.0),
         event.kind,
         slug,
         provider,
